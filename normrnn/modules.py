@@ -1,0 +1,373 @@
+"""``nn.LSTM``-style layers with normalization: ``LSTM``, ``GRU``, ``RNN`` and their aliases.
+
+Constructor and forward follow ``torch.nn.LSTM`` / ``GRU`` / ``RNN``; the extra arguments are
+
+* ``norm``: None, "layer" (Ba et al. 2016), "batch" (per-timestep batch norm, Cooijmans et al.
+  2016) or "seqbatch" (batch norm of the input projection over batch and time, Laurent et al. 2016);
+* ``momentum``, ``eps``: as ``nn.BatchNorm1d`` (running statistics take the unbiased variance);
+* ``max_steps``: the number of timesteps with their own population statistics (T_max); in
+  evaluation, steps at or beyond it use the statistics of the last one;
+* ``gamma_init``: initial gain of the normalizations (0.1 for "batch" as the paper recommends,
+  1.0 for "layer" and "seqbatch"); shifts start at 0;
+* ``backend``: "auto", "reference", "triton" or "cpp" (see ``normrnn.dispatch``).
+
+Parameters keep torch's names and gate order (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...), so a
+torch module's ``state_dict`` loads with ``strict=False``. Normalization parameters are
+``ih_norm_weight_l0`` (gain of N(W_ih x)), ``hh_norm_weight_l0`` (gain of N(W_hh h)),
+``cell_norm_weight_l0`` / ``cell_norm_bias_l0`` (LSTM, N(c)); running statistics are buffers
+``ih_running_mean_l0``, ``ih_running_var_l0``, ``hh_running_*``, ``cell_running_*`` of shape
+(max_steps, features) for "batch" and (features,) for "seqbatch". Running statistics stay float32
+when the layer is cast to float16 or bfloat16.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from . import dispatch
+from .params import CELL_GATES, DirectionParams, Padding
+from .validation import check_constructor, check_input, check_lengths, check_state
+
+_DEFAULT_GAMMA = {"batch": 0.1, "layer": 1.0, "seqbatch": 1.0}
+
+
+def reverse_within_lengths(x: Tensor, padding: Padding) -> Tensor:
+    """Reverses each sequence within its own length along dim 0; padded positions stay in place.
+    The map is its own inverse, so it also brings a reverse direction's outputs back."""
+    if not padding.padded:
+        return x.flip(0)
+    steps = x.shape[0]
+    time = torch.arange(steps, device=x.device).unsqueeze(1)
+    lengths = padding.lengths.to(x.device).unsqueeze(0)
+    index = torch.where(time < lengths, lengths - 1 - time, time)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+def _packed_from_padded(output: Tensor, template: PackedSequence) -> PackedSequence:
+    """Packs ``output`` (T, B, F, original batch order) with exactly ``template``'s layout."""
+    batch_sizes = template.batch_sizes
+    order = template.sorted_indices
+    if order is None:
+        order = torch.arange(output.shape[1], device=output.device)
+    order = order.to(output.device)
+    steps = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes).to(output.device)
+    offsets = torch.cat([torch.arange(int(n)) for n in batch_sizes]).to(output.device)
+    data = output[steps, order[offsets]]
+    return PackedSequence(data, batch_sizes, template.sorted_indices, template.unsorted_indices)
+
+
+class _NormRNNBase(nn.Module):
+    cell: str = ""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 backend: str = "auto", gamma_init: Optional[float] = None, nonlinearity: Optional[str] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        check_constructor(input_size, hidden_size, num_layers, dropout, norm, momentum, eps, max_steps,
+                          backend, nonlinearity)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout acts between layers, so with num_layers=1 it does nothing "
+                          f"(dropout={dropout})", UserWarning, stacklevel=3)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.norm = norm
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.max_steps = max_steps
+        self.backend = backend
+        self.nonlinearity = nonlinearity
+        self.gamma_init = _DEFAULT_GAMMA.get(norm, 1.0) if gamma_init is None else float(gamma_init)
+        factory = {"device": device, "dtype": dtype}
+        gates = CELL_GATES[self.cell] * hidden_size
+        directions = 2 if bidirectional else 1
+        self._suffixes: List[str] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                self._suffixes.append(suffix)
+                self.register_parameter("weight_ih" + suffix, nn.Parameter(torch.empty(gates, layer_input, **factory)))
+                self.register_parameter("weight_hh" + suffix, nn.Parameter(torch.empty(gates, hidden_size, **factory)))
+                if bias:
+                    self.register_parameter("bias_ih" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+                    self.register_parameter("bias_hh" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+                self._register_norm(suffix, gates, factory)
+        self.reset_parameters()
+
+    def _register_norm(self, suffix: str, gates: int, factory) -> None:
+        if self.norm is None:
+            return
+        stats = {"device": factory["device"], "dtype": torch.float32}
+        self.register_parameter("ih_norm_weight" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+        if self.norm == "seqbatch":
+            self.register_buffer("ih_running_mean" + suffix, torch.zeros(gates, **stats))
+            self.register_buffer("ih_running_var" + suffix, torch.ones(gates, **stats))
+            return
+        self.register_parameter("hh_norm_weight" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+        if self.cell == "lstm":
+            self.register_parameter("cell_norm_weight" + suffix, nn.Parameter(torch.empty(self.hidden_size, **factory)))
+            self.register_parameter("cell_norm_bias" + suffix, nn.Parameter(torch.empty(self.hidden_size, **factory)))
+        if self.norm == "batch":
+            names = [("ih", gates), ("hh", gates)] + ([("cell", self.hidden_size)] if self.cell == "lstm" else [])
+            for which, features in names:
+                self.register_buffer(f"{which}_running_mean{suffix}", torch.zeros(self.max_steps, features, **stats))
+                self.register_buffer(f"{which}_running_var{suffix}", torch.ones(self.max_steps, features, **stats))
+
+    def reset_parameters(self) -> None:
+        """Weights and biases uniform in +-1/sqrt(hidden_size) as in torch; gains ``gamma_init``,
+        shifts 0; running means 0 and variances 1."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, parameter in self.named_parameters():
+            if "norm_weight" in name:
+                nn.init.constant_(parameter, self.gamma_init)
+            elif "norm_bias" in name:
+                nn.init.zeros_(parameter)
+            else:
+                nn.init.uniform_(parameter, -bound, bound)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        for name, buffer in self.named_buffers():
+            if "running_mean" in name:
+                buffer.zero_()
+            elif "running_var" in name:
+                buffer.fill_(1.0)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Population statistics are sums of many small updates; in 16-bit they would stall.
+        result = super()._apply(fn, *args, **kwargs)
+        for name, buffer in list(self._buffers.items()):
+            if buffer is not None and "running_" in name and buffer.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buffer.float()
+        return result
+
+    def direction_params(self, suffix: str) -> DirectionParams:
+        def get(name):
+            return getattr(self, name + suffix, None)
+        return DirectionParams(
+            get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+            get("ih_norm_weight"), get("hh_norm_weight"), get("cell_norm_weight"), get("cell_norm_bias"),
+            get("ih_running_mean"), get("ih_running_var"), get("hh_running_mean"), get("hh_running_var"),
+            get("cell_running_mean"), get("cell_running_var"))
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            text += f", num_layers={self.num_layers}"
+        if not self.bias:
+            text += ", bias=False"
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        if self.bidirectional:
+            text += ", bidirectional=True"
+        text += f", norm={self.norm!r}"
+        if self.norm in ("batch", "seqbatch"):
+            text += f", momentum={self.momentum}, max_steps={self.max_steps}"
+        if self.cell == "rnn":
+            text += f", nonlinearity={self.nonlinearity!r}"
+        return text + f", backend={self.backend!r}"
+
+    # ----------------------------------------------------------------------------------- forward
+    def _initial_state(self, hx, batch: int, unbatched: bool, dtype, device) -> Tuple[Tensor, ...]:
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, batch, self.hidden_size)
+        names = ("hx[0] (h_0)", "hx[1] (c_0)") if self.cell == "lstm" else ("hx",)
+        if hx is None:
+            return tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in names)
+        if self.cell == "lstm":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0) for LSTM, got "
+                                f"{type(hx).__name__}")
+            states = tuple(hx)
+        else:
+            states = (hx,)
+        checked = []
+        for name, state in zip(names, states):
+            expected = shape[:1] + shape[2:] if unbatched else shape
+            check_state(name, state, expected, dtype, device)
+            checked.append(state.unsqueeze(1) if unbatched else state)
+        return tuple(checked)
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None,
+                lengths: Union[Tensor, Sequence[int], None] = None):
+        """Runs the layers over ``input`` and returns what the torch module returns:
+        ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM).
+
+        ``input`` is (T, B, input_size), (B, T, input_size) with ``batch_first``, (T, input_size)
+        for one unbatched sequence, or a PackedSequence (the output is then packed too).
+        ``lengths`` (B,) marks padding: positions past a sequence's length take no part in any
+        statistic, do not change the state, and produce zero output; ``h_n``/``c_n`` are taken at
+        each sequence's own last step.
+        """
+        reference = self.weight_hh_l0
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must be None when input is a PackedSequence (it carries its own)")
+            template = input
+            check_input(input.data.unsqueeze(0), self.input_size, reference.dtype, reference.device)
+            input, lengths = pad_packed_sequence(input, batch_first=False)
+            unbatched = False
+        else:
+            check_input(input, self.input_size, reference.dtype, reference.device)
+            unbatched = input.dim() == 2
+            if unbatched:
+                input = input.unsqueeze(1)
+            elif self.batch_first:
+                input = input.transpose(0, 1)
+        steps, batch = input.shape[0], input.shape[1]
+        lengths = check_lengths(lengths, batch, steps)
+        if self.training and self.norm == "batch" and batch < 2:
+            raise ValueError("input: norm='batch' in training needs a batch of at least 2 sequences "
+                             "(batch statistics of one sample do not exist); got a batch of one. "
+                             "Use eval(), a larger batch, or norm='layer'")
+        padding = Padding.from_lengths(lengths, steps, batch, input.device)
+        if self.training and self.norm == "seqbatch" and padding.total < 2:
+            raise ValueError("input: norm='seqbatch' in training needs at least 2 real positions "
+                             "(timesteps x sequences) for its statistics; got 1")
+        initial = self._initial_state(hx, batch, unbatched, input.dtype, input.device)
+        output, final = self._run_layers(input, initial, padding)
+        if packed:
+            return _packed_from_padded(output, template), self._format_state(final)
+        if unbatched:
+            output = output.squeeze(1)
+            final = tuple(state.squeeze(1) for state in final)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, self._format_state(final)
+
+    def _format_state(self, final: Tuple[Tensor, ...]):
+        return (final[0], final[1]) if self.cell == "lstm" else final[0]
+
+    def _run_layers(self, x: Tensor, initial: Tuple[Tensor, ...], padding: Padding):
+        directions = 2 if self.bidirectional else 1
+        finals: List[List[Tensor]] = [[] for _ in initial]
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                suffix = self._suffixes[index]
+                state = tuple(s[index] for s in initial)
+                source = reverse_within_lengths(x, padding) if direction else x
+                out, final = dispatch.run_direction(
+                    self.backend, self.cell, self.norm, source, state, self.direction_params(suffix), padding,
+                    self.training, self.momentum, self.eps, self.nonlinearity)
+                outputs.append(reverse_within_lengths(out, padding) if direction else out)
+                for collected, value in zip(finals, final):
+                    collected.append(value)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        return x, tuple(torch.stack(collected) for collected in finals)
+
+    # ------------------------------------------------------------------------------ conversion
+    @classmethod
+    def from_torch(cls, module: nn.RNNBase, **kwargs):
+        """A layer with the configuration and weights of ``module`` (a ``torch.nn`` LSTM, GRU or
+        RNN of the same kind), plus ``norm`` and any other constructor argument in ``kwargs``
+        (``LSTM.from_torch(m, norm="batch")``). Normalization parameters start at their initial
+        values."""
+        expected = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cls.cell]
+        if not isinstance(module, expected):
+            raise TypeError(f"module must be a torch.nn.{expected.__name__}, got {type(module).__name__}")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"module: proj_size={module.proj_size} is not supported (expected 0)")
+        config = dict(input_size=module.input_size, hidden_size=module.hidden_size,
+                      num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                      dropout=module.dropout, bidirectional=module.bidirectional)
+        if cls.cell == "rnn":
+            config["nonlinearity"] = module.nonlinearity
+        config.update(kwargs)
+        weight = module.weight_hh_l0
+        layer = cls(**config, device=weight.device, dtype=weight.dtype)
+        missing, unexpected = layer.load_state_dict(module.state_dict(), strict=False)
+        assert not unexpected, unexpected
+        return layer
+
+
+class LSTM(_NormRNNBase):
+    r"""LSTM with optional normalization (see ``normrnn.reference.lstm`` for the equations).
+
+    .. math::
+        z_t = N_{hh}(W_{hh} h_{t-1}) + N_{ih}(W_{ih} x_t) + b_{ih} + b_{hh},\quad
+        c_t = \sigma(z_f) c_{t-1} + \sigma(z_i)\tanh(z_g),\quad
+        h_t = \sigma(z_o)\tanh(N_{cell}(c_t))
+    """
+    cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
+                         momentum, eps, max_steps, backend, gamma_init, None, device, dtype)
+
+
+class GRU(_NormRNNBase):
+    r"""GRU with optional normalization (see ``normrnn.reference.gru`` for the equations).
+
+    .. math::
+        a_t = N_{ih}(W_{ih} x_t) + b_{ih},\ u_t = N_{hh}(W_{hh} h_{t-1}) + b_{hh},\quad
+        r, z = \sigma(a_{r,z} + u_{r,z}),\ n = \tanh(a_n + r u_n),\quad h_t = (1 - z) n + z h_{t-1}
+    """
+    cell = "gru"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
+                         momentum, eps, max_steps, backend, gamma_init, None, device, dtype)
+
+
+class RNN(_NormRNNBase):
+    r"""Vanilla RNN with optional normalization (see ``normrnn.reference.rnn``).
+
+    .. math::
+        h_t = \mathrm{act}(N_{ih}(W_{ih} x_t) + N_{hh}(W_{hh} h_{t-1}) + b_{ih} + b_{hh})
+
+    ``nonlinearity`` is "tanh", "relu" or None (identity): ``RNN(norm="batch", nonlinearity=None,
+    bias=False)`` puts batch norm in place of tanh and the bias.
+    """
+    cell = "rnn"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: Optional[str] = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
+                         momentum, eps, max_steps, backend, gamma_init, nonlinearity, device, dtype)
+
+
+def _alias(base, norm: str, doc: str):
+    class Alias(base):
+        __doc__ = doc + "\n\n" + (base.__doc__ or "")
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("norm", norm)
+            super().__init__(*args, **kwargs)
+    Alias.__name__ = Alias.__qualname__ = ("BN" if norm == "batch" else "LN") + base.__name__
+    return Alias
+
+
+BNLSTM = _alias(LSTM, "batch", "LSTM with per-timestep batch norm (Cooijmans et al. 2016): ``LSTM(norm='batch')``.")
+LNLSTM = _alias(LSTM, "layer", "LSTM with layer norm (Ba et al. 2016): ``LSTM(norm='layer')``.")
+BNGRU = _alias(GRU, "batch", "GRU with per-timestep batch norm: ``GRU(norm='batch')``.")
+LNGRU = _alias(GRU, "layer", "GRU with layer norm: ``GRU(norm='layer')``.")
+BNRNN = _alias(RNN, "batch", "Vanilla RNN with per-timestep batch norm: ``RNN(norm='batch')``.")
+LNRNN = _alias(RNN, "layer", "Vanilla RNN with layer norm: ``RNN(norm='layer')``.")

@@ -1,0 +1,86 @@
+"""The parameters of one layer and direction, and the padding description of a batch.
+
+Backends (reference, Triton, C++) all take these two objects, so a module hands the same
+arguments to whichever backend runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+CELL_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+NORMS = (None, "layer", "batch", "seqbatch")
+
+
+@dataclass
+class DirectionParams:
+    """Weights, normalization parameters and running statistics of one layer and direction.
+
+    Shapes, with G = gates x hidden_size and S = max_steps:
+    weight_ih (G, I), weight_hh (G, H), bias_ih / bias_hh (G,) or None;
+    ih_norm_weight / hh_norm_weight (G,): gains of the normalizations of W_ih x_t and W_hh h_{t-1};
+    cell_norm_weight / cell_norm_bias (H,): LSTM only, the normalization of c_t;
+    running statistics, norm="batch": ih/hh (S, G), cell (S, H); norm="seqbatch": ih (G,).
+    """
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Optional[Tensor] = None
+    bias_hh: Optional[Tensor] = None
+    ih_norm_weight: Optional[Tensor] = None
+    hh_norm_weight: Optional[Tensor] = None
+    cell_norm_weight: Optional[Tensor] = None
+    cell_norm_bias: Optional[Tensor] = None
+    ih_running_mean: Optional[Tensor] = None
+    ih_running_var: Optional[Tensor] = None
+    hh_running_mean: Optional[Tensor] = None
+    hh_running_var: Optional[Tensor] = None
+    cell_running_mean: Optional[Tensor] = None
+    cell_running_var: Optional[Tensor] = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight_hh.shape[1]
+
+
+@dataclass
+class Padding:
+    """Which (timestep, sequence) positions are real: sequence b runs for ``lengths[b]`` steps.
+
+    ``mask`` is (T, B) bool on the data's device; ``active_counts`` the number of running
+    sequences at each step, as Python ints (the reference branches on them).
+    All fields are None / full counts when every sequence runs the whole T steps.
+    """
+    steps: int
+    batch: int
+    lengths: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    active_counts: Optional[List[int]] = None
+
+    @staticmethod
+    def from_lengths(lengths: Optional[Tensor], steps: int, batch: int, device) -> "Padding":
+        if lengths is None:
+            return Padding(steps, batch)
+        lengths_cpu = lengths.to("cpu", torch.int64)
+        if bool((lengths_cpu == steps).all()):
+            return Padding(steps, batch)
+        time = torch.arange(steps).unsqueeze(1)
+        mask_cpu = time < lengths_cpu.unsqueeze(0)
+        counts = mask_cpu.sum(1).tolist()
+        return Padding(steps, batch, lengths_cpu.to(device), mask_cpu.to(device), counts)
+
+    @property
+    def padded(self) -> bool:
+        return self.mask is not None
+
+    def active(self, step: int) -> Optional[Tensor]:
+        return None if self.mask is None else self.mask[step]
+
+    def count(self, step: int) -> int:
+        return self.batch if self.active_counts is None else self.active_counts[step]
+
+    @property
+    def total(self) -> int:
+        return self.steps * self.batch if self.active_counts is None else sum(self.active_counts)

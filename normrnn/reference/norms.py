@@ -1,0 +1,79 @@
+"""Reference normalizations used inside the recurrent cells.
+
+Every function here is plain PyTorch, differentiable by autograd, valid on any device and in
+float64. They define the mathematics that the fused kernels must reproduce.
+
+Padding: ``active`` is a boolean ``(B,)`` mask of the sequences that still run at this step.
+Inactive rows never enter a statistic; their normalized values are computed (from zeros, since
+padded inputs are zeroed on entry) but discarded by the cell.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, biased_var: Tensor,
+                         count: int, momentum: float) -> None:
+    """``running <- (1 - momentum) * running + momentum * batch``, as ``nn.BatchNorm1d`` does.
+
+    The running variance takes the unbiased estimate ``biased_var * n / (n - 1)``.
+    """
+    with torch.no_grad():
+        unbiased = biased_var.detach() * (count / (count - 1))
+        running_mean.mul_(1.0 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: int, weight: Tensor,
+                    bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, slot: int,
+                    training: bool, momentum: float, eps: float) -> Tensor:
+    """Batch norm of one timestep (Cooijmans et al. 2016), statistics over the active batch rows.
+
+    ``y = weight * (value - mu_t) / sqrt(sigma2_t + eps) + bias``
+
+    In training, ``mu_t`` and ``sigma2_t`` (biased) are the statistics of this step's active rows,
+    and row ``slot`` of the running statistics is updated with ``momentum``. In evaluation, and
+    at a training step where fewer than two sequences are active (batch statistics do not exist
+    there), the running statistics of ``slot`` are used and nothing is updated.
+    """
+    if training and n_active >= 2:
+        rows = value if active is None else value[active]
+        mean = rows.mean(0)
+        var = rows.var(0, unbiased=False)
+        update_running_stats(running_mean[slot], running_var[slot], mean, var, n_active, momentum)
+    else:
+        mean = running_mean[slot].to(value.dtype)
+        var = running_var[slot].to(value.dtype)
+    out = (value - mean) * torch.rsqrt(var + eps) * weight
+    return out if bias is None else out + bias
+
+
+def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: int, weight: Tensor,
+                        running_mean: Tensor, running_var: Tensor, training: bool, momentum: float,
+                        eps: float) -> Tensor:
+    """Sequence-wise batch norm (Laurent et al. 2016, Deep Speech 2) of ``values`` ``(T, B, G)``.
+
+    ``y = weight * (value - mu) / sqrt(sigma2 + eps)`` with ``mu``, ``sigma2`` taken over every
+    active (timestep, sequence) position in training, the running statistics in evaluation.
+    ``mask`` is the ``(T, B)`` activity mask, or None when every position is active.
+    """
+    if training:
+        rows = values.reshape(-1, values.shape[-1]) if mask is None else values[mask]
+        mean = rows.mean(0)
+        var = rows.var(0, unbiased=False)
+        update_running_stats(running_mean, running_var, mean, var, n_active, momentum)
+    else:
+        mean = running_mean.to(values.dtype)
+        var = running_var.to(values.dtype)
+    return (values - mean) * torch.rsqrt(var + eps) * weight
+
+
+def layer_norm(value: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    """Layer norm (Ba et al. 2016) over the last dimension: ``weight * (v - mean) / sqrt(var + eps) + bias``."""
+    mean = value.mean(-1, keepdim=True)
+    var = value.var(-1, unbiased=False, keepdim=True)
+    out = (value - mean) * torch.rsqrt(var + eps) * weight
+    return out if bias is None else out + bias
