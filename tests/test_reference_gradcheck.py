@@ -1,0 +1,64 @@
+"""gradcheck in float64 of every cell x norm through the reference (and the module plumbing:
+layers, directions, padding)."""
+import pytest
+import torch
+from torch.func import functional_call
+
+from conftest import CELLS, NORMS
+
+
+def _gradcheck_module(module, x, lengths, with_state):
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in module.named_parameters()]
+    directions = 2 if module.bidirectional else 1
+    batch = x.shape[1]
+    state_shape = (module.num_layers * directions, batch, module.hidden_size)
+    states = []
+    if with_state:
+        states = [torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2 if module.cell == "lstm" else 1)]
+
+    def run(x, *flat):
+        hx_values = flat[:len(states)]
+        parameters = dict(zip(names, flat[len(states):]))
+        hx = None
+        if hx_values:
+            hx = tuple(hx_values) if module.cell == "lstm" else hx_values[0]
+        out, final = functional_call(module, parameters, (x, hx), {"lengths": lengths})
+        finals = final if isinstance(final, tuple) else (final,)
+        return (out,) + tuple(finals)
+
+    inputs = (x.detach().clone().requires_grad_(True), *states, *params)
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradcheck_single_layer(cell, norm, padded):
+    module = CELLS[cell](3, 2, norm=norm, backend="reference").double()
+    for p in module.parameters():  # gains away from their init, so their gradients are generic
+        p.data.uniform_(-1, 1)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([4, 2, 3]) if padded else None
+    _gradcheck_module(module, x, lengths, with_state=True)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck_two_layers_bidirectional_padded(cell, norm):
+    module = CELLS[cell](2, 2, num_layers=2, bidirectional=True, norm=norm, backend="reference").double()
+    for p in module.parameters():
+        p.data.uniform_(-1, 1)
+    x = torch.randn(3, 3, 2, dtype=torch.float64)
+    _gradcheck_module(module, x, torch.tensor([3, 1, 2]), with_state=False)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", ["batch", "seqbatch"])
+def test_gradcheck_eval_mode(cell, norm):
+    module = CELLS[cell](3, 2, norm=norm, backend="reference").double()
+    for name, buffer in module.named_buffers():
+        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    module.eval()
+    _gradcheck_module(module, torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([4, 3]), with_state=True)
