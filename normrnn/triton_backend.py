@@ -1,5 +1,196 @@
-"""Placeholder replaced by the Triton backend (issue 4)."""
-def unsupported_reason(cell, norm, x, nonlinearity):
-    return "the Triton backend is not built yet"
-def describe_availability(probe):
-    return "not usable: the Triton backend is not built yet"
+"""The Triton backend: the fused LSTM kernels of ``normrnn.kernels`` behind custom ops.
+
+``normrnn::lstm_forward`` and ``normrnn::lstm_backward`` are ``torch.library`` custom ops with a
+fake (meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)``
+traces a model that uses them. Around the ops, plain PyTorch does the big matmuls: x W_ih^T for
+all timesteps before the loop, and (inside the backward op) dW_hh = sum_t dwh_t^T h_{t-1}.
+
+Covered: LSTM with norm None or "batch", float32 and bfloat16 (statistics, cell state and
+accumulation in float32), on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels.lstm_backward import lstm_backward
+from .kernels.lstm_forward import NORM_BATCH, NORM_NONE, lstm_forward
+from .params import DirectionParams, Padding
+from .reference.common import sum_biases, zero_padding
+
+_NORM_CODES = {None: NORM_NONE, "batch": NORM_BATCH}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
+    """Why the fused kernels cannot run this case, or None."""
+    if cell != "lstm":
+        return f"only the LSTM is fused so far (got {cell})"
+    if norm not in _NORM_CODES:
+        return f"norm={norm!r} is not fused yet (LSTM norm None and 'batch' are)"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32 and bfloat16 are)"
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        return "the kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    return None
+
+
+def describe_availability(probe: Tensor) -> str:
+    if torch.cuda.is_available():
+        return f"usable on {torch.cuda.get_device_name()} (LSTM, norm None and 'batch')"
+    if _interpreting():
+        return "usable through the Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
+    return "not usable here: no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU interpreter)"
+
+
+def _empty(like: Tensor, shape, dtype=None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype or like.dtype)
+
+
+def _nothing_saved(like: Tensor) -> List[Tensor]:
+    # distinct tensors: a custom op's outputs may not alias each other
+    return [_empty(like, (0,), torch.float32) for _ in range(6)]
+
+
+@torch.library.custom_op("normrnn::lstm_forward", mutates_args=())
+def lstm_forward_op(wx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor,
+                    hh_weight: Tensor, cell_weight: Tensor, cell_bias: Tensor, running: List[Tensor],
+                    lengths: Optional[Tensor], norm: int, training: bool, save: bool, momentum: float,
+                    eps: float) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
+    """Fused LSTM forward (see ``normrnn.kernels.lstm_forward``). Returns output, h_n, c_n, the
+    updated running statistics (a functional op: the caller copies them into its buffers) and,
+    when ``save``, the tensors the backward needs (empty otherwise)."""
+    updated = [statistic.clone() for statistic in running]
+    result = lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, updated, lengths,
+                          norm, training, save, momentum, eps)
+    h, c = result["h"], result["c"]
+    if not save:
+        return (result["output"], h[-1].clone(), c[-1].to(h0.dtype, copy=True), updated, *_nothing_saved(wx))
+    return (result["output"], h[-1].clone(), c[-1].to(h0.dtype, copy=True), updated, h, c, result["wh"], result["ih_stats"],
+            result["hh_stats"], result["cell_stats"])
+
+
+@lstm_forward_op.register_fake
+def _(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, norm, training, save,
+      momentum, eps):
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    output = _empty(wx, (steps, batch, hidden), w_hh.dtype)
+    h_n, c_n = _empty(h0, h0.shape), _empty(c0, c0.shape)
+    updated = [_empty(statistic, statistic.shape) for statistic in running]
+    if not save:
+        return (output, h_n, c_n, updated, *_nothing_saved(wx))
+    stats_steps = steps if norm == NORM_BATCH else 1
+    return (output, h_n, c_n, updated, _empty(wx, (steps + 1, batch, hidden), w_hh.dtype),
+            _empty(wx, (steps + 1, batch, hidden), torch.float32), _empty(wx, (steps, batch, gates), torch.float32),
+            _empty(wx, (stats_steps, 2, gates), torch.float32), _empty(wx, (stats_steps, 2, gates), torch.float32),
+            _empty(wx, (stats_steps, 2, hidden), torch.float32))
+
+
+@torch.library.custom_op("normrnn::lstm_backward", mutates_args=())
+def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx: Tensor, w_hh: Tensor, bias: Tensor,
+                     ih_weight: Tensor, hh_weight: Tensor, cell_weight: Tensor, cell_bias: Tensor, h: Tensor,
+                     c: Tensor, wh: Tensor, ih_stats: Tensor, hh_stats: Tensor, cell_stats: Tensor,
+                     lengths: Optional[Tensor], norm: int, training: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused LSTM backward (see ``normrnn.kernels.lstm_backward``). Returns the gradients of wx,
+    h0, c0, W_hh, the summed bias, the ih / hh gains and the cell gain and shift."""
+    saved = {"h": h, "c": c, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats, "cell_stats": cell_stats}
+    result = lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight,
+                           cell_bias, lengths, norm, training)
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    # dW_hh = sum over t and b of dwh_t^T h_{t-1}: one matmul over all timesteps
+    grad_w_hh = torch.matmul(result["dwh"].reshape(-1, gates).t(), h[:-1].reshape(-1, hidden).float())
+    partials = result["partials"].sum(0)
+    cell_partials = result["cell_partials"].sum(0)
+    return (result["dwx"].to(wx.dtype), result["dh0"].to(h.dtype), result["dc0"].to(h.dtype),
+            grad_w_hh.to(w_hh.dtype), partials[0].clone(), partials[1].clone(), partials[2].clone(),
+            cell_partials[0].clone(), cell_partials[1].clone())
+
+
+@lstm_backward_op.register_fake
+def _(grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, wh,
+      ih_stats, hh_stats, cell_stats, lengths, norm, training):
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    f32 = torch.float32
+    return (_empty(wx, wx.shape), _empty(h, (batch, hidden)), _empty(h, (batch, hidden)), _empty(w_hh, w_hh.shape),
+            _empty(wx, (gates,), f32), _empty(wx, (gates,), f32), _empty(wx, (gates,), f32),
+            _empty(wx, (hidden,), f32), _empty(wx, (hidden,), f32))
+
+
+def _setup_context(ctx, inputs, output):
+    (wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, norm, training, save,
+     momentum, eps) = inputs
+    ctx.norm, ctx.training, ctx.statistics = norm, training, len(running)
+    ctx.save_for_backward(wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, lengths, *output[4:])
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused_grads_of_statistics_and_saved):
+    (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, lengths, h, c, wh, ih_stats, hh_stats,
+     cell_stats) = ctx.saved_tensors
+    if h.numel() == 0:
+        raise RuntimeError("normrnn: this LSTM forward ran without saving for backward (save=False); "
+                           "run it with gradients enabled to differentiate it")
+    grads = torch.ops.normrnn.lstm_backward(
+        grad_output if grad_output is not None else torch.zeros_like(h[1:]),
+        grad_h_n if grad_h_n is not None else torch.zeros_like(h[0]),
+        grad_c_n if grad_c_n is not None else torch.zeros_like(h[0]),
+        wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, wh, ih_stats, hh_stats, cell_stats,
+        lengths, ctx.norm, ctx.training)
+    grad_wx, grad_h0, grad_c0, grad_w_hh, grad_bias, grad_ih, grad_hh, grad_cell_weight, grad_cell_bias = grads
+    return (grad_wx, grad_h0, grad_c0, grad_w_hh, grad_bias, grad_ih, grad_hh, grad_cell_weight, grad_cell_bias,
+            [None] * ctx.statistics, None, None, None, None, None, None)
+
+
+lstm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor):
+    """float32 gains / shifts and running statistics; fixed placeholders when norm is None."""
+    gates = params.weight_hh.shape[0]
+    hidden = params.hidden_size
+    if norm == "batch":
+        weights = (params.ih_norm_weight.float(), params.hh_norm_weight.float(), params.cell_norm_weight.float(),
+                   params.cell_norm_bias.float())
+        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var,
+                   params.cell_running_mean, params.cell_running_var]
+        return weights, running
+    ones_gates = like.new_ones(gates, dtype=torch.float32)
+    ones_hidden = like.new_ones(hidden, dtype=torch.float32)
+    weights = (ones_gates, ones_gates, ones_hidden, ones_hidden)
+    running = [like.new_zeros((1, gates), dtype=torch.float32), like.new_ones((1, gates), dtype=torch.float32),
+               like.new_zeros((1, gates), dtype=torch.float32), like.new_ones((1, gates), dtype=torch.float32),
+               like.new_zeros((1, hidden), dtype=torch.float32), like.new_ones((1, hidden), dtype=torch.float32)]
+    return weights, running
+
+
+def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
+                  nonlinearity) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One LSTM layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
+    x = zero_padding(x, padding)
+    wx = torch.matmul(x, params.weight_ih.t()).contiguous()
+    bias = sum_biases(params)
+    bias = bias.float() if bias is not None else x.new_zeros(params.weight_hh.shape[0], dtype=torch.float32)
+    weights, running = _norm_tensors(params, norm, x)
+    lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
+    h0, c0 = state
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (wx, h0, c0, params.weight_hh, bias, *weights))
+    output, h_n, c_n, updated, *_ = torch.ops.normrnn.lstm_forward(
+        wx, h0.contiguous(), c0.contiguous(), params.weight_hh.contiguous(), bias, *weights, running, lengths,
+        _NORM_CODES[norm], bool(training), bool(needs_grad), float(momentum), float(eps))
+    if norm == "batch" and training:
+        with torch.no_grad():
+            for buffer, value in zip(running, updated):
+                buffer.copy_(value)
+    return output, (h_n, c_n)

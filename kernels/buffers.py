@@ -1,0 +1,41 @@
+"""Allocation of kernel outputs and the launch modes shared by every kernel file.
+
+``POISON`` (set by the tests) fills every new output with NaN, so that an element a kernel
+forgets to write cannot pass a comparison by luck.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+POISON = os.environ.get("NORMRNN_POISON") == "1"
+
+# One launch per timestep (what the Triton interpreter can run, and the fallback on a GPU), or
+# one persistent launch per layer and direction with a grid barrier between timesteps.
+STEP_LAUNCHES = "step"
+PERSISTENT = "persistent"
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_mode(programs: int, device: torch.device) -> str:
+    """The persistent kernel needs every program resident at once (the barrier spins); that
+    holds when there are no more programs than streaming multiprocessors. It is opt-in with
+    ``NORMRNN_PERSISTENT=1`` until its barrier has been validated on a GPU; under the interpreter
+    programs run one after another, so only a single program can be persistent there."""
+    requested = os.environ.get("NORMRNN_PERSISTENT") == "1"
+    if not requested:
+        return STEP_LAUNCHES
+    if device.type != "cuda":
+        return PERSISTENT if programs == 1 else STEP_LAUNCHES
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    return PERSISTENT if programs <= sm_count else STEP_LAUNCHES

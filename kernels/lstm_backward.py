@@ -1,0 +1,272 @@
+"""Fused LSTM backward over the whole sequence, the mirror of ``lstm_forward.py`` (reference:
+``normrnn/reference/lstm.py``).
+
+Program p owns the same hidden units as in the forward. Step t (from T-1 down to 0):
+
+1. dL/dh_t of its units: for rows active at t+1, ``dwh_{t+1} W_hh[:, units]`` (dwh_{t+1} of all
+   4H columns was written by every program at the previous step: the one cross-program read);
+   for rows that had ended, the value carried from step t+1.
+2. With the forward's saved wh, states and statistics, everything else is local to the program's
+   columns: the gates' backward, the batch-norm backward of c_t, of wh_t and of wx_t (which
+   couple rows of the active batch only), and the cell-state gradient carried to step t-1.
+
+Outputs: dwx (T, B, 4H) and dwh (T, B, 4H) (the weight gradients are matmuls of these after the
+loop), dh_0 is dwh_0 W_hh, dc_0 the carried cell gradient, and per-step partial sums of the bias
+and norm-parameter gradients (summed over steps by the caller, so no float atomics are needed).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer
+from .lstm_forward import block_sizes
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _batch_norm_backward(grad_normalized, normalized, rstd, active_f, count, use_batch):
+    """dL/dv of v_hat = (v - mean) * rstd given dL/dv_hat, with batch statistics over the active
+    rows (mean and variance depend on v) or fixed running statistics."""
+    safe_count = tl.maximum(count, 1.0)
+    mean_grad = tl.sum(grad_normalized * active_f, axis=0) / safe_count
+    mean_grad_x = tl.sum(grad_normalized * normalized * active_f, axis=0) / safe_count
+    batch = rstd[None, :] * (grad_normalized - mean_grad[None, :] - normalized * mean_grad_x[None, :])
+    fixed = grad_normalized * rstd[None, :]
+    return tl.where(use_batch, batch, fixed) * active_f
+
+
+@triton.jit
+def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                  ih_stats_ptr, hh_stats_ptr, B, H: tl.constexpr, NORM: tl.constexpr):
+    """Recomputes one gate's pre-activation z and, under batch norm, the normalized projections."""
+    columns = gate * H + units
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
+    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
+    bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
+    if NORM == 2:
+        ih_mean = tl.load(ih_stats_ptr + t * 8 * H + columns, mask=unit_mask, other=0.0)
+        ih_rstd = tl.load(ih_stats_ptr + t * 8 * H + 4 * H + columns, mask=unit_mask, other=0.0)
+        hh_mean = tl.load(hh_stats_ptr + t * 8 * H + columns, mask=unit_mask, other=0.0)
+        hh_rstd = tl.load(hh_stats_ptr + t * 8 * H + 4 * H + columns, mask=unit_mask, other=0.0)
+        wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
+        wh_hat = (wh - hh_mean[None, :]) * hh_rstd[None, :]
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+        z = wx_hat * ih_weight[None, :] + wh_hat * hh_weight[None, :] + bias[None, :]
+    else:
+        wx_hat = wx
+        wh_hat = wh
+        ih_rstd = tl.zeros_like(bias)
+        hh_rstd = ih_rstd
+        z = wx + wh + bias[None, :]
+    return z, wx_hat, wh_hat, ih_rstd, hh_rstd
+
+
+@triton.jit
+def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, row_mask, unit_mask, active_f,
+                   count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B,
+                   H: tl.constexpr, NORM: tl.constexpr):
+    """From dL/dz of one gate: dwx, dwh (through the batch norms), and this step's partial sums
+    of the bias and gain gradients, stored at partial_ptr[t] as rows (bias, ih gain, hh gain)."""
+    columns = gate * H + units
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
+    partial = partial_ptr + t * 12 * H
+    tl.store(partial + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
+    if NORM == 2:
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+        tl.store(partial + 4 * H + columns, tl.sum(grad_z * wx_hat, axis=0), mask=unit_mask)
+        tl.store(partial + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
+        grad_wx = _batch_norm_backward(grad_z * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+        grad_wh = _batch_norm_backward(grad_z * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
+    else:
+        grad_wx = grad_z
+        grad_wh = grad_z
+    tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+
+
+@triton.jit
+def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                        cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
+                        lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                        HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+        active_next = row_mask & (t + 1 < lengths)
+    else:
+        active = row_mask
+        active_next = row_mask & (t + 1 < steps)
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+
+    # dL/dh_t: through step t+1's recurrent projection for rows still running there (a read of
+    # every program's dwh_{t+1}, past L1), else the gradient carried past the sequence's end.
+    carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+    recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if t + 1 < steps:
+        for gate in range(4):
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < H
+                grad_tile = tl.load(dwh_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + gate * H + ks[None, :],
+                                    mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+                w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
+                                 mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
+                if w_tile.dtype == tl.float32:
+                    recurrent += tl.dot(grad_tile, w_tile, input_precision="ieee")
+                else:
+                    recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+    dh_next = tl.where(active_next[:, None], recurrent, carried)
+    tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
+    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+              + dh_next) * active_f
+
+    z_i, wx_hat_i, wh_hat_i, ih_rstd_i, hh_rstd_i = _gate_forward(0, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
+                                                                  bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                                                  hh_stats_ptr, B, H, NORM)
+    z_f, wx_hat_f, wh_hat_f, ih_rstd_f, hh_rstd_f = _gate_forward(1, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
+                                                                  bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                                                  hh_stats_ptr, B, H, NORM)
+    z_g, wx_hat_g, wh_hat_g, ih_rstd_g, hh_rstd_g = _gate_forward(2, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
+                                                                  bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                                                  hh_stats_ptr, B, H, NORM)
+    z_o, wx_hat_o, wh_hat_o, ih_rstd_o, hh_rstd_o = _gate_forward(3, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
+                                                                  bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                                                  hh_stats_ptr, B, H, NORM)
+    gate_i = tl.sigmoid(z_i)
+    gate_f = tl.sigmoid(z_f)
+    gate_g = _tanh(z_g)
+    gate_o = tl.sigmoid(z_o)
+    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_new = gate_f * c_prev + gate_i * gate_g
+
+    if NORM == 2:
+        cell_mean = tl.load(cell_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+        cell_rstd = tl.load(cell_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+        cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
+        cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
+        c_hat = (c_new - cell_mean[None, :]) * cell_rstd[None, :]
+        tanh_c = _tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
+    else:
+        tanh_c = _tanh(c_new)
+    grad_o = grad_h * tanh_c
+    grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
+    if NORM == 2:
+        tl.store(cell_partial_ptr + t * 2 * H + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
+        tl.store(cell_partial_ptr + t * 2 * H + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
+        grad_c_from_h = _batch_norm_backward(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd, active_f,
+                                             count, use_batch)
+    else:
+        grad_c_from_h = grad_c_normalized
+    dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+    grad_c = (dc_next + grad_c_from_h) * active_f
+    tl.store(dc_carry_ptr + state_offsets, tl.where(active[:, None], grad_c * gate_f, dc_next), mask=tile_mask)
+
+    grad_z_i = grad_c * gate_g * gate_i * (1.0 - gate_i)
+    grad_z_f = grad_c * c_prev * gate_f * (1.0 - gate_f)
+    grad_z_g = grad_c * gate_i * (1.0 - gate_g * gate_g)
+    grad_z_o = grad_o * gate_o * (1.0 - gate_o)
+    _gate_backward(0, t, grad_z_i, wx_hat_i, wh_hat_i, ih_rstd_i, hh_rstd_i, rows, units, row_mask, unit_mask,
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+    _gate_backward(1, t, grad_z_f, wx_hat_f, wh_hat_f, ih_rstd_f, hh_rstd_f, rows, units, row_mask, unit_mask,
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+    _gate_backward(2, t, grad_z_g, wx_hat_g, wh_hat_g, ih_rstd_g, hh_rstd_g, rows, units, row_mask, unit_mask,
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+    _gate_backward(3, t, grad_z_o, wx_hat_o, wh_hat_o, ih_rstd_o, hh_rstd_o, rows, units, row_mask, unit_mask,
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+
+
+@triton.jit
+def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                              cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                              grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr,
+                              cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                              TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One timestep of the backward; the launch boundary orders it after step t + 1."""
+    _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                        cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
+                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
+                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
+                                    partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                                    NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """All timesteps, T-1 down to 0, with the forward kernel's grid barrier publishing dwh_t."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for step in range(steps):
+        t = steps - 1 - step
+        _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                            cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
+                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_K)
+        tl.debug_barrier()
+        tl.atomic_add(barrier_ptr, 1, sem="release")
+        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+        while arrived < (step + 1) * programs:
+            arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+
+
+def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
+                  lengths, norm: int, training: bool):
+    """Launches the backward over all steps. ``saved`` is the dict of ``lstm_forward(save=True)``.
+
+    Returns dwx (T, B, 4H, float32), dwh (T, B, 4H, float32), dh_0, dc_0 (B, H, float32) and the
+    per-step partial sums: ``partials`` (T, 3, 4H) = (bias, ih gain, hh gain) and
+    ``cell_partials`` (T, 2, H) = (cell gain, cell shift)."""
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden)
+    programs = triton.cdiv(hidden, block_h)
+    dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
+    dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
+    dwx = new_buffer((steps, batch, gates), torch.float32, device)
+    dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    partials = new_buffer((steps, 3, gates), torch.float32, device)
+    cell_partials = new_buffer((steps, 2, hidden), torch.float32, device)
+    if norm != 2:
+        partials[:, 1:].zero_()
+        cell_partials.zero_()
+    lengths_arg = lengths if lengths is not None else dh_carry
+    arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
+                 saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
+                 dc_carry, dwx, dwh, partials, cell_partials, lengths_arg, batch)
+    constants = dict(H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None, BLOCK_B=block_b,
+                     BLOCK_H=block_h, BLOCK_K=block_k)
+    if launch_mode(programs, device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        lstm_backward_persistent_kernel[(programs,)](arguments[0], barrier, *arguments[1:], **constants)
+    else:
+        for t in reversed(range(steps)):
+            lstm_backward_step_kernel[(programs,)](t, *arguments, **constants)
+    # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
+    grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
+    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials,
+            "cell_partials": cell_partials}

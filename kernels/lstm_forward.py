@@ -1,0 +1,276 @@
+"""Fused LSTM forward over the whole sequence: recurrent matmul, per-timestep batch norm (or
+none), gates and state update in one kernel per step, or one persistent kernel for all steps.
+
+The mathematics is ``normrnn/reference/lstm.py`` (``lstm_sequence``):
+
+    z_t = N_hh(h_{t-1} W_hh^T) + N_ih(wx_t) + b,   c_t = f * c_{t-1} + i * g,   h_t = o * tanh(N_c(c_t))
+
+``wx`` = x W_ih^T is computed for all timesteps before the loop. Program p owns hidden units
+[p * BLOCK_H, (p + 1) * BLOCK_H) of all four gates for the whole batch, so the batch statistics of
+its columns are local to it; h_{t-1} of all units is read from memory written by the previous
+step (a new launch, or the grid barrier of the persistent kernel).
+
+Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 4H), the states
+h (T+1, B, H) and c (T+1, B, H), and the mean / rstd used at every step.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer
+
+NORM_NONE = 0
+NORM_BATCH = 2
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _batch_statistics(value, active_f, count, use_batch, running_mean_ptr, running_var_ptr, columns, column_mask,
+                      momentum, eps, TRAINING: tl.constexpr):
+    """mean and rstd of ``value`` (BLOCK_B, BLOCK_H) over the active rows, or the running
+    statistics where batch statistics do not exist (evaluation, fewer than two active rows);
+    in training, a step with batch statistics updates the running ones (unbiased variance)."""
+    safe_count = tl.maximum(count, 1.0)
+    batch_mean = tl.sum(value * active_f, axis=0) / safe_count
+    centered = (value - batch_mean[None, :]) * active_f
+    batch_var = tl.sum(centered * centered, axis=0) / safe_count
+    running_mean = tl.load(running_mean_ptr + columns, mask=column_mask, other=0.0)
+    running_var = tl.load(running_var_ptr + columns, mask=column_mask, other=1.0)
+    mean = tl.where(use_batch, batch_mean, running_mean)
+    var = tl.where(use_batch, batch_var, running_var)
+    if TRAINING:
+        unbiased = batch_var * (safe_count / tl.maximum(count - 1.0, 1.0))
+        tl.store(running_mean_ptr + columns,
+                 tl.where(use_batch, (1.0 - momentum) * running_mean + momentum * batch_mean, running_mean),
+                 mask=column_mask)
+        tl.store(running_var_ptr + columns,
+                 tl.where(use_batch, (1.0 - momentum) * running_var + momentum * unbiased, running_var),
+                 mask=column_mask)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
+                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units, row_mask, unit_mask,
+                        active_f, count, use_batch, B, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                        TRAINING: tl.constexpr, SAVE: tl.constexpr):
+    """z of one gate: N_ih(wx) + N_hh(wh) + b for the program's columns gate * H + units."""
+    columns = gate * H + units
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = rows[:, None] * (4 * H) + columns[None, :]
+    wx = tl.load(wx_ptr + t * B * 4 * H + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    if SAVE:
+        tl.store(wh_ptr + t * B * 4 * H + offsets, acc, mask=tile_mask)
+    bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
+    if NORM == 2:
+        ih_mean, ih_rstd = _batch_statistics(wx, active_f, count, use_batch, ih_mean_ptr + slot * 4 * H,
+                                             ih_var_ptr + slot * 4 * H, columns, unit_mask, momentum, eps,
+                                             TRAINING)
+        hh_mean, hh_rstd = _batch_statistics(acc, active_f, count, use_batch, hh_mean_ptr + slot * 4 * H,
+                                             hh_var_ptr + slot * 4 * H, columns, unit_mask, momentum, eps,
+                                             TRAINING)
+        if SAVE:
+            tl.store(ih_stats_ptr + t * 8 * H + columns, ih_mean, mask=unit_mask)
+            tl.store(ih_stats_ptr + t * 8 * H + 4 * H + columns, ih_rstd, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 8 * H + columns, hh_mean, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 8 * H + 4 * H + columns, hh_rstd, mask=unit_mask)
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+        z = ((wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :]
+             + (acc - hh_mean[None, :]) * (hh_rstd * hh_weight)[None, :] + bias[None, :])
+    else:
+        z = wx + acc + bias[None, :]
+    return z
+
+
+@triton.jit
+def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
+                       cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                       ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
+                       B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                       SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
+    c_t (row t + 1), the output and what the backward needs."""
+    rows = tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    else:
+        active = row_mask
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+    slot = tl.minimum(t, max_steps - 1)
+
+    # h_{t-1} W_hh^T for the four gates of the owned units; h_{t-1} was written by other programs,
+    # so it is read past L1 (not coherent across SMs).
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        w_offsets = units[:, None] * H + ks[None, :]
+        w_mask = unit_mask[:, None] & k_mask[None, :]
+        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+        if IEEE_DOT:
+            acc_i += tl.dot(h_tile, tl.trans(w_i), input_precision="ieee")
+            acc_f += tl.dot(h_tile, tl.trans(w_f), input_precision="ieee")
+            acc_g += tl.dot(h_tile, tl.trans(w_g), input_precision="ieee")
+            acc_o += tl.dot(h_tile, tl.trans(w_o), input_precision="ieee")
+        else:
+            acc_i += tl.dot(h_tile, tl.trans(w_i))
+            acc_f += tl.dot(h_tile, tl.trans(w_f))
+            acc_g += tl.dot(h_tile, tl.trans(w_g))
+            acc_o += tl.dot(h_tile, tl.trans(w_o))
+
+    z_i = _gate_preactivation(0, t, acc_i, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
+                              hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
+                              row_mask, unit_mask, active_f, count, use_batch, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    z_f = _gate_preactivation(1, t, acc_f, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
+                              hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
+                              row_mask, unit_mask, active_f, count, use_batch, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    z_g = _gate_preactivation(2, t, acc_g, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
+                              hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
+                              row_mask, unit_mask, active_f, count, use_batch, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    z_o = _gate_preactivation(3, t, acc_o, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
+                              hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
+                              row_mask, unit_mask, active_f, count, use_batch, B, momentum, eps, H, NORM, TRAINING, SAVE)
+
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
+    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
+    if NORM == 2:
+        cell_mean, cell_rstd = _batch_statistics(c_new, active_f, count, use_batch, cell_mean_ptr + slot * H,
+                                                 cell_var_ptr + slot * H, units, unit_mask, momentum, eps,
+                                                 TRAINING)
+        if SAVE:
+            tl.store(cell_stats_ptr + t * 2 * H + units, cell_mean, mask=unit_mask)
+            tl.store(cell_stats_ptr + t * 2 * H + H + units, cell_rstd, mask=unit_mask)
+        cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
+        cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
+        c_normalized = (c_new - cell_mean[None, :]) * (cell_rstd * cell_weight)[None, :] + cell_bias[None, :]
+    else:
+        c_normalized = c_new
+    h_new = tl.sigmoid(z_o) * _tanh(c_normalized)
+    keep = active[:, None]
+    tl.store(c_ptr + (t + 1) * B * H + state_offsets, tl.where(keep, c_new, c_prev), mask=tile_mask)
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+             tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
+def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
+                             cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                             ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
+                             lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                             TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                             IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """One timestep; the launch boundary is the synchronization between steps."""
+    _lstm_forward_step(t, tl.program_id(0), wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                       cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
+                       cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
+                       cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
+                       HAS_LENGTHS, IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+
+
+@triton.jit
+def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                                   cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr,
+                                   hh_stats_ptr, cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                                   cell_mean_ptr, cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                                   H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                                   HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """All timesteps in one launch; a grid barrier publishes h_t before step t + 1 reads it.
+
+    The barrier: every thread's stores finish, one release add on a step counter, then a spin of
+    acquire reads until all programs have arrived (counter = (t + 1) * programs)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for t in range(steps):
+        _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
+                           cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                           ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
+                           lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
+                           IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+        tl.debug_barrier()
+        tl.atomic_add(barrier_ptr, 1, sem="release")
+        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+        while arrived < (t + 1) * programs:
+            arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+
+
+def block_sizes(batch: int, hidden_size: int):
+    """(BLOCK_B, BLOCK_H, BLOCK_K): the whole batch in one tile (batch statistics stay local),
+    16 hidden units per program, K tiles of up to 64; at least 16 everywhere for tl.dot."""
+    block_b = max(16, triton.next_power_of_2(batch))
+    block_h = 16
+    block_k = max(16, min(64, triton.next_power_of_2(hidden_size)))
+    return block_b, block_h, block_k
+
+
+def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths,
+                 norm: int, training: bool, save: bool, momentum: float, eps: float):
+    """Launches the forward over all T steps of ``wx`` (T, B, 4H).
+
+    ``bias`` is b_ih + b_hh in float32; the norm weights are float32 (4H,) / (H,) tensors (any
+    values when norm is NORM_NONE); ``running`` holds the six running-statistics tensors
+    (max_steps, features) in float32, updated in place in training. Returns a dict with ``output``
+    (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states, and when ``save``:
+    ``wh`` (T, B, 4H) and the per-step statistics (T, 2, features) as ``ih_stats``, ``hh_stats``,
+    ``cell_stats`` (row 0 the mean, row 1 the rstd)."""
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden)
+    programs = triton.cdiv(hidden, block_h)
+    h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)
+    c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
+    h[0].copy_(h0)
+    c[0].copy_(c0)
+    output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
+    wh = new_buffer((steps, batch, gates), torch.float32, device) if save else output
+    stats_steps = steps if (save and norm == NORM_BATCH) else 1
+    ih_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
+    hh_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
+    cell_stats = new_buffer((stats_steps, 2, hidden), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else h0
+    max_steps = running[0].shape[0]
+    arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
+                 cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
+    constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
+                     IEEE_DOT=w_hh.dtype == torch.float32, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+    if launch_mode(programs, device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)
+    else:
+        for t in range(steps):
+            lstm_forward_step_kernel[(programs,)](t, *arguments, **constants)
+    result = {"output": output, "h": h, "c": c}
+    if save:
+        result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats, cell_stats=cell_stats)
+    return result
+
