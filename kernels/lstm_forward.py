@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer
+from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
 
 NORM_NONE = 0
 NORM_BATCH = 2
@@ -131,10 +131,10 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
         w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
         w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
         if IEEE_DOT:
-            acc_i += tl.dot(h_tile, tl.trans(w_i), input_precision="ieee")
-            acc_f += tl.dot(h_tile, tl.trans(w_f), input_precision="ieee")
-            acc_g += tl.dot(h_tile, tl.trans(w_g), input_precision="ieee")
-            acc_o += tl.dot(h_tile, tl.trans(w_o), input_precision="ieee")
+            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision="ieee")
+            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision="ieee")
+            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision="ieee")
+            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision="ieee")
         else:
             acc_i += tl.dot(h_tile, tl.trans(w_i))
             acc_f += tl.dot(h_tile, tl.trans(w_f))
@@ -188,7 +188,8 @@ def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_we
                              TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                              IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr):
-    """One timestep; the launch boundary is the synchronization between steps."""
+    """One timestep; the launch boundary is the synchronization between steps. ``IEEE_DOT``: fp32
+    products (for fp32 weights, and under the interpreter, whose bf16 tl.dot is wrong)."""
     _lstm_forward_step(t, tl.program_id(0), wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                        cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
                        cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
@@ -262,7 +263,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     IEEE_DOT=w_hh.dtype == torch.float32, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+                     IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)

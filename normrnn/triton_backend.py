@@ -5,8 +5,8 @@ fake (meta) implementation and a registered autograd formula, so ``torch.compile
 traces a model that uses them. Around the ops, plain PyTorch does the big matmuls: x W_ih^T for
 all timesteps before the loop, and (inside the backward op) dW_hh = sum_t dwh_t^T h_{t-1}.
 
-Covered: LSTM with norm None or "batch", float32 and bfloat16 (statistics, cell state and
-accumulation in float32), on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+Covered: LSTM with norm None (float32, bfloat16) or "batch" (float32); statistics, cell state and
+accumulation in float32; on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) 
         return f"norm={norm!r} is not fused yet (LSTM norm None and 'batch' are)"
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype} is not supported (float32 and bfloat16 are)"
+    if norm == "batch" and x.dtype == torch.bfloat16:
+        # h is rounded to bf16 at every step and batch norm amplifies it: 2.3e-2 relative error
+        # against float64 at B=16, over the 2e-2 bar; keeping h in float32 is the planned fix.
+        return "bfloat16 with norm='batch' misses the 2e-2 accuracy bar (float32 is fused)"
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return "the kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
     return None
