@@ -53,6 +53,10 @@ class _LazyBackend:
         if self._module is None and self._import_error is None:
             try:
                 self._module = importlib.import_module(self.module_name, __package__)
+            except ModuleNotFoundError as error:
+                self._import_error = (f"{self.module_name.lstrip('.')} is not part of this version"
+                                      if error.name and error.name.endswith(self.module_name.lstrip("."))
+                                      else f"{type(error).__name__}: {error}")
             except Exception as error:  # an optional dependency is absent or broken
                 self._import_error = f"{type(error).__name__}: {error}"
         return self._module
