@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
-from .lstm_forward import block_sizes
+from .buffers import PERSISTENT, launch_mode, new_buffer
+from .lstm_forward import block_sizes, dot_precision
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                         grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
                         lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
-                        HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                        HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.arange(0, BLOCK_B)
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -132,8 +132,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                                     mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
                 w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
                                  mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-                if IEEE_DOT:
-                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision="ieee")
+                if DOT_PRECISION != "native":
+                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
                 else:
                     recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
     dh_next = tl.where(active_next[:, None], recurrent, carried)
@@ -201,13 +201,13 @@ def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_w
                               cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                               grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr,
                               cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
-                              TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                              TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One timestep of the backward; the launch boundary orders it after step t + 1."""
     _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                         grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
-                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
                                     cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
                                     partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                                     NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                    IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                                    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """All timesteps, T-1 down to 0, with the forward kernel's grid barrier publishing dwh_t."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -225,7 +225,7 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
         _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                             cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                             grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
-                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         tl.debug_barrier()
         tl.atomic_add(barrier_ptr, 1, sem="release")
         arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
@@ -259,7 +259,7 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
                  dc_carry, dwx, dwh, partials, cell_partials, lengths_arg, batch)
     constants = dict(H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
-                     IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b,
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

@@ -22,6 +22,7 @@ import triton.language as tl
 from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
 
 NORM_NONE = 0
+NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
 NORM_BATCH = 2
 
 
@@ -95,7 +96,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                        cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
                        B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
-                       SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                       SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
     c_t (row t + 1), the output and what the backward needs."""
@@ -130,11 +131,11 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
         w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
         w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
         w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
-        if IEEE_DOT:
-            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision="ieee")
-            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision="ieee")
-            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision="ieee")
-            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision="ieee")
+        if DOT_PRECISION != "native":
+            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
         else:
             acc_i += tl.dot(h_tile, tl.trans(w_i))
             acc_f += tl.dot(h_tile, tl.trans(w_f))
@@ -186,15 +187,15 @@ def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_we
                              ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
                              lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
                              TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                             IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr):
-    """One timestep; the launch boundary is the synchronization between steps. ``IEEE_DOT``: fp32
-    products (for fp32 weights, and under the interpreter, whose bf16 tl.dot is wrong)."""
+    """One timestep; the launch boundary is the synchronization between steps. ``DOT_PRECISION``:
+    see ``dot_precision``."""
     _lstm_forward_step(t, tl.program_id(0), wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                        cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
                        cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
                        cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
-                       HAS_LENGTHS, IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+                       HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
 
 @triton.jit
@@ -203,7 +204,7 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
                                    hh_stats_ptr, cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
                                    cell_mean_ptr, cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
                                    H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
-                                   HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                                   HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """All timesteps in one launch; a grid barrier publishes h_t before step t + 1 reads it.
 
@@ -216,7 +217,7 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
                            cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                            ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
                            lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
-                           IEEE_DOT, BLOCK_B, BLOCK_H, BLOCK_K)
+                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         tl.debug_barrier()
         tl.atomic_add(barrier_ptr, 1, sem="release")
         arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
@@ -231,6 +232,25 @@ def block_sizes(batch: int, hidden_size: int):
     block_h = 16
     block_k = max(16, min(64, triton.next_power_of_2(hidden_size)))
     return block_b, block_h, block_k
+
+
+def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:
+    """The dtype h is kept in between steps: float32 under batch norm, which amplifies the
+    rounding of h to bfloat16 (2.3e-2 relative error at B=16) into the statistics of every step;
+    otherwise the weights' dtype, so that the recurrent matmul reads it as it is."""
+    return torch.float32 if norm == NORM_BATCH else dtype
+
+
+def dot_precision(dtype: torch.dtype, norm: int) -> str:
+    """How the recurrent matmuls multiply: "ieee" float32 products for float32 weights (the
+    accuracy bar is float32's with tf32 off) and under the interpreter (whose bfloat16 tl.dot is
+    wrong); "tf32x3" (float32 accuracy on tensor cores) where h stays float32 beside bfloat16
+    weights; "native" (operands in the weights' dtype) otherwise."""
+    if dtype == torch.float32 or interpreted():
+        return "ieee"
+    if state_dtype(dtype, norm) == torch.float32:
+        return "tf32x3"
+    return "native"
 
 
 def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths,
@@ -248,7 +268,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     device = wx.device
     block_b, block_h, block_k = block_sizes(batch, hidden)
     programs = triton.cdiv(hidden, block_h)
-    h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)
+    h = new_buffer((steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm), device)
     c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
     c[0].copy_(c0)
@@ -263,7 +283,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)

@@ -1,0 +1,303 @@
+"""Fused layer-norm LSTM forward (Ba et al. 2016) over the whole sequence.
+
+The mathematics is ``normrnn/reference/lstm.py`` with norm="layer":
+
+    z_t = gamma_hh * LN(h_{t-1} W_hh^T) + LN_ih(wx_t) + b,   c_t = f * c_{t-1} + i * g,
+    h_t = o * tanh(gamma_c * LN(c_t) + beta_c)
+
+where LN(v) = (v - mean(v)) / sqrt(var(v) + eps) over all 4H gate columns (H cells) of one
+sample. ``wx`` arrives already layer-normalized (that needs no recurrence and is done for all
+timesteps before the loop). Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H) of the
+four gates for the whole batch, as in ``lstm_forward.py``; unlike batch statistics, the
+statistics of a sample span every program, so each timestep runs in three phases that exchange
+per-program partial statistics through memory:
+
+1. the program's columns of h_{t-1} W_hh^T, and their per-row count, mean and M2 (sum of
+   squared deviations);
+2. every program combines all partials in the same fixed order (Chan's formula: deterministic
+   and free of the cancellation of sum-of-squares), normalizes its columns, computes the gates
+   and c_t, and publishes the partial statistics of its cells;
+3. the statistics of c_t, then h_t.
+
+Phases are separate launches (``*_phase_kernel``; the Triton interpreter's mode and the GPU
+fallback) or separated by the grid barrier inside the persistent kernel: three barriers a step.
+
+Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 4H), the states h
+(T+1, B, H) and c (T+1, B, H), and per-row mean / rstd of both layer norms (T, 2, B).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
+from .lstm_forward import _tanh, block_sizes
+
+
+@triton.jit
+def _publish_row_statistics(value, valid_f, partial_ptr, pid, rows, row_mask, B, columns_owned):
+    """Per-row mean and M2 of ``value`` over the program's valid columns, at partial_ptr[pid]."""
+    mean = tl.sum(value * valid_f, axis=1) / columns_owned
+    centered = (value - mean[:, None]) * valid_f
+    tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
+    tl.store(partial_ptr + pid * 2 * B + B + rows, tl.sum(centered * centered, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl.constexpr, FEATURES_PER_UNIT: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Mean and rstd per row over all H * FEATURES_PER_UNIT features from the per-program
+    (mean, M2): mean = sum n_p mean_p / N, M2 = sum (M2_p + n_p (mean_p - mean)^2)."""
+    program_ids = tl.arange(0, BLOCK_P)
+    program_mask = program_ids < programs
+    owned = tl.minimum(H - program_ids * BLOCK_H, BLOCK_H) * FEATURES_PER_UNIT
+    owned_f = tl.where(program_mask, owned, 0).to(tl.float32)[:, None]
+    tile_mask = program_mask[:, None] & row_mask[None, :]
+    offsets = program_ids[:, None] * 2 * B + rows[None, :]
+    means = tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0)
+    m2s = tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0)
+    total = H * FEATURES_PER_UNIT
+    mean = tl.sum(owned_f * means, axis=0) / total
+    spread = means - mean[None, :]
+    m2 = tl.sum(m2s + owned_f * spread * spread, axis=0)
+    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
+                      IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics."""
+    rows = tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    step = t if SAVE else 0
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    valid_f = unit_mask.to(tl.float32)[None, :]
+    owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 4).to(tl.float32)
+    # the four gates are accumulated together so that their row mean and M2 span 4 x BLOCK_H columns
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
+        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        w_offsets = units[:, None] * H + ks[None, :]
+        w_mask = unit_mask[:, None] & k_mask[None, :]
+        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+        if IEEE_DOT:
+            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision="ieee")
+            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision="ieee")
+            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision="ieee")
+            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision="ieee")
+        else:
+            acc_i += tl.dot(h_tile, tl.trans(w_i))
+            acc_f += tl.dot(h_tile, tl.trans(w_f))
+            acc_g += tl.dot(h_tile, tl.trans(w_g))
+            acc_o += tl.dot(h_tile, tl.trans(w_o))
+    offsets = step * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
+    tl.store(wh_ptr + offsets, acc_i, mask=tile_mask)
+    tl.store(wh_ptr + offsets + H, acc_f, mask=tile_mask)
+    tl.store(wh_ptr + offsets + 2 * H, acc_g, mask=tile_mask)
+    tl.store(wh_ptr + offsets + 3 * H, acc_o, mask=tile_mask)
+    mean = (tl.sum(acc_i * valid_f, axis=1) + tl.sum(acc_f * valid_f, axis=1) + tl.sum(acc_g * valid_f, axis=1)
+            + tl.sum(acc_o * valid_f, axis=1)) / owned
+    d_i = (acc_i - mean[:, None]) * valid_f
+    d_f = (acc_f - mean[:, None]) * valid_f
+    d_g = (acc_g - mean[:, None]) * valid_f
+    d_o = (acc_o - mean[:, None]) * valid_f
+    m2 = tl.sum(d_i * d_i, axis=1) + tl.sum(d_f * d_f, axis=1) + tl.sum(d_g * d_g, axis=1) + tl.sum(d_o * d_o, axis=1)
+    tl.store(hh_partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
+    tl.store(hh_partial_ptr + pid * 2 * B + B + rows, m2, mask=row_mask)
+
+
+@triton.jit
+def _gate(gate, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B,
+          H: tl.constexpr):
+    columns = gate * H + units
+    wx = tl.load(wx_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask,
+                 other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask, other=0.0)
+    weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+    bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
+    return wx + (wh - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :]
+
+
+@triton.jit
+def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
+                cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase 2: layer norm of the recurrent projection, the gates, c_t and its row statistics."""
+    rows = tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    step = t if SAVE else 0
+    mean, rstd = _combine_row_statistics(hh_partial_ptr, rows, row_mask, B, programs, eps, H, 4, BLOCK_H, BLOCK_P)
+    if SAVE:
+        if pid == 0:
+            tl.store(hh_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
+            tl.store(hh_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+    z_i = _gate(0, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
+    z_f = _gate(1, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
+    z_g = _gate(2, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
+    z_o = _gate(3, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
+    state_offsets = rows[:, None] * H + units[None, :]
+    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    else:
+        active = row_mask
+    # a sequence that has ended keeps its state; its row statistics are computed and discarded
+    c_kept = tl.where(active[:, None], c_new, c_prev)
+    tl.store(c_ptr + (t + 1) * B * H + state_offsets, c_kept, mask=tile_mask)
+    tl.store(gate_o_ptr + state_offsets, tl.sigmoid(z_o), mask=tile_mask)
+    owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
+    _publish_row_statistics(c_kept, unit_mask.to(tl.float32)[None, :], cell_partial_ptr, pid, rows, row_mask, B, owned)
+
+
+@triton.jit
+def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weight_ptr, cell_bias_ptr,
+                  cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
+                  HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase 3: layer norm of c_t, h_t and the output."""
+    rows = tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    mean, rstd = _combine_row_statistics(cell_partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
+    if SAVE:
+        if pid == 0:
+            tl.store(cell_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
+            tl.store(cell_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+    state_offsets = rows[:, None] * H + units[None, :]
+    c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
+    gate_o = tl.load(gate_o_ptr + state_offsets, mask=tile_mask, other=0.0)
+    weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
+    bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
+    h_new = gate_o * _tanh((c_new - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :])
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    else:
+        active = row_mask
+    keep = active[:, None]
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+             tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
+def _grid_barrier(barrier_ptr, arrivals):
+    """Every thread's stores finish, one release add, then acquire reads until ``arrivals``."""
+    tl.debug_barrier()
+    tl.atomic_add(barrier_ptr, 1, sem="release")
+    arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+    while arrived < arrivals:
+        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
+                                         cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, gate_o_ptr, hh_partial_ptr,
+                                         cell_partial_ptr, hh_stats_ptr, cell_stats_ptr, lengths_ptr, B, eps,
+                                         H: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                                         IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+    """One phase (0, 1, 2) of timestep ``t``; the launch boundary is the exchange."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if PHASE == 0:
+        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, IEEE_DOT, BLOCK_B, BLOCK_H,
+                          BLOCK_K)
+    elif PHASE == 1:
+        _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
+                    cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
+                    BLOCK_P)
+    else:
+        _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weight_ptr, cell_bias_ptr,
+                      cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
+                      BLOCK_P)
+
+
+@triton.jit
+def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr,
+                                              cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr,
+                                              gate_o_ptr, hh_partial_ptr, cell_partial_ptr, hh_stats_ptr,
+                                              cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr,
+                                              SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                              BLOCK_P: tl.constexpr):
+    """All timesteps in one launch, a grid barrier after each of the three phases."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for t in range(steps):
+        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, IEEE_DOT, BLOCK_B, BLOCK_H,
+                          BLOCK_K)
+        _grid_barrier(barrier_ptr, (3 * t + 1) * programs)
+        _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
+                    cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
+                    BLOCK_P)
+        _grid_barrier(barrier_ptr, (3 * t + 2) * programs)
+        _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weight_ptr, cell_bias_ptr,
+                      cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
+                      BLOCK_P)
+        _grid_barrier(barrier_ptr, (3 * t + 3) * programs)
+
+
+def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell_bias, lengths, save: bool,
+                            eps: float):
+    """Launches the forward over all T steps of ``wx`` (T, B, 4H), already layer-normalized.
+
+    ``bias`` is b_ih + b_hh and the gains / shift are float32. Returns a dict with ``output``
+    (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states and, when ``save``,
+    ``wh`` (T, B, 4H), ``hh_stats`` and ``cell_stats`` (T, 2, B) (row 0 the mean, row 1 the rstd)."""
+    steps, batch, gates = wx.shape
+    hidden = gates // 4
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden)
+    programs = triton.cdiv(hidden, block_h)
+    h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)
+    c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
+    h[0].copy_(h0)
+    c[0].copy_(c0)
+    output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
+    saved_steps = steps if save else 1
+    wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
+    hh_stats = new_buffer((saved_steps, 2, batch), torch.float32, device)
+    cell_stats = new_buffer((saved_steps, 2, batch), torch.float32, device)
+    gate_o = new_buffer((batch, hidden), torch.float32, device)
+    hh_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    cell_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else h0
+    arguments = (wx, w_hh, bias, hh_weight, cell_weight, cell_bias, h, c, output, wh, gate_o, hh_partial,
+                 cell_partial, hh_stats, cell_stats, lengths_arg, batch, eps)
+    constants = dict(H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
+                     IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b, BLOCK_H=block_h,
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+    if launch_mode(programs, device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        layer_norm_lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)
+    else:
+        for t in range(steps):
+            for phase in range(3):
+                layer_norm_lstm_forward_phase_kernel[(programs,)](t, *arguments, PHASE=phase, **constants)
+    result = {"output": output, "h": h, "c": c}
+    if save:
+        result.update(wh=wh, hh_stats=hh_stats, cell_stats=cell_stats)
+    return result
