@@ -79,7 +79,7 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
     columns = gate * H + units
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    partial = partial_ptr + t * 12 * H
+    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 3, 4H)
     tl.store(partial + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
     if NORM == 2:
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -102,7 +102,7 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                         lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -172,8 +172,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     grad_o = grad_h * tanh_c
     grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
     if NORM == 2:
-        tl.store(cell_partial_ptr + t * 2 * H + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
-        tl.store(cell_partial_ptr + t * 2 * H + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
+        tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
+        tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
         grad_c_from_h = _batch_norm_backward(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd, active_f,
                                              count, use_batch)
     else:
@@ -219,7 +219,7 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
                                     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """All timesteps, T-1 down to 0, with the forward kernel's grid barrier publishing dwh_t."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
+    programs = tl.num_programs(0) * tl.num_programs(1)
     for step in range(steps):
         t = steps - 1 - step
         _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
@@ -243,16 +243,17 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden)
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == 2)
     programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
-    partials = new_buffer((steps, 3, gates), torch.float32, device)
-    cell_partials = new_buffer((steps, 2, hidden), torch.float32, device)
+    partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
+    cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
     if norm != 2:
-        partials[:, 1:].zero_()
+        partials[:, :, 1:].zero_()
         cell_partials.zero_()
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
@@ -261,13 +262,13 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     constants = dict(H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k)
-    if launch_mode(programs, device) == PERSISTENT:
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_backward_persistent_kernel[(programs,)](arguments[0], barrier, *arguments[1:], **constants)
+        lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants)
     else:
         for t in reversed(range(steps)):
-            lstm_backward_step_kernel[(programs,)](t, *arguments, **constants)
+            lstm_backward_step_kernel[grid](t, *arguments, **constants)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
-    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials,
-            "cell_partials": cell_partials}
+    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),
+            "cell_partials": cell_partials.sum(1)}

@@ -100,7 +100,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
     c_t (row t + 1), the output and what the backward needs."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -211,7 +211,7 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
     The barrier: every thread's stores finish, one release add on a step counter, then a spin of
     acquire reads until all programs have arrived (counter = (t + 1) * programs)."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
+    programs = tl.num_programs(0) * tl.num_programs(1)
     for t in range(steps):
         _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                            cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
@@ -225,10 +225,12 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
             arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
 
 
-def block_sizes(batch: int, hidden_size: int):
-    """(BLOCK_B, BLOCK_H, BLOCK_K): the whole batch in one tile (batch statistics stay local),
-    16 hidden units per program, K tiles of up to 64; at least 16 everywhere for tl.dot."""
-    block_b = max(16, triton.next_power_of_2(batch))
+def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
+    """(BLOCK_B, BLOCK_H, BLOCK_K): 16 hidden units per program and K tiles of up to 64; the whole
+    batch in one tile where batch statistics must stay local to a program (``whole_batch``),
+    else tiles of up to 64 rows on grid axis 1; at least 16 everywhere for tl.dot."""
+    block_b = triton.next_power_of_2(batch) if whole_batch else min(64, triton.next_power_of_2(batch))
+    block_b = max(16, block_b)
     block_h = 16
     block_k = max(16, min(64, triton.next_power_of_2(hidden_size)))
     return block_b, block_h, block_k
@@ -266,8 +268,9 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden)
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == 2)
     programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
     h = new_buffer((steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm), device)
     c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
@@ -284,12 +287,12 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
-    if launch_mode(programs, device) == PERSISTENT:
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)
+        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants)
     else:
         for t in range(steps):
-            lstm_forward_step_kernel[(programs,)](t, *arguments, **constants)
+            lstm_forward_step_kernel[grid](t, *arguments, **constants)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats, cell_stats=cell_stats)

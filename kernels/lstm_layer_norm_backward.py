@@ -88,7 +88,7 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
                            HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: dL/dh_t, then the cell norm's partial row sums and parameter partials."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -124,8 +124,8 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
      grad_z_o) = _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx_ptr, wh_ptr, bias_ptr,
                                  hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, grad_out_ptr, grad_h_next,
                                  hh_stats_ptr, cell_stats_ptr, B, H)
-    tl.store(cell_param_partial_ptr + t * 2 * H + units, tl.sum(grad_y * c_hat, axis=0), mask=unit_mask)
-    tl.store(cell_param_partial_ptr + t * 2 * H + H + units, tl.sum(grad_y, axis=0), mask=unit_mask)
+    tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_y * c_hat, axis=0), mask=unit_mask)
+    tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_y, axis=0), mask=unit_mask)
     tl.store(cell_partial_ptr + pid * 2 * B + rows, tl.sum(grad_c_hat, axis=1), mask=row_mask)
     tl.store(cell_partial_ptr + pid * 2 * B + B + rows, tl.sum(grad_c_hat * c_hat, axis=1), mask=row_mask)
 
@@ -143,8 +143,8 @@ def _gate_gradient(gate, t, grad_z, rows, units, row_mask, unit_mask, tile_mask,
     grad_wh_hat = grad_z * weight[None, :]
     tl.store(dwx_ptr + offsets, grad_z, mask=tile_mask)
     tl.store(dwh_ptr + offsets, grad_wh_hat, mask=tile_mask)
-    tl.store(partial_ptr + t * 12 * H + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
-    tl.store(partial_ptr + t * 12 * H + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
+    tl.store(partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
+    tl.store(partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
     return tl.sum(grad_wh_hat, axis=1), tl.sum(grad_wh_hat * wh_hat, axis=1)
 
 
@@ -155,7 +155,7 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
                          H: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_P: tl.constexpr):
     """Phase 2: the cell norm's backward, dL/dc_t, dL/dz and the recurrent norm's partial row sums."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -197,7 +197,7 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
 def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 3: dwh_t through the recurrent layer norm, in place over gamma_hh * dL/dz."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -250,22 +250,23 @@ def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_pt
                                                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """All timesteps, T-1 down to 0, a grid barrier after each of the three phases."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
+    programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
+    grid_programs = programs * tl.num_programs(1)
     for step in range(steps):
         t = steps - 1 - step
         _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
                                cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, IEEE_DOT,
                                BLOCK_B, BLOCK_H, BLOCK_K)
-        _grid_barrier(barrier_ptr, (3 * step + 1) * programs)
+        _grid_barrier(barrier_ptr, (3 * step + 1) * grid_programs)
         _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
                              c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr,
                              cell_stats_ptr, cell_partial_ptr, hh_partial_ptr, partial_ptr, lengths_ptr, B, H,
                              HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * step + 2) * programs)
+        _grid_barrier(barrier_ptr, (3 * step + 2) * grid_programs)
         _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H, BLOCK_B,
                                   BLOCK_H, BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * step + 3) * programs)
+        _grid_barrier(barrier_ptr, (3 * step + 3) * grid_programs)
 
 
 def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, hh_weight, cell_weight,
@@ -279,15 +280,16 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden)
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=False)
     programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
-    partials = new_buffer((steps, 3, gates), torch.float32, device)
-    partials[:, 1].zero_()  # the input projection's norm is differentiated outside the kernel
-    cell_partials = new_buffer((steps, 2, hidden), torch.float32, device)
+    partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
+    partials[:, :, 1].zero_()  # the input projection's norm is differentiated outside the kernel
+    cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
     cell_partial = new_buffer((programs, 2, batch), torch.float32, device)
     hh_partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
@@ -296,14 +298,14 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
                  cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
     constants = dict(H=hidden, HAS_LENGTHS=lengths is not None, IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(),
                      BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
-    if launch_mode(programs, device) == PERSISTENT:
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_backward_persistent_kernel[(programs,)](arguments[0], barrier, *arguments[1:], **constants)
+        layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants)
     else:
         for t in reversed(range(steps)):
             for phase in range(3):
-                layer_norm_lstm_backward_phase_kernel[(programs,)](t, *arguments, PHASE=phase, **constants)
+                layer_norm_lstm_backward_phase_kernel[grid](t, *arguments, PHASE=phase, **constants)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
-    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials,
-            "cell_partials": cell_partials}
+    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),
+            "cell_partials": cell_partials.sum(1)}

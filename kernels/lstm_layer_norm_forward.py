@@ -69,7 +69,7 @@ def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl
 def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
                       IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -137,7 +137,7 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
                 cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 2: layer norm of the recurrent projection, the gates, c_t and its row statistics."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -173,7 +173,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
                   cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
                   HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 3: layer norm of c_t, h_t and the output."""
-    rows = tl.arange(0, BLOCK_B)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < B
     unit_mask = units < H
@@ -245,19 +245,20 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
                                               BLOCK_P: tl.constexpr):
     """All timesteps in one launch, a grid barrier after each of the three phases."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
+    programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
+    grid_programs = programs * tl.num_programs(1)
     for t in range(steps):
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, IEEE_DOT, BLOCK_B, BLOCK_H,
                           BLOCK_K)
-        _grid_barrier(barrier_ptr, (3 * t + 1) * programs)
+        _grid_barrier(barrier_ptr, (3 * t + 1) * grid_programs)
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
                     BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * t + 2) * programs)
+        _grid_barrier(barrier_ptr, (3 * t + 2) * grid_programs)
         _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weight_ptr, cell_bias_ptr,
                       cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
                       BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * t + 3) * programs)
+        _grid_barrier(barrier_ptr, (3 * t + 3) * grid_programs)
 
 
 def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell_bias, lengths, save: bool,
@@ -270,8 +271,9 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden)
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=False)
     programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
     h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)
     c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
@@ -290,13 +292,13 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     constants = dict(H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
                      IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
-    if launch_mode(programs, device) == PERSISTENT:
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_forward_persistent_kernel[(programs,)](steps, barrier, *arguments, **constants)
+        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants)
     else:
         for t in range(steps):
             for phase in range(3):
-                layer_norm_lstm_forward_phase_kernel[(programs,)](t, *arguments, PHASE=phase, **constants)
+                layer_norm_lstm_forward_phase_kernel[grid](t, *arguments, PHASE=phase, **constants)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, hh_stats=hh_stats, cell_stats=cell_stats)

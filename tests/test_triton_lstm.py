@@ -153,3 +153,13 @@ def test_auto_uses_the_kernels_and_warns_for_what_they_do_not_cover():
     assert normrnn.dispatch.resolve("auto", "lstm", None, torch.zeros(1, device=DEVICE)) == "triton"
     with pytest.warns(RuntimeWarning, match="only the LSTM is fused so far"):
         normrnn.dispatch.resolve("auto", "gru", None, torch.zeros(1, device=DEVICE) + 0 * layer.weight_hh_l0.sum())
+
+
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+def test_batch_larger_than_one_tile(norm):
+    """70 sequences: two batch tiles of 64 rows on grid axis 1 (None, layer), or one 128-row tile
+    where batch statistics must stay in one program (batch)."""
+    reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=19)
+    lengths = torch.randint(1, 4, (70,))
+    lengths[:8] = 3
+    _compare(reference, fused, torch.randn(3, 70, 3, dtype=torch.float64), None, lengths, torch.float32)
