@@ -232,7 +232,9 @@ def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
     block_b = triton.next_power_of_2(batch) if whole_batch else min(64, triton.next_power_of_2(batch))
     block_b = max(16, block_b)
     block_h = 16
-    block_k = max(16, min(64, triton.next_power_of_2(hidden_size)))
+    # the h tile (BLOCK_B x BLOCK_K) is staged in shared memory: at most 8192 elements, so that a
+    # whole batch of 512 under batch norm still fits (K tiles of 16 there)
+    block_k = max(16, min(64, triton.next_power_of_2(hidden_size), 8192 // block_b))
     return block_b, block_h, block_k
 
 
