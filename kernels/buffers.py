@@ -5,6 +5,8 @@ forgets to write cannot pass a comparison by luck.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -39,3 +41,19 @@ def launch_mode(programs: int, device: torch.device) -> str:
         return PERSISTENT if programs == 1 else STEP_LAUNCHES
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     return PERSISTENT if programs <= sm_count else STEP_LAUNCHES
+
+
+@functools.lru_cache(maxsize=None)
+def persistent_launch_options(device_type: str) -> dict:
+    """Launch options of the persistent kernels: a cooperative launch where this Triton has it
+    (``launch_cooperative_grid``, in Triton's CUDA options since 3.3), so that the driver
+    guarantees every program is resident at once or refuses the launch, instead of a spin that
+    never ends. Without it the grid is kept to one program per streaming multiprocessor."""
+    if device_type != "cuda":
+        return {}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return {}
+    names = {field.name for field in dataclasses.fields(CUDAOptions)}
+    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in names else {}

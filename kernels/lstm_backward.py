@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer
+from .buffers import PERSISTENT, persistent_launch_options, launch_mode, new_buffer
 from .lstm_forward import block_sizes, dot_precision
 
 
@@ -264,7 +264,8 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
                      BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants)
+        lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
+            **persistent_launch_options(device.type))
     else:
         for t in reversed(range(steps)):
             lstm_backward_step_kernel[grid](t, *arguments, **constants)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
+from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -291,7 +291,8 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants)
+        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+            **persistent_launch_options(device.type))
     else:
         for t in range(steps):
             lstm_forward_step_kernel[grid](t, *arguments, **constants)

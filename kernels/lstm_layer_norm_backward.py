@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
+from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
 from .lstm_forward import _tanh, block_sizes
 from .lstm_layer_norm_forward import _gate, _grid_barrier
 
@@ -300,7 +300,8 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
                      BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants)
+        layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
+            **persistent_launch_options(device.type))
     else:
         for t in reversed(range(steps)):
             for phase in range(3):

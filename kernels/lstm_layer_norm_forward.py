@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer
+from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
 from .lstm_forward import _tanh, block_sizes
 
 
@@ -294,7 +294,8 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants)
+        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+            **persistent_launch_options(device.type))
     else:
         for t in range(steps):
             for phase in range(3):

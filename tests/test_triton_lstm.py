@@ -1,14 +1,18 @@
 """The real Triton LSTM kernels, forward and backward, against the float64 reference.
 
 On a CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before triton is
-imported); outputs are poisoned with NaN before the kernels write them (``NORMRNN_POISON``)."""
+imported), on a GPU compiled; outputs are poisoned with NaN before the kernels write them (``NORMRNN_POISON``)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# on a CPU the interpreter runs the kernels; on a GPU they run compiled (TRITON_INTERPRET=1 still
+# forces the interpreter there). Set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["NORMRNN_POISON"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
