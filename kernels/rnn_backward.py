@@ -1,0 +1,223 @@
+"""Fused vanilla RNN backward over the whole sequence, the mirror of ``rnn_forward.py``
+(reference: ``normrnn/reference/rnn.py``).
+
+Program p owns the same hidden units (and batch tile) as in the forward. Step t, T-1 down to 0:
+
+1. dL/dh_t of its units: ``du_{t+1} W_hh[:, units]`` for rows still running at t+1 (du_{t+1} of
+   all H columns was written by every program: the one cross-program read), the carried
+   gradient for rows that had ended; dL/dpre_t = dL/dh_t * act'(pre_t).
+2. Under no norm or batch norm everything else is local: dwx_t and du_t through the batch norms
+   (which couple the active rows of the program's columns). Under layer norm, du_t needs two row
+   sums over all H units (see ``lstm_layer_norm_backward.py``): phase 0 stores
+   g = gamma_hh * dL/dpre and publishes its partial row sums, phase 1 finishes du_t in place.
+
+Per-step partial sums of the bias and gain gradients are written per batch tile, (T, tiles, 3, H),
+and summed by the caller: no float atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_backward import _batch_norm_backward
+from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
+from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .lstm_layer_norm_forward import _grid_barrier
+
+
+@triton.jit
+def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                        hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr, row_partial_ptr,
+                        lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+                        TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 0: dL/dh_t, dL/dpre_t, dwx_t, the parameter partials, and du_t (norm None, batch) or
+    gamma_hh * dL/dpre_t with its partial row sums (layer)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+        active_next = row_mask & (t + 1 < lengths)
+    else:
+        active = row_mask
+        active_next = row_mask & (t + 1 < steps)
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+
+    carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+    recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if t + 1 < steps:
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            # du_{t+1} was written by every program: read past L1
+            grad_tile = tl.load(du_ptr + (t + 1) * B * H + rows[:, None] * H + ks[None, :],
+                                mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+            w_tile = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_mask[:, None] & unit_mask[None, :],
+                             other=0.0)
+            if DOT_PRECISION != "native":
+                recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
+            else:
+                recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+    grad_h_next = tl.where(active_next[:, None], recurrent, carried)
+    tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
+    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+              + grad_h_next) * active_f
+
+    # the forward's pre-activation, from the saved projections and statistics
+    offsets = t * B * H + state_offsets
+    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offsets, mask=tile_mask, other=0.0)
+    bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
+    hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
+    if NORM == 2:
+        ih_mean = tl.load(ih_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+        ih_rstd = tl.load(ih_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+        hh_mean = tl.load(hh_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+        hh_rstd = tl.load(hh_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+        ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
+        wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
+        u_hat = (u - hh_mean[None, :]) * hh_rstd[None, :]
+        pre = wx_hat * ih_weight[None, :] + u_hat * hh_weight[None, :] + bias[None, :]
+    elif NORM == 1:
+        row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+        u_hat = (u - row_mean[:, None]) * row_rstd[:, None]
+        pre = wx + u_hat * hh_weight[None, :] + bias[None, :]
+    else:
+        pre = wx + u + bias[None, :]
+    if ACTIVATION == 0:
+        activated = _tanh(pre)
+        grad_pre = grad_h * (1.0 - activated * activated)
+    elif ACTIVATION == 1:
+        grad_pre = tl.where(pre > 0.0, grad_h, 0.0)
+    else:
+        grad_pre = grad_h
+
+    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 3 * H  # (T, batch tiles, 3, H)
+    tl.store(partial + units, tl.sum(grad_pre, axis=0), mask=unit_mask)
+    if NORM == 2:
+        tl.store(partial + H + units, tl.sum(grad_pre * wx_hat, axis=0), mask=unit_mask)
+        tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
+        grad_wx = _batch_norm_backward(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+        grad_u = _batch_norm_backward(grad_pre * hh_weight[None, :], u_hat, hh_rstd, active_f, count, use_batch)
+        tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
+    elif NORM == 1:
+        tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
+        grad_u_hat = grad_pre * hh_weight[None, :]
+        tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
+        tl.store(du_ptr + offsets, grad_u_hat, mask=tile_mask)  # finished by phase 1
+        tl.store(row_partial_ptr + pid * 2 * B + rows, tl.sum(grad_u_hat, axis=1), mask=row_mask)
+        tl.store(row_partial_ptr + pid * 2 * B + B + rows, tl.sum(grad_u_hat * u_hat, axis=1), mask=row_mask)
+    else:
+        tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
+        tl.store(du_ptr + offsets, grad_pre, mask=tile_mask)
+
+
+@triton.jit
+def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase 1 (layer norm): du_t = rstd * (g - mean(g) - u_hat * mean(g * u_hat)), in place over g."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = t * B * H + rows[:, None] * H + units[None, :]
+    sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
+    grad_u_hat = tl.load(du_ptr + offsets, mask=tile_mask, other=0.0)
+    grad_u = row_rstd[:, None] * (grad_u_hat - (sum_grad / H)[:, None] - u_hat * (sum_grad_hat / H)[:, None])
+    tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
+
+
+@triton.jit
+def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr, row_partial_ptr,
+                             lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+    """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
+    pid = tl.program_id(0)
+    if PHASE == 0:
+        _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr,
+                            row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    else:
+        _rnn_backward_layer_norm(t, pid, tl.num_programs(0), u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H,
+                                 BLOCK_B, BLOCK_H, BLOCK_P)
+
+
+@triton.jit
+def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                                   ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr,
+                                   partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                                   ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    grid_programs = programs * tl.num_programs(1)
+    for step in range(steps):
+        t = steps - 1 - step
+        _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr,
+                            row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
+            _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H, BLOCK_B,
+                                     BLOCK_H, BLOCK_P)
+            _grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
+        else:
+            _grid_barrier(barrier_ptr, (step + 1) * grid_programs)
+
+
+def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, lengths, norm: int,
+                 activation: int, training: bool):
+    """Launches the backward over all steps; ``saved`` is the dict of ``rnn_forward(save=True)``.
+
+    Returns dwx and du (T, B, H, float32), dh_0 (B, H, float32) and the per-step partial sums
+    ``partials`` (T, 3, H) = (bias, ih gain, hh gain)."""
+    steps, batch, hidden = wx.shape
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
+    dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
+    dwx = new_buffer((steps, batch, hidden), torch.float32, device)
+    du = new_buffer((steps, batch, hidden), torch.float32, device)
+    partials = new_buffer((steps, grid[1], 3, hidden), torch.float32, device)
+    if norm != NORM_BATCH:
+        partials[:, :, 1:].zero_()
+    row_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else dh_carry
+    arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
+                 grad_output.contiguous(), dh_carry, dwx, du, partials, row_partial, lengths_arg, batch)
+    constants = dict(H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        rnn_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
+                                             **persistent_launch_options(device.type))
+    else:
+        phases = 2 if norm == 1 else 1
+        for t in reversed(range(steps)):
+            for phase in range(phases):
+                rnn_backward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+    # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
+    grad_h0 = torch.matmul(du[0], w_hh.float())
+    return {"dwx": dwx, "du": du, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -1,0 +1,234 @@
+"""Fused vanilla RNN forward over the whole sequence (reference: ``normrnn/reference/rnn.py``):
+
+    u_t = h_{t-1} W_hh^T,   h_t = act(N_ih(wx_t) + N_hh(u_t) + b),   act in {tanh, relu, identity}
+
+norm None: N is the identity; "batch": per-timestep batch norms with gain (the bias shifts),
+statistics over the active rows of the step, running statistics updated in the kernel;
+"layer": N_hh is a layer norm over the H units of a sample (N_ih, which needs no recurrence, is
+applied to ``wx`` before the loop, as is sequence-wise batch norm).
+
+Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H): under batch norm for the whole
+batch (its column statistics stay local, one phase a step); otherwise for a tile of up to 64 rows
+(grid axis 1). Layer norm needs row statistics across programs: phase 0 computes u_t and
+publishes per-program (mean, M2), phase 1 combines them in a fixed order and finishes the step
+(see ``lstm_layer_norm_forward.py``). Phases are launches, or separated by a grid barrier in the
+persistent kernel.
+
+Saved for the backward (``SAVE``): u (T, B, H) in float32, h (T+1, B, H), and the statistics:
+per column (T, 2, H) for the two batch norms, per row (T, 2, B) for the layer norm.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision, state_dtype
+from .lstm_layer_norm_forward import _combine_row_statistics, _grid_barrier
+
+ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
+
+
+@triton.jit
+def _activate(pre, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return _tanh(pre)
+    elif ACTIVATION == 1:
+        return tl.maximum(pre, 0.0)
+    else:
+        return pre
+
+
+@triton.jit
+def _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """u_t for the program's units; under layer norm also stored, with its per-row (mean, M2)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
+        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        w_tile = tl.load(w_hh_ptr + units[:, None] * H + ks[None, :], mask=unit_mask[:, None] & k_mask[None, :],
+                         other=0.0)
+        if DOT_PRECISION != "native":
+            acc += tl.dot(h_tile.to(tl.float32), tl.trans(w_tile).to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(h_tile, tl.trans(w_tile))
+    if NORM == 1:
+        step = t if SAVE else 0
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        tl.store(u_ptr + step * B * H + rows[:, None] * H + units[None, :], acc, mask=tile_mask)
+        valid_f = unit_mask.to(tl.float32)[None, :]
+        owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
+        mean = tl.sum(acc * valid_f, axis=1) / owned
+        centered = (acc - mean[:, None]) * valid_f
+        tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
+        tl.store(partial_ptr + pid * 2 * B + B + rows, tl.sum(centered * centered, axis=1), mask=row_mask)
+    return acc
+
+
+@triton.jit
+def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr, partial_ptr,
+                ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
+                max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+                TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The normalizations, the activation and the state update of the program's units. ``u`` is
+    u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    else:
+        active = row_mask
+    wx = tl.load(wx_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
+    if NORM == 2:
+        active_f = active.to(tl.float32)[:, None]
+        count = tl.sum(active.to(tl.float32), axis=0)
+        use_batch = TRAINING & (count >= 2.0)
+        slot = tl.minimum(t, max_steps - 1)
+        ih_mean, ih_rstd = _batch_statistics(wx, active_f, count, use_batch, ih_mean_ptr + slot * H,
+                                             ih_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
+        hh_mean, hh_rstd = _batch_statistics(u, active_f, count, use_batch, hh_mean_ptr + slot * H,
+                                             hh_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
+        if SAVE:
+            tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
+            tl.store(ih_stats_ptr + t * 2 * H + units, ih_mean, mask=unit_mask)
+            tl.store(ih_stats_ptr + t * 2 * H + H + units, ih_rstd, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 2 * H + units, hh_mean, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 2 * H + H + units, hh_rstd, mask=unit_mask)
+        ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
+        pre = ((wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :]
+               + (u - hh_mean[None, :]) * (hh_rstd * hh_weight)[None, :] + bias[None, :])
+    elif NORM == 1:
+        mean, rstd = _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
+        step = t if SAVE else 0
+        u_saved = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
+        if SAVE:
+            if pid == 0:
+                tl.store(hh_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
+                tl.store(hh_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+        hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
+        pre = wx + (u_saved - mean[:, None]) * rstd[:, None] * hh_weight[None, :] + bias[None, :]
+    else:
+        if SAVE:
+            tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
+        pre = wx + u + bias[None, :]
+    h_new = _activate(pre, ACTIVATION)
+    keep = active[:, None]
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+             tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
+def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
+                            partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                            lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                            ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                            HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+    """Timestep ``t`` (norm None, batch) or one of its two phases (layer); the launch boundary
+    orders it after the previous one."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if PHASE == 0:
+        u = _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                            BLOCK_H, BLOCK_K)
+        if NORM != 1:
+            _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
+                        partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                        lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS,
+                        BLOCK_B, BLOCK_H, BLOCK_P)
+    else:
+        _rnn_finish(t, pid, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr, ih_weight_ptr,
+                    hh_weight_ptr, h_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                    ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
+                    ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
+
+
+@triton.jit
+def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                                  out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                                  hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                                  NORM: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
+                                  SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  BLOCK_P: tl.constexpr):
+    """All timesteps in one launch: one grid barrier a step (two under layer norm)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    grid_programs = programs * tl.num_programs(1)
+    for t in range(steps):
+        u = _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                            BLOCK_H, BLOCK_K)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+        _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
+                    partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                    lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS,
+                    BLOCK_B, BLOCK_H, BLOCK_P)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
+        else:
+            _grid_barrier(barrier_ptr, (t + 1) * grid_programs)
+
+
+def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm: int, activation: int,
+                training: bool, save: bool, momentum: float, eps: float):
+    """Launches the forward over all T steps of ``wx`` (T, B, H) (already normalized when the
+    norm is "layer"). ``bias`` (H,) and the gains are float32; ``running`` holds the four running
+    statistics (max_steps, H), updated in place in training (norm "batch"). Returns a dict with
+    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``u`` (T, B, H, float32) and
+    ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm)."""
+    steps, batch, hidden = wx.shape
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
+    h = new_buffer((steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm), device)
+    h[0].copy_(h0)
+    output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
+    saved_steps = steps if save else 1
+    u = new_buffer((saved_steps, batch, hidden), torch.float32, device)
+    stats_width = batch if norm == NORM_LAYER else hidden
+    ih_stats = new_buffer((saved_steps, 2, hidden), torch.float32, device)
+    hh_stats = new_buffer((saved_steps, 2, stats_width), torch.float32, device)
+    partial = new_buffer((programs, 2, batch), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else h0
+    max_steps = running[0].shape[0]
+    arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, output, u, partial, ih_stats, hh_stats, *running,
+                 lengths_arg, batch, max_steps, momentum, eps)
+    constants = dict(H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
+                     HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
+                     BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        rnn_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+                                            **persistent_launch_options(device.type))
+    else:
+        phases = 2 if norm == NORM_LAYER else 1
+        for t in range(steps):
+            for phase in range(phases):
+                rnn_forward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+    result = {"output": output, "h": h}
+    if save:
+        result.update(u=u, ih_stats=ih_stats, hh_stats=hh_stats)
+    return result

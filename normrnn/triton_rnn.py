@@ -1,0 +1,151 @@
+"""The fused vanilla RNN of ``normrnn.kernels.rnn_*`` behind ``torch.library`` custom ops.
+
+``normrnn::rnn_forward`` and ``normrnn::rnn_backward`` have fake (meta) implementations and a
+registered autograd formula, so ``torch.compile(fullgraph=True)`` traces a model that uses them.
+Around the ops, plain PyTorch does what needs no recurrence: x W_ih^T for all timesteps (and its
+layer norm or sequence-wise batch norm) before the loop, dW_hh = sum_t du_t^T h_{t-1} after it.
+
+    h_t = act(N_ih(W_ih x_t) + N_hh(W_hh h_{t-1}) + b_ih + b_hh),   act in {tanh, relu, identity}
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE, state_dtype
+from .kernels.rnn_backward import rnn_backward
+from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
+from .params import DirectionParams, Padding
+from .reference.common import zero_padding
+from .reference.norms import sequence_batch_norm
+
+_NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
+
+
+def _empty(like: Tensor, shape, dtype=None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("normrnn::rnn_forward", mutates_args=())
+def rnn_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor, hh_weight: Tensor,
+                   running: List[Tensor], lengths: Optional[Tensor], norm: int, activation: int, training: bool,
+                   save: bool, momentum: float, eps: float
+                   ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Fused RNN forward. Returns output, h_n, the updated running statistics (a functional op:
+    the caller copies them into its buffers) and, when ``save``, h, u, ih_stats, hh_stats."""
+    updated = [statistic.clone() for statistic in running]
+    result = rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, updated, lengths, norm, activation, training, save,
+                         momentum, eps)
+    h = result["h"]
+    h_n = h[-1].to(h0.dtype, copy=True)
+    if not save:
+        return (result["output"], h_n, updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+    return result["output"], h_n, updated, h, result["u"], result["ih_stats"], result["hh_stats"]
+
+
+@rnn_forward_op.register_fake
+def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activation, training, save, momentum, eps):
+    steps, batch, hidden = wx.shape
+    output = _empty(wx, (steps, batch, hidden), w_hh.dtype)
+    updated = [_empty(statistic, statistic.shape) for statistic in running]
+    if not save:
+        return (output, _empty(h0, h0.shape), updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+    stats_width = batch if norm == NORM_LAYER else hidden
+    return (output, _empty(h0, h0.shape), updated,
+            _empty(wx, (steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm)),
+            _empty(wx, (steps, batch, hidden), torch.float32), _empty(wx, (steps, 2, hidden), torch.float32),
+            _empty(wx, (steps, 2, stats_width), torch.float32))
+
+
+@torch.library.custom_op("normrnn::rnn_backward", mutates_args=())
+def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor,
+                    hh_weight: Tensor, h: Tensor, u: Tensor, ih_stats: Tensor, hh_stats: Tensor,
+                    lengths: Optional[Tensor], norm: int, activation: int, training: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused RNN backward: the gradients of wx, h0, W_hh, the summed bias and the two gains."""
+    saved = {"h": h, "u": u, "ih_stats": ih_stats, "hh_stats": hh_stats}
+    result = rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, lengths, norm,
+                          activation, training)
+    hidden = wx.shape[-1]
+    # dW_hh = sum over t and b of du_t^T h_{t-1}: one matmul over all timesteps
+    grad_w_hh = torch.matmul(result["du"].reshape(-1, hidden).t(), h[:-1].reshape(-1, hidden).float())
+    partials = result["partials"].sum(0)
+    return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
+            partials[1].clone(), partials[2].clone())
+
+
+@rnn_backward_op.register_fake
+def _(grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, norm,
+      activation, training):
+    batch, hidden = wx.shape[1], wx.shape[2]
+    f32 = torch.float32
+    return (_empty(wx, wx.shape), _empty(w_hh, (batch, hidden)), _empty(w_hh, w_hh.shape), _empty(wx, (hidden,), f32),
+            _empty(wx, (hidden,), f32), _empty(wx, (hidden,), f32))
+
+
+def _setup_context(ctx, inputs, output):
+    wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activation, training, save, momentum, eps = inputs
+    ctx.norm, ctx.activation, ctx.training, ctx.statistics = norm, activation, training, len(running)
+    ctx.save_for_backward(wx, w_hh, bias, ih_weight, hh_weight, lengths, *output[3:])
+
+
+def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
+    wx, w_hh, bias, ih_weight, hh_weight, lengths, h, u, ih_stats, hh_stats = ctx.saved_tensors
+    if h.numel() == 0:
+        raise RuntimeError("normrnn: this RNN forward ran without saving for backward (save=False); "
+                           "run it with gradients enabled to differentiate it")
+    grads = torch.ops.normrnn.rnn_backward(
+        grad_output if grad_output is not None else torch.zeros_like(h[1:], dtype=w_hh.dtype),
+        grad_h_n if grad_h_n is not None else torch.zeros_like(h[0], dtype=w_hh.dtype),
+        wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, ctx.norm, ctx.activation,
+        ctx.training)
+    grad_wx, grad_h0, grad_w_hh, grad_bias, grad_ih, grad_hh = grads
+    return (grad_wx, grad_h0, grad_w_hh, grad_bias, grad_ih, grad_hh, [None] * ctx.statistics, None, None, None, None,
+            None, None, None)
+
+
+rnn_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,
+            training: bool, momentum: float, eps: float, nonlinearity: Optional[str]) -> Tuple[Tensor, Tuple[Tensor]]:
+    """One RNN layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
+    x = zero_padding(x, padding)
+    if norm == "batch" and x.dtype != torch.float32:
+        # per-timestep batch statistics of a bfloat16-rounded projection lose accuracy: float32
+        wx = torch.matmul(x.float(), params.weight_ih.float().t())
+    else:
+        wx = torch.matmul(x, params.weight_ih.t())
+    if norm == "layer":
+        # normalized (and differentiated) in float32: the layer norm's backward subtracts row means
+        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
+    elif norm == "seqbatch":
+        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
+                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
+    wx = wx.contiguous()
+    hidden = params.hidden_size
+    biases = [b.float() for b in (params.bias_ih, params.bias_hh) if b is not None]
+    bias = sum(biases) if biases else x.new_zeros(hidden, dtype=torch.float32)
+    ones = x.new_ones(hidden, dtype=torch.float32)
+    if norm == "batch":
+        ih_weight, hh_weight = params.ih_norm_weight.float(), params.hh_norm_weight.float()
+        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var]
+    else:
+        ih_weight = ones
+        hh_weight = params.hh_norm_weight.float() if norm == "layer" else ones
+        running = [x.new_zeros((1, hidden), dtype=torch.float32), x.new_ones((1, hidden), dtype=torch.float32),
+                   x.new_zeros((1, hidden), dtype=torch.float32), x.new_ones((1, hidden), dtype=torch.float32)]
+    lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
+    (h0,) = state
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (wx, h0, params.weight_hh, bias, ih_weight, hh_weight))
+    output, h_n, updated, *_ = torch.ops.normrnn.rnn_forward(
+        wx, h0.contiguous(), params.weight_hh.contiguous(), bias, ih_weight, hh_weight, running, lengths,
+        _NORM_CODES[norm], ACTIVATIONS[nonlinearity], bool(training), bool(needs_grad), float(momentum), float(eps))
+    if norm == "batch" and training:
+        with torch.no_grad():
+            for buffer, value in zip(running, updated):
+                buffer.copy_(value)
+    return output, (h_n,)
