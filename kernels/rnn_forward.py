@@ -14,7 +14,8 @@ publishes per-program (mean, M2), phase 1 combines them in a fixed order and fin
 (see ``lstm_layer_norm_forward.py``). Phases are launches, or separated by a grid barrier in the
 persistent kernel.
 
-Saved for the backward (``SAVE``): u (T, B, H) in float32, h (T+1, B, H), and the statistics:
+Saved for the backward (``SAVE``): u (T, B, H) and h (T+1, B, H) in float32 (h is the only
+state: rounding it to bfloat16 at every step would compound), and the statistics:
 per column (T, 2, H) for the two batch norms, per row (T, 2, B) for the layer norm.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision, state_dtype
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _combine_row_statistics, _grid_barrier
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
@@ -61,7 +62,7 @@ def _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H: tl.conste
         if DOT_PRECISION != "native":
             acc += tl.dot(h_tile.to(tl.float32), tl.trans(w_tile).to(tl.float32), input_precision=DOT_PRECISION)
         else:
-            acc += tl.dot(h_tile, tl.trans(w_tile))
+            acc += tl.dot(h_tile.to(w_tile.dtype), tl.trans(w_tile))  # the float32 state, rounded for the matmul
     if NORM == 1:
         step = t if SAVE else 0
         tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -203,7 +204,8 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, triton.cdiv(batch, block_b))
-    h = new_buffer((steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm), device)
+    # h is the RNN's only state: kept in float32 (rounded to the weights' dtype for the matmul)
+    h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     saved_steps = steps if save else 1

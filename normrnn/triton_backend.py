@@ -5,7 +5,7 @@ fake (meta) implementation and a registered autograd formula, so ``torch.compile
 traces a model that uses them. Around the ops, plain PyTorch does the big matmuls: x W_ih^T for
 all timesteps before the loop, and (inside the backward op) dW_hh = sum_t dwh_t^T h_{t-1}.
 
-Covered: LSTM (and, in ``triton_rnn.py``, the vanilla RNN) with norm None, "layer" and "seqbatch" (float32, bfloat16) and "batch" (float32);
+Covered: LSTM (and, in ``triton_gru.py`` and ``triton_rnn.py``, the GRU and the vanilla RNN) with norm None, "layer" and "seqbatch" (float32, bfloat16) and "batch" (float32);
 statistics, cell state and accumulation in float32; on CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``. The normalizations that need no recurrence (layer norm of x W_ih^T,
 sequence-wise batch norm) run on the whole input projection before the loop, in PyTorch.
@@ -38,8 +38,6 @@ def _interpreting() -> bool:
 
 def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
     """Why the fused kernels cannot run this case, or None."""
-    if cell not in ("lstm", "rnn"):
-        return f"only the LSTM and the vanilla RNN are fused so far (got {cell})"
     if norm not in _NORM_CODES:
         return f"unknown norm={norm!r}"
     if x.dtype not in SUPPORTED_DTYPES:
@@ -51,7 +49,7 @@ def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) 
 
 def describe_availability(probe: Tensor) -> str:
     if torch.cuda.is_available():
-        return f"usable on {torch.cuda.get_device_name()} (LSTM and RNN: norm None, 'layer', 'seqbatch', 'batch')"
+        return f"usable on {torch.cuda.get_device_name()} (LSTM, GRU, RNN: norm None, 'layer', 'seqbatch', 'batch')"
     if _interpreting():
         return "usable through the Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
     return "not usable here: no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU interpreter)"
@@ -203,6 +201,9 @@ def run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddin
     if cell == "rnn":
         from .triton_rnn import run_rnn
         return run_rnn(norm, x, state, params, padding, training, momentum, eps, nonlinearity)
+    if cell == "gru":
+        from .triton_gru import run_gru
+        return run_gru(norm, x, state, params, padding, training, momentum, eps)
     x = zero_padding(x, padding)
     if norm == "batch" and x.dtype != torch.float32:
         # per-timestep batch statistics of a bfloat16-rounded projection miss the 2e-2 bar in the

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE, state_dtype
+from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
@@ -54,7 +54,7 @@ def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activati
         return (output, _empty(h0, h0.shape), updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
     stats_width = batch if norm == NORM_LAYER else hidden
     return (output, _empty(h0, h0.shape), updated,
-            _empty(wx, (steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm)),
+            _empty(wx, (steps + 1, batch, hidden), torch.float32),
             _empty(wx, (steps, batch, hidden), torch.float32), _empty(wx, (steps, 2, hidden), torch.float32),
             _empty(wx, (steps, 2, stats_width), torch.float32))
 

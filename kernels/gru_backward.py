@@ -1,0 +1,287 @@
+"""Fused GRU backward over the whole sequence, the mirror of ``gru_forward.py`` (reference:
+``normrnn/reference/gru.py``).
+
+Program p owns the same hidden units (and batch tile) as in the forward. h_{t-1} reaches h_t
+through W_hh and directly (z * h_{t-1}), so dL/dh_{t-1} has two parts: ``dwh_t W_hh[:, units]``
+(dwh_t of all 3H columns was written by every program: the one cross-program read) and
+``z_t * dL/dh_t``, local to the program, carried in a buffer between steps together with the
+gradient of sequences that have ended. With dL/dh_t known, step t computes
+
+    dn = dh (1 - z),  dz = dh (h_{t-1} - n),  da_n = dn (1 - n^2),  du_n = da_n r,
+    da_r = du_r = da_n u_n r (1 - r),  da_z = du_z = dz z (1 - z),
+
+then dwx_t and dwh_t through the normalizations: local under batch norm, and under layer norm a
+second phase after an exchange of per-program row sums (see ``lstm_layer_norm_backward.py``).
+Per-step partial sums of the bias and gain gradients, (T, tiles, 4, 3H) = (b_ih, b_hh, ih gain,
+hh gain), are summed by the caller: no float atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_backward import _batch_norm_backward
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
+from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .lstm_layer_norm_forward import _grid_barrier
+
+
+@triton.jit
+def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr,
+                    bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H: tl.constexpr,
+                    NORM: tl.constexpr):
+    """a and u of one gate as the forward computed them, with the normalized projections."""
+    columns = gate * H + units
+    offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
+    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
+    bias_ih = tl.load(bias_ih_ptr + columns, mask=unit_mask, other=0.0)
+    bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
+    hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+    ih_rstd = tl.zeros_like(bias_ih)
+    hh_rstd = ih_rstd
+    if NORM == 2:
+        ih_mean = tl.load(ih_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
+        ih_rstd = tl.load(ih_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        hh_mean = tl.load(hh_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
+        hh_rstd = tl.load(hh_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
+        wh_hat = (wh - hh_mean[None, :]) * hh_rstd[None, :]
+        a = wx_hat * ih_weight[None, :] + bias_ih[None, :]
+    elif NORM == 1:
+        wx_hat = wx
+        wh_hat = (wh - row_mean[:, None]) * row_rstd[:, None]
+        a = wx + bias_ih[None, :]
+    else:
+        wx_hat = wx
+        wh_hat = wh
+        a = wx + bias_ih[None, :]
+    u = wh_hat * hh_weight[None, :] + bias_hh[None, :]
+    return a, u, wx_hat, wh_hat, ih_rstd, hh_rstd
+
+
+@triton.jit
+def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, tile_mask, unit_mask,
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B,
+                   H: tl.constexpr, NORM: tl.constexpr):
+    """dwx and dwh of one gate (under layer norm, gamma_hh * du for phase 1 to finish) and its
+    parameter partials; returns its share of the layer norm's two row sums."""
+    columns = gate * H + units
+    offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
+    hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+    tl.store(partial + columns, tl.sum(grad_a, axis=0), mask=unit_mask)
+    tl.store(partial + 3 * H + columns, tl.sum(grad_u, axis=0), mask=unit_mask)
+    first = tl.zeros_like(tl.sum(grad_u, axis=1))
+    second = first
+    if NORM == 2:
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        tl.store(partial + 6 * H + columns, tl.sum(grad_a * wx_hat, axis=0), mask=unit_mask)
+        tl.store(partial + 9 * H + columns, tl.sum(grad_u * wh_hat, axis=0), mask=unit_mask)
+        grad_wx = _batch_norm_backward(grad_a * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+        grad_wh = _batch_norm_backward(grad_u * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
+    elif NORM == 1:
+        tl.store(partial + 9 * H + columns, tl.sum(grad_u * wh_hat, axis=0), mask=unit_mask)
+        grad_wx = grad_a
+        grad_wh = grad_u * hh_weight[None, :]
+        first = tl.sum(grad_wh, axis=1)
+        second = tl.sum(grad_wh * wh_hat, axis=1)
+    else:
+        grad_wx = grad_a
+        grad_wh = grad_u
+    tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    return first, second
+
+
+@triton.jit
+def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                        hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                        partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                        TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm)."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+        active_next = row_mask & (t + 1 < lengths)
+    else:
+        active = row_mask
+        active_next = row_mask & (t + 1 < steps)
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+
+    recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if t + 1 < steps:
+        for gate in range(3):
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < H
+                # dwh_{t+1} was written by every program: read past L1
+                grad_tile = tl.load(dwh_ptr + (t + 1) * B * 3 * H + rows[:, None] * (3 * H) + gate * H + ks[None, :],
+                                    mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+                w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
+                                 mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
+                if DOT_PRECISION != "native":
+                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
+                else:
+                    recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+    carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+    grad_h_later = tl.where(active_next[:, None], recurrent, 0.0) + carried
+    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+              + grad_h_later) * active_f
+
+    if NORM == 1:
+        row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    else:
+        row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        row_rstd = row_mean
+    a_r, u_r, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r = _gate_recompute(
+        0, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+    a_z, u_z, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z = _gate_recompute(
+        1, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+    a_n, u_n, wx_hat_n, wh_hat_n, ih_rstd_n, hh_rstd_n = _gate_recompute(
+        2, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+    gate_r = tl.sigmoid(a_r + u_r)
+    gate_z = tl.sigmoid(a_z + u_z)
+    candidate = _tanh(a_n + gate_r * u_n)
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    # the direct path to h_{t-1}; a sequence that has ended passes its gradient through unchanged
+    tl.store(dh_carry_ptr + state_offsets, tl.where(active[:, None], grad_h * gate_z, grad_h_later), mask=tile_mask)
+
+    grad_n_pre = grad_h * (1.0 - gate_z) * (1.0 - candidate * candidate)
+    grad_r_pre = grad_n_pre * u_n * gate_r * (1.0 - gate_r)
+    grad_z_pre = grad_h * (h_prev - candidate) * gate_z * (1.0 - gate_z)
+    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 4, 3H)
+    first_r, second_r = _gate_gradient(0, t, grad_r_pre, grad_r_pre, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r, rows,
+                                       units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+    first_z, second_z = _gate_gradient(1, t, grad_z_pre, grad_z_pre, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z, rows,
+                                       units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+    first_n, second_n = _gate_gradient(2, t, grad_n_pre, grad_n_pre * gate_r, wx_hat_n, wh_hat_n, ih_rstd_n,
+                                       hh_rstd_n, rows, units, tile_mask, unit_mask, active_f, count, use_batch,
+                                       ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+    if NORM == 1:
+        tl.store(row_partial_ptr + pid * 2 * B + rows, first_r + first_z + first_n, mask=row_mask)
+        tl.store(row_partial_ptr + pid * 2 * B + B + rows, second_r + second_z + second_n, mask=row_mask)
+
+
+@triton.jit
+def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Phase 1 (layer norm): dwh_t = rstd * (g - mean(g) - wh_hat * mean(g * wh_hat)) over 3H, in place."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    mean_grad = sum_grad / (3 * H)
+    mean_grad_hat = sum_grad_hat / (3 * H)
+    row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    for gate in range(3):
+        offsets = t * B * 3 * H + rows[:, None] * (3 * H) + gate * H + units[None, :]
+        wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
+        grad = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
+        tl.store(dwh_ptr + offsets, row_rstd[:, None] * (grad - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None]),
+                 mask=tile_mask)
+
+
+@triton.jit
+def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                             hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                             partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+    """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
+    pid = tl.program_id(0)
+    if PHASE == 0:
+        _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                            hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    else:
+        _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H,
+                                 BLOCK_B, BLOCK_H, BLOCK_P)
+
+
+@triton.jit
+def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                   ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+                                   dh_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
+                                   H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                                   HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    grid_programs = programs * tl.num_programs(1)
+    for step in range(steps):
+        t = steps - 1 - step
+        _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                            hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
+            _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H, BLOCK_B,
+                                     BLOCK_H, BLOCK_P)
+            _grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
+        else:
+            _grid_barrier(barrier_ptr, (step + 1) * grid_programs)
+
+
+def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, norm: int,
+                 training: bool):
+    """Launches the backward over all steps; ``saved`` is the dict of ``gru_forward(save=True)``.
+
+    Returns dwx and dwh (T, B, 3H, float32), dh_0 (B, H, float32) and the per-step partial sums
+    ``partials`` (T, 4, 3H) = (b_ih, b_hh, ih gain, hh gain)."""
+    steps, batch, gates = wx.shape
+    hidden = gates // 3
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
+    dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
+    dwx = new_buffer((steps, batch, gates), torch.float32, device)
+    dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    partials = new_buffer((steps, grid[1], 4, gates), torch.float32, device)
+    if norm != NORM_BATCH:
+        partials[:, :, 2].zero_()
+    if norm == 0:
+        partials[:, :, 3].zero_()
+    row_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else dh_carry
+    arguments = (steps, wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
+                 saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, partials, row_partial, lengths_arg,
+                 batch)
+    constants = dict(H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        gru_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
+                                             **persistent_launch_options(device.type))
+    else:
+        phases = 2 if norm == NORM_LAYER else 1
+        for t in reversed(range(steps)):
+            for phase in range(phases):
+                gru_backward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+    # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
+    grad_h0 = torch.matmul(dwh[0], w_hh.float()) + dh_carry
+    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "partials": partials.sum(1)}

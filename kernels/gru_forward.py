@@ -1,0 +1,270 @@
+"""Fused GRU forward over the whole sequence (reference: ``normrnn/reference/gru.py``), gate order
+and bias placement as in ``torch.nn.GRU``:
+
+    a_t = N_ih(wx_t) + b_ih,   u_t = N_hh(h_{t-1} W_hh^T) + b_hh
+    r = sigmoid(a_r + u_r),  z = sigmoid(a_z + u_z),  n = tanh(a_n + r * u_n)
+    h_t = (1 - z) * n + z * h_{t-1}
+
+norm None: N is the identity; "batch": per-timestep batch norms with gain over the active rows,
+running statistics updated in the kernel; "layer": N_hh is a layer norm over the 3H recurrent
+pre-activations of a sample (N_ih, which needs no recurrence, is applied to ``wx`` before the
+loop, as is sequence-wise batch norm).
+
+Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H) of the three gates; under batch
+norm for the whole batch (one phase a step), otherwise for a tile of up to 64 rows (grid axis 1).
+Layer norm exchanges per-program (mean, M2) of the recurrent projection between two phases
+(see ``lstm_layer_norm_forward.py``); phases are launches, or separated by a grid barrier in the
+persistent kernel.
+
+Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 3H) in float32, h
+(T+1, B, H) in float32 (the only state of a GRU: rounding it to bfloat16 at every step compounds), and the statistics: per column (T, 2, 3H) for the batch norms, per row (T, 2, B)
+for the layer norm.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
+from .lstm_layer_norm_forward import _combine_row_statistics, _grid_barrier
+
+
+@triton.jit
+def _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, stored (the finishing phase and the
+    backward read them) with, under layer norm, their per-row mean and M2."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
+        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        w_offsets = units[:, None] * H + ks[None, :]
+        w_mask = unit_mask[:, None] & k_mask[None, :]
+        w_r = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+        w_z = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+        w_n = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+        if DOT_PRECISION != "native":
+            acc_r += tl.dot(h_tile.to(tl.float32), tl.trans(w_r).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_z += tl.dot(h_tile.to(tl.float32), tl.trans(w_z).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_n += tl.dot(h_tile.to(tl.float32), tl.trans(w_n).to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            h_low = h_tile.to(w_r.dtype)  # the float32 state, rounded for the matmul only
+            acc_r += tl.dot(h_low, tl.trans(w_r))
+            acc_z += tl.dot(h_low, tl.trans(w_z))
+            acc_n += tl.dot(h_low, tl.trans(w_n))
+    step = t if SAVE else 0
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = step * B * 3 * H + rows[:, None] * (3 * H) + units[None, :]
+    tl.store(wh_ptr + offsets, acc_r, mask=tile_mask)
+    tl.store(wh_ptr + offsets + H, acc_z, mask=tile_mask)
+    tl.store(wh_ptr + offsets + 2 * H, acc_n, mask=tile_mask)
+    if NORM == 1:
+        valid_f = unit_mask.to(tl.float32)[None, :]
+        owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 3).to(tl.float32)
+        mean = (tl.sum(acc_r * valid_f, axis=1) + tl.sum(acc_z * valid_f, axis=1)
+                + tl.sum(acc_n * valid_f, axis=1)) / owned
+        d_r = (acc_r - mean[:, None]) * valid_f
+        d_z = (acc_z - mean[:, None]) * valid_f
+        d_n = (acc_n - mean[:, None]) * valid_f
+        m2 = tl.sum(d_r * d_r, axis=1) + tl.sum(d_z * d_z, axis=1) + tl.sum(d_n * d_n, axis=1)
+        tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
+        tl.store(partial_ptr + pid * 2 * B + B + rows, m2, mask=row_mask)
+
+
+@triton.jit
+def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count, use_batch, slot,
+                     row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                     ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, B, momentum, eps,
+                     H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr):
+    """a and u of one gate for the program's columns gate * H + units."""
+    columns = gate * H + units
+    wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
+                 other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + step * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask, other=0.0)
+    bias_ih = tl.load(bias_ih_ptr + columns, mask=unit_mask, other=0.0)
+    bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
+    hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+    if NORM == 2:
+        ih_mean, ih_rstd = _batch_statistics(wx, active_f, count, use_batch, ih_mean_ptr + slot * 3 * H,
+                                             ih_var_ptr + slot * 3 * H, columns, unit_mask, momentum, eps, TRAINING)
+        hh_mean, hh_rstd = _batch_statistics(wh, active_f, count, use_batch, hh_mean_ptr + slot * 3 * H,
+                                             hh_var_ptr + slot * 3 * H, columns, unit_mask, momentum, eps, TRAINING)
+        if SAVE:
+            tl.store(ih_stats_ptr + t * 6 * H + columns, ih_mean, mask=unit_mask)
+            tl.store(ih_stats_ptr + t * 6 * H + 3 * H + columns, ih_rstd, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 6 * H + columns, hh_mean, mask=unit_mask)
+            tl.store(hh_stats_ptr + t * 6 * H + 3 * H + columns, hh_rstd, mask=unit_mask)
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        a = (wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :] + bias_ih[None, :]
+        u = (wh - hh_mean[None, :]) * (hh_rstd * hh_weight)[None, :] + bias_hh[None, :]
+    elif NORM == 1:
+        a = wx + bias_ih[None, :]
+        u = (wh - row_mean[:, None]) * row_rstd[:, None] * hh_weight[None, :] + bias_hh[None, :]
+    else:
+        a = wx + bias_ih[None, :]
+        u = wh + bias_hh[None, :]
+    return a, u
+
+
+@triton.jit
+def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """The normalizations, the gates and h_t of the program's units."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < B
+    unit_mask = units < H
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    else:
+        active = row_mask
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+    slot = tl.minimum(t, max_steps - 1)
+    step = t if SAVE else 0
+    if NORM == 1:
+        row_mean, row_rstd = _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 3, BLOCK_H,
+                                                     BLOCK_P)
+        if SAVE:
+            if pid == 0:
+                tl.store(hh_stats_ptr + t * 2 * B + rows, row_mean, mask=row_mask)
+                tl.store(hh_stats_ptr + t * 2 * B + B + rows, row_rstd, mask=row_mask)
+    else:
+        row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        row_rstd = row_mean
+    a_r, u_r = _gru_gate_inputs(0, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
+                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    a_z, u_z = _gru_gate_inputs(1, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
+                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    a_n, u_n = _gru_gate_inputs(2, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
+                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+    gate_r = tl.sigmoid(a_r + u_r)
+    gate_z = tl.sigmoid(a_z + u_z)
+    candidate = _tanh(a_n + gate_r * u_n)
+    state_offsets = rows[:, None] * H + units[None, :]
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
+    keep = active[:, None]
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets, tl.where(keep, h_new, h_prev).to(h_ptr.dtype.element_ty),
+             mask=tile_mask)
+    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+@triton.jit
+def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                            out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                            hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                            NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                            HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+    """Timestep ``t`` (norm None, batch: phase 0 does it all) or one of its two phases (layer)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if PHASE == 0:
+        _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                        BLOCK_H, BLOCK_K)
+    if (PHASE == 1) or (NORM != 1):
+        if NORM != 1:
+            tl.debug_barrier()  # this program's wh stores are read back by its other threads
+        _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                    out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                    hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
+                    BLOCK_B, BLOCK_H, BLOCK_P)
+
+
+@triton.jit
+def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                                  hh_weight_ptr, h_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                                  ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps,
+                                  momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                                  SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  BLOCK_P: tl.constexpr):
+    """All timesteps in one launch: one grid barrier a step (two under layer norm)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    grid_programs = programs * tl.num_programs(1)
+    for t in range(steps):
+        _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                        BLOCK_H, BLOCK_K)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+        else:
+            tl.debug_barrier()
+        _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                    out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                    hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
+                    BLOCK_B, BLOCK_H, BLOCK_P)
+        if NORM == 1:
+            _grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
+        else:
+            _grid_barrier(barrier_ptr, (t + 1) * grid_programs)
+
+
+def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm: int, training: bool,
+                save: bool, momentum: float, eps: float):
+    """Launches the forward over all T steps of ``wx`` (T, B, 3H) (already normalized when the
+    norm is "layer"). Biases and gains are float32 (3H,); ``running`` holds the four running
+    statistics (max_steps, 3H), updated in place in training (norm "batch"). Returns a dict with
+    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``wh`` (T, B, 3H, float32),
+    ``ih_stats``, ``hh_stats`` (per column (T, 2, 3H), or per row (T, 2, B) under layer norm)."""
+    steps, batch, gates = wx.shape
+    hidden = gates // 3
+    device = wx.device
+    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    programs = triton.cdiv(hidden, block_h)
+    grid = (programs, triton.cdiv(batch, block_b))
+    # h is the GRU's only state: kept in float32 (rounded to the weights' dtype for the matmul)
+    h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
+    h[0].copy_(h0)
+    output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
+    saved_steps = steps if save else 1
+    wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
+    ih_stats = new_buffer((saved_steps, 2, gates), torch.float32, device)
+    hh_stats = new_buffer((saved_steps, 2, batch if norm == NORM_LAYER else gates), torch.float32, device)
+    partial = new_buffer((programs, 2, batch), torch.float32, device)
+    lengths_arg = lengths if lengths is not None else h0
+    max_steps = running[0].shape[0]
+    arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, output, wh, partial, ih_stats, hh_stats,
+                 *running, lengths_arg, batch, max_steps, momentum, eps)
+    constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+        barrier = torch.zeros(1, dtype=torch.int32, device=device)
+        gru_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+                                            **persistent_launch_options(device.type))
+    else:
+        phases = 2 if norm == NORM_LAYER else 1
+        for t in range(steps):
+            for phase in range(phases):
+                gru_forward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+    result = {"output": output, "h": h}
+    if save:
+        result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats)
+    return result

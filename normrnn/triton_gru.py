@@ -1,0 +1,152 @@
+"""The fused GRU of ``normrnn.kernels.gru_*`` behind ``torch.library`` custom ops.
+
+``normrnn::gru_forward`` and ``normrnn::gru_backward`` have fake (meta) implementations and a
+registered autograd formula, so ``torch.compile(fullgraph=True)`` traces a model that uses them.
+Around the ops, plain PyTorch does what needs no recurrence: x W_ih^T for all timesteps (and its
+layer norm or sequence-wise batch norm) before the loop, dW_hh = sum_t dwh_t^T h_{t-1} after it.
+
+    a_t = N_ih(W_ih x_t) + b_ih,  u_t = N_hh(W_hh h_{t-1}) + b_hh,  r, z = sigmoid(a + u),
+    n = tanh(a_n + r * u_n),  h_t = (1 - z) * n + z * h_{t-1}
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .kernels.gru_backward import gru_backward
+from .kernels.gru_forward import gru_forward
+from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
+from .params import DirectionParams, Padding
+from .reference.common import zero_padding
+from .reference.norms import sequence_batch_norm
+
+_NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
+
+
+def _empty(like: Tensor, shape, dtype=None) -> Tensor:
+    return like.new_empty(shape, dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("normrnn::gru_forward", mutates_args=())
+def gru_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor, ih_weight: Tensor,
+                   hh_weight: Tensor, running: List[Tensor], lengths: Optional[Tensor], norm: int, training: bool,
+                   save: bool, momentum: float, eps: float
+                   ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """Fused GRU forward. Returns output, h_n, the updated running statistics (a functional op:
+    the caller copies them into its buffers) and, when ``save``, h, wh, ih_stats, hh_stats."""
+    updated = [statistic.clone() for statistic in running]
+    result = gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, updated, lengths, norm, training, save,
+                         momentum, eps)
+    h = result["h"]
+    h_n = h[-1].to(h0.dtype, copy=True)
+    if not save:
+        return (result["output"], h_n, updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+    return result["output"], h_n, updated, h, result["wh"], result["ih_stats"], result["hh_stats"]
+
+
+@gru_forward_op.register_fake
+def _(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm, training, save, momentum, eps):
+    steps, batch, gates = wx.shape
+    hidden = gates // 3
+    output = _empty(wx, (steps, batch, hidden), w_hh.dtype)
+    updated = [_empty(statistic, statistic.shape) for statistic in running]
+    if not save:
+        return (output, _empty(h0, h0.shape), updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+    return (output, _empty(h0, h0.shape), updated,
+            _empty(wx, (steps + 1, batch, hidden), torch.float32),
+            _empty(wx, (steps, batch, gates), torch.float32), _empty(wx, (steps, 2, gates), torch.float32),
+            _empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32))
+
+
+@torch.library.custom_op("normrnn::gru_backward", mutates_args=())
+def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias_ih: Tensor,
+                    bias_hh: Tensor, ih_weight: Tensor, hh_weight: Tensor, h: Tensor, wh: Tensor, ih_stats: Tensor,
+                    hh_stats: Tensor, lengths: Optional[Tensor], norm: int, training: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused GRU backward: the gradients of wx, h0, W_hh, the two biases and the two gains."""
+    saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats}
+    result = gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths,
+                          norm, training)
+    gates = wx.shape[-1]
+    hidden = gates // 3
+    # dW_hh = sum over t and b of dwh_t^T h_{t-1}: one matmul over all timesteps
+    grad_w_hh = torch.matmul(result["dwh"].reshape(-1, gates).t(), h[:-1].reshape(-1, hidden).float())
+    partials = result["partials"].sum(0)
+    return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
+            partials[1].clone(), partials[2].clone(), partials[3].clone())
+
+
+@gru_backward_op.register_fake
+def _(grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, lengths,
+      norm, training):
+    batch, gates = wx.shape[1], wx.shape[2]
+    f32 = torch.float32
+    return (_empty(wx, wx.shape), _empty(w_hh, (batch, gates // 3)), _empty(w_hh, w_hh.shape),
+            *[_empty(wx, (gates,), f32) for _ in range(4)])
+
+
+def _setup_context(ctx, inputs, output):
+    (wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm, training, save, momentum,
+     eps) = inputs
+    ctx.norm, ctx.training, ctx.statistics = norm, training, len(running)
+    ctx.save_for_backward(wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, *output[3:])
+
+
+def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
+    wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, h, wh, ih_stats, hh_stats = ctx.saved_tensors
+    if h.numel() == 0:
+        raise RuntimeError("normrnn: this GRU forward ran without saving for backward (save=False); "
+                           "run it with gradients enabled to differentiate it")
+    grads = torch.ops.normrnn.gru_backward(
+        grad_output if grad_output is not None else torch.zeros_like(h[1:], dtype=w_hh.dtype),
+        grad_h_n if grad_h_n is not None else torch.zeros_like(h[0], dtype=w_hh.dtype),
+        wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, lengths, ctx.norm, ctx.training)
+    return (*grads, [None] * ctx.statistics, None, None, None, None, None, None)
+
+
+gru_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,
+            training: bool, momentum: float, eps: float) -> Tuple[Tensor, Tuple[Tensor]]:
+    """One GRU layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
+    x = zero_padding(x, padding)
+    if norm == "batch" and x.dtype != torch.float32:
+        # per-timestep batch statistics of a bfloat16-rounded projection lose accuracy: float32
+        wx = torch.matmul(x.float(), params.weight_ih.float().t())
+    else:
+        wx = torch.matmul(x, params.weight_ih.t())
+    if norm == "layer":
+        # normalized (and differentiated) in float32: the layer norm's backward subtracts row means
+        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
+    elif norm == "seqbatch":
+        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
+                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
+    wx = wx.contiguous()
+    gates = params.weight_hh.shape[0]
+    zeros = x.new_zeros(gates, dtype=torch.float32)
+    ones = x.new_ones(gates, dtype=torch.float32)
+    bias_ih = params.bias_ih.float() if params.bias_ih is not None else zeros
+    bias_hh = params.bias_hh.float() if params.bias_hh is not None else zeros
+    if norm == "batch":
+        ih_weight, hh_weight = params.ih_norm_weight.float(), params.hh_norm_weight.float()
+        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var]
+    else:
+        ih_weight = ones
+        hh_weight = params.hh_norm_weight.float() if norm == "layer" else ones
+        running = [x.new_zeros((1, gates), dtype=torch.float32), x.new_ones((1, gates), dtype=torch.float32),
+                   x.new_zeros((1, gates), dtype=torch.float32), x.new_ones((1, gates), dtype=torch.float32)]
+    lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
+    (h0,) = state
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (wx, h0, params.weight_hh, bias_ih, bias_hh, ih_weight, hh_weight))
+    output, h_n, updated, *_ = torch.ops.normrnn.gru_forward(
+        wx, h0.contiguous(), params.weight_hh.contiguous(), bias_ih, bias_hh, ih_weight, hh_weight, running, lengths,
+        _NORM_CODES[norm], bool(training), bool(needs_grad), float(momentum), float(eps))
+    if norm == "batch" and training:
+        with torch.no_grad():
+            for buffer, value in zip(running, updated):
+                buffer.copy_(value)
+    return output, (h_n,)
