@@ -113,6 +113,6 @@ def test_batch_of_one_in_batch_norm_training(cls):
 
 
 def test_explicit_backend_that_cannot_run_raises():
-    layer = normrnn.GRU(3, 4, backend="triton")
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run gru"):
-        layer(torch.randn(5, 2, 3))
+    layer = normrnn.GRU(3, 4, backend="triton").double()
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run gru .*float64"):
+        layer(torch.randn(5, 2, 3, dtype=torch.float64))
