@@ -2,7 +2,7 @@
 normalization of the input and recurrent projections."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -70,3 +70,17 @@ def sum_biases(params: DirectionParams) -> Optional[Tensor]:
     if params.bias_hh is None:
         return params.bias_ih
     return params.bias_ih + params.bias_hh
+
+
+# Functions that see (and may replace) the state h_t of every reference step, in order: how
+# ``normrnn.diagnostics`` measures dL/dh_t (the total derivative, through all later steps) and the
+# step Jacobian. Empty outside a diagnostics context, where ``observe_state`` returns h unchanged.
+STATE_OBSERVERS: List[Callable[[int, Tensor], Tensor]] = []
+
+
+def observe_state(step: int, h: Tensor) -> Tensor:
+    """h_t as computed at step ``step`` (before padding keeps ended sequences), passed through
+    the registered observers; the output and the next step both see what they return."""
+    for observer in STATE_OBSERVERS:
+        h = observer(step, h)
+    return h

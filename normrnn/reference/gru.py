@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..params import DirectionParams, Padding
-from .common import emit, keep_active, normalize_step, project_inputs, zero_padding
+from .common import emit, observe_state, keep_active, normalize_step, project_inputs, zero_padding
 
 
 def gru_sequence(x: Tensor, h0: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding,
@@ -45,6 +45,7 @@ def gru_sequence(x: Tensor, h0: Tensor, params: DirectionParams, norm: Optional[
         z = torch.sigmoid(a_z + u_z)
         n = torch.tanh(a_n + r * u_n)
         h_new = (1 - z) * n + z * h
+        h_new = observe_state(step, h_new)
         h = keep_active(h_new, h, active)
         outputs.append(emit(h_new, active))
     return torch.stack(outputs), h

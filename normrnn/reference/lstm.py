@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..params import DirectionParams, Padding
-from .common import emit, keep_active, normalize_step, project_inputs, sum_biases, zero_padding
+from .common import emit, observe_state, keep_active, normalize_step, project_inputs, sum_biases, zero_padding
 
 
 def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, params: DirectionParams, norm: Optional[str],
@@ -51,6 +51,7 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, params: DirectionParams, no
         c_normalized = normalize_step(c_new, "cell", params, norm, step, padding, training, momentum, eps,
                                       bias=params.cell_norm_bias)
         h_new = torch.sigmoid(z_o) * torch.tanh(c_normalized)
+        h_new = observe_state(step, h_new)
         h = keep_active(h_new, h, active)
         c = keep_active(c_new, c, active)
         outputs.append(emit(h_new, active))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..params import DirectionParams, Padding
-from .common import emit, keep_active, normalize_step, project_inputs, sum_biases, zero_padding
+from .common import emit, observe_state, keep_active, normalize_step, project_inputs, sum_biases, zero_padding
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, None: lambda v: v}
 
@@ -37,6 +37,7 @@ def rnn_sequence(x: Tensor, h0: Tensor, params: DirectionParams, norm: Optional[
         if bias is not None:
             pre = pre + bias
         h_new = activation(pre)
+        h_new = observe_state(step, h_new)
         h = keep_active(h_new, h, active)
         outputs.append(emit(h_new, active))
     return torch.stack(outputs), h
