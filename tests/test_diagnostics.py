@@ -112,3 +112,17 @@ def test_text_corpus_ships_with_python_and_makes_next_character_targets():
     assert inputs.shape == targets.shape == (20, 3)
     assert torch.equal(inputs[1:], targets[:-1])
     assert int(inputs.max()) < len(vocabulary)
+
+
+def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from normrnn import demo
+    assert demo.main(["--quick", "--minutes", "0.05", "--hidden-size", "8", "--quiet", "--out", str(tmp_path)]) == 0
+    for name in ("gradient_flow_initial.png", "gradient_flow_final.png", "loss.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    import json
+    results = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert set(results) == {"LSTM", "BN-LSTM", "LN-LSTM", "RNN tanh", "RNN BN, no tanh"}
+    for result in results.values():
+        assert len(result["flow_final"]) == 64 and 0.0 <= result["test_accuracy"] <= 1.0
