@@ -126,3 +126,17 @@ def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
     assert set(results) == {"LSTM", "BN-LSTM", "LN-LSTM", "RNN tanh", "RNN BN, no tanh"}
     for result in results.values():
         assert len(result["flow_final"]) == 64 and 0.0 <= result["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences"])
+def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from normrnn import experiments
+    assert experiments.main([study, "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith(f"# {study}") and "|---|" in report and ".png" in report
+    import json
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["study"] == study and results["runs"]
+    assert list(tmp_path.glob("*.png"))

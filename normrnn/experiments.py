@@ -1,0 +1,325 @@
+"""``python -m normrnn experiment NAME``: the studies behind ``docs/findings.md``.
+
+    rnn-gradient-flow   vanilla RNN: tanh, batch norm in place of tanh and bias (BN(W_ih x) +
+                        BN(W_hh h), no activation, no bias), batch norm with tanh, layer norm with
+                        tanh. Gradient flow ||dL/dh_1|| / ||dL/dh_T|| at initialization and after
+                        training, and success (test MSE below 0.05; predicting the mean scores
+                        0.167) on the adding problem as T grows.
+    digits              LSTM, BN-LSTM (gamma 0.1 and 1.0), LN-LSTM and sequence-wise BN-LSTM on
+                        sequential and permuted digits: test accuracy after every epoch.
+    longer-sequences    LSTM, BN-LSTM and LN-LSTM trained on the adding problem at T_train, then
+                        tested at 2 T_train and 4 T_train (batch norm uses the population
+                        statistics of its last step beyond max_steps = T_train).
+
+Each run takes ``--seeds`` seeds, shows a progress bar and writes ``results.json``, plots and a
+short ``report.md`` to ``--out`` (default ``normrnn-experiments/NAME``). ``--quick`` shrinks
+everything to a check that runs in well under a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import normrnn
+from normrnn import diagnostics, tasks
+from normrnn.demo import SequenceClassifier, accuracy
+
+ADDING_SUCCESS_MSE = 0.05
+
+
+class Regressor(nn.Module):
+    """A recurrent layer and a linear readout of its last output to one number."""
+
+    def __init__(self, recurrent: nn.Module):
+        super().__init__()
+        self.recurrent = recurrent
+        self.readout = nn.Linear(recurrent.hidden_size, 1)
+
+    def forward(self, inputs):
+        output, _ = self.recurrent(inputs)
+        return self.readout(output[-1]).squeeze(-1)
+
+
+def _progress(total: int, quiet: bool, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or quiet:
+        state = {"done": 0}
+
+        def step(label: str = "") -> None:
+            state["done"] += 1
+            if not quiet:
+                print(f"  {description} {state['done']}/{total} {label}", flush=True)
+        return step, (lambda: None)
+    bar = tqdm(total=total, desc=description, unit="run")
+
+    def step(label: str = "") -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+    return step, bar.close
+
+
+def _train_adding(model: nn.Module, steps: int, iterations: int, batch: int, seed: int, learning_rate: float
+                  ) -> List[float]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses = []
+    for iteration in range(iterations):
+        inputs, targets = tasks.adding_problem(batch, steps, seed=seed * 1_000_003 + iteration)
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _adding_mse(model: nn.Module, steps: int, seed: int, samples: int = 1000) -> float:
+    inputs, targets = tasks.adding_problem(samples, steps, seed=10_000_000 + seed)
+    model.eval()
+    with torch.no_grad():
+        error = float(nn.functional.mse_loss(model(inputs), targets))
+    model.train()
+    return error
+
+
+def _adding_flow(model: nn.Module, steps: int, seed: int) -> List[float]:
+    inputs, targets = tasks.adding_problem(128, steps, seed=20_000_000 + seed)
+    flow = diagnostics.gradient_flow(model, inputs, lambda out: nn.functional.mse_loss(out, targets))
+    return flow[-1].tolist()
+
+
+RNN_VARIANTS: Dict[str, Callable[[int, int], nn.Module]] = {
+    "RNN tanh": lambda hidden, steps: normrnn.RNN(2, hidden, nonlinearity="tanh"),
+    "RNN BN in place of tanh": lambda hidden, steps: normrnn.RNN(2, hidden, norm="batch", nonlinearity=None,
+                                                                 bias=False, max_steps=steps),
+    "RNN BN + tanh": lambda hidden, steps: normrnn.RNN(2, hidden, norm="batch", nonlinearity="tanh",
+                                                       max_steps=steps),
+    "RNN LN + tanh": lambda hidden, steps: normrnn.RNN(2, hidden, norm="layer", nonlinearity="tanh"),
+}
+
+
+def rnn_gradient_flow(args) -> Dict:
+    lengths = [20, 50] if args.quick else [25, 50, 100]
+    iterations = 30 if args.quick else 800
+    hidden = 16 if args.quick else 48
+    runs = []
+    step, close = _progress(len(RNN_VARIANTS) * len(lengths) * args.seeds, args.quiet, "rnn-gradient-flow")
+    for name, build in RNN_VARIANTS.items():
+        for steps in lengths:
+            for seed in range(args.seeds):
+                torch.manual_seed(seed)
+                model = Regressor(build(hidden, steps))
+                flow_initial = _adding_flow(model, steps, seed)
+                started = time.perf_counter()
+                losses = _train_adding(model, steps, iterations, 64, seed, args.lr)
+                mse = _adding_mse(model, steps, seed)
+                runs.append({"model": name, "steps": steps, "seed": seed, "test_mse": mse,
+                             "solved": mse < ADDING_SUCCESS_MSE, "seconds": time.perf_counter() - started,
+                             "flow_initial": flow_initial, "flow_final": _adding_flow(model, steps, seed),
+                             "losses": losses})
+                step(f"{name} T={steps}: mse {mse:.3f}")
+    close()
+    return {"lengths": lengths, "iterations": iterations, "hidden_size": hidden, "runs": runs}
+
+
+def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
+    return {
+        "LSTM": lambda: normrnn.LSTM(1, hidden),
+        "BN-LSTM gamma 0.1": lambda: normrnn.LSTM(1, hidden, norm="batch", max_steps=64),
+        "BN-LSTM gamma 1.0": lambda: normrnn.LSTM(1, hidden, norm="batch", max_steps=64, gamma_init=1.0),
+        "LN-LSTM": lambda: normrnn.LSTM(1, hidden, norm="layer"),
+        "seqbatch-LSTM": lambda: normrnn.LSTM(1, hidden, norm="seqbatch"),
+    }
+
+
+def digits_study(args) -> Dict:
+    epochs = 1 if args.quick else 8
+    hidden = 16 if args.quick else 48
+    models = _digits_models(hidden)
+    runs = []
+    step, close = _progress(len(models) * 2 * args.seeds, args.quiet, "digits")
+    loss_fn = nn.CrossEntropyLoss()
+    for permuted in (False, True):
+        train_split, test_split, _ = tasks.digits(permuted=permuted, seed=0)
+        if args.quick:
+            train_split = tasks.DigitsSplit(train_split.inputs[:, :256], train_split.targets[:256])
+        for name, build in models.items():
+            for seed in range(args.seeds):
+                torch.manual_seed(seed)
+                model = SequenceClassifier(build(), 10)
+                optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+                generator = torch.Generator().manual_seed(seed)
+                curve = []
+                started = time.perf_counter()
+                for _ in range(epochs):
+                    order = torch.randperm(train_split.targets.shape[0], generator=generator)
+                    for start in range(0, len(order) - 63, 64):
+                        rows = order[start:start + 64]
+                        loss = loss_fn(model(train_split.inputs[:, rows]), train_split.targets[rows])
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                        optimizer.step()
+                    curve.append(accuracy(model, test_split, "cpu"))
+                runs.append({"model": name, "permuted": permuted, "seed": seed, "accuracy_by_epoch": curve,
+                             "final_accuracy": curve[-1], "seconds": time.perf_counter() - started})
+                step(f"{'p' if permuted else 's'}MNIST-digits {name}: {curve[-1]:.3f}")
+    close()
+    return {"epochs": epochs, "hidden_size": hidden, "runs": runs}
+
+
+def longer_sequences(args) -> Dict:
+    train_steps = 20 if args.quick else 50
+    iterations = 30 if args.quick else 800
+    hidden = 16 if args.quick else 48
+    builders = {
+        "LSTM": lambda: normrnn.LSTM(2, hidden),
+        "BN-LSTM": lambda: normrnn.LSTM(2, hidden, norm="batch", max_steps=train_steps),
+        "LN-LSTM": lambda: normrnn.LSTM(2, hidden, norm="layer"),
+    }
+    runs = []
+    step, close = _progress(len(builders) * args.seeds, args.quiet, "longer-sequences")
+    for name, build in builders.items():
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            model = Regressor(build())
+            _train_adding(model, train_steps, iterations, 64, seed, args.lr)
+            errors = {str(factor * train_steps): _adding_mse(model, factor * train_steps, seed) for factor in (1, 2, 4)}
+            runs.append({"model": name, "seed": seed, "test_mse_by_length": errors})
+            step(f"{name}: " + ", ".join(f"T={k} {v:.3f}" for k, v in errors.items()))
+    close()
+    return {"train_steps": train_steps, "iterations": iterations, "hidden_size": hidden, "runs": runs}
+
+
+STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "digits": digits_study, "longer-sequences": longer_sequences}
+
+
+def _mean(values: List[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def report(name: str, results: Dict) -> str:
+    """A markdown summary of one study's results (means over seeds)."""
+    lines = [f"# {name}", "", f"seeds: {results['seeds']}, settings: " +
+             ", ".join(f"{k}={v}" for k, v in results.items() if k not in ("runs", "seeds", "study")), ""]
+    runs = results["runs"]
+    if name == "rnn-gradient-flow":
+        lines += ["| model | T | solved (of seeds) | test MSE | dL/dh_1 / dL/dh_T init | after training |",
+                  "|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(run["model"] for run in runs):
+            for steps in results["lengths"]:
+                chosen = [run for run in runs if run["model"] == model and run["steps"] == steps]
+                lines.append(
+                    f"| {model} | {steps} | {sum(run['solved'] for run in chosen)}/{len(chosen)} | "
+                    f"{_mean([run['test_mse'] for run in chosen]):.3f} | "
+                    f"{_mean([diagnostics.flow_ratio(run['flow_initial']) for run in chosen]):.2e} | "
+                    f"{_mean([diagnostics.flow_ratio(run['flow_final']) for run in chosen]):.2e} |")
+    elif name == "digits":
+        lines += ["| model | sequential digits accuracy | permuted | epochs to 80% (sequential) |", "|---|---|---|---|"]
+        for model in dict.fromkeys(run["model"] for run in runs):
+            plain = [run for run in runs if run["model"] == model and not run["permuted"]]
+            permuted = [run for run in runs if run["model"] == model and run["permuted"]]
+            reach = [next((i + 1 for i, a in enumerate(run["accuracy_by_epoch"]) if a >= 0.8), None) for run in plain]
+            reach_text = ", ".join("-" if r is None else str(r) for r in reach)
+            lines.append(f"| {model} | {_mean([r['final_accuracy'] for r in plain]):.3f} | "
+                         f"{_mean([r['final_accuracy'] for r in permuted]):.3f} | {reach_text} |")
+    else:
+        lengths = list(runs[0]["test_mse_by_length"]) if runs else []
+        lines += ["| model | " + " | ".join(f"test MSE at T={length}" for length in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for model in dict.fromkeys(run["model"] for run in runs):
+            chosen = [run for run in runs if run["model"] == model]
+            lines.append(f"| {model} | " + " | ".join(
+                f"{_mean([run['test_mse_by_length'][length] for run in chosen]):.3f}" for length in lengths) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(name: str, results: Dict, out: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    runs = results["runs"]
+    if name == "rnn-gradient-flow":
+        steps = results["lengths"][-1]
+        for key in ("flow_initial", "flow_final"):
+            curves = {}
+            for model in dict.fromkeys(run["model"] for run in runs):
+                chosen = [torch.tensor(run[key]) for run in runs if run["model"] == model and run["steps"] == steps]
+                curves[model] = torch.stack(chosen).mean(0)
+            path = os.path.join(out, f"{key}.png")
+            diagnostics.plot_gradient_flow(curves, path, title=f"Adding problem, T={steps}: ||dL/dh_t|| "
+                                           f"({'init' if key == 'flow_initial' else 'trained'})")
+            paths.append(path)
+    elif name == "digits":
+        for permuted in (False, True):
+            figure, axes = plt.subplots(figsize=(7, 4))
+            for model in dict.fromkeys(run["model"] for run in runs):
+                curves = torch.tensor([run["accuracy_by_epoch"] for run in runs
+                                       if run["model"] == model and run["permuted"] == permuted])
+                axes.plot(range(1, curves.shape[1] + 1), curves.mean(0).numpy(), marker="o", label=model)
+            axes.set_xlabel("epoch")
+            axes.set_ylabel("test accuracy")
+            axes.set_title(f"{'Permuted' if permuted else 'Sequential'} digits (mean over seeds)")
+            axes.legend(fontsize=8)
+            figure.tight_layout()
+            path = os.path.join(out, f"{'permuted' if permuted else 'sequential'}_digits.png")
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+            paths.append(path)
+    else:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for model in dict.fromkeys(run["model"] for run in runs):
+            chosen = [run for run in runs if run["model"] == model]
+            lengths = [int(length) for length in chosen[0]["test_mse_by_length"]]
+            axes.plot(lengths, [_mean([run["test_mse_by_length"][str(length)] for run in chosen])
+                                for length in lengths], marker="o", label=model)
+        axes.axhline(1 / 6, color="gray", linestyle=":", label="predicting the mean")
+        axes.set_xscale("log")
+        axes.set_xlabel("test sequence length T")
+        axes.set_ylabel("test MSE")
+        axes.set_title(f"Adding problem trained at T={results['train_steps']}")
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(out, "longer_sequences.png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m normrnn experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(STUDIES))
+    parser.add_argument("--seeds", type=int, default=None, help="default 2 (1 with --quick)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 2)
+    out = args.out or os.path.join("normrnn-experiments", args.name)
+    os.makedirs(out, exist_ok=True)
+    results = STUDIES[args.name](args)
+    results.update(study=args.name, seeds=args.seeds)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle)
+    text = report(args.name, results)
+    paths = plots(args.name, results, out)
+    with open(os.path.join(out, "report.md"), "w") as handle:
+        handle.write(text + "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths) + "\n")
+    print(text)
+    print(f"saved to {out}: results.json, report.md, " + ", ".join(os.path.basename(p) for p in paths))
+    return 0
