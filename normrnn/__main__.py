@@ -18,6 +18,7 @@ import normrnn
 SUBCOMMANDS = {
     "demo": ("normrnn.demo", "train LSTM, BN-LSTM, LN-LSTM and RNNs on sequential digits, report gradient flow"),
     "experiment": ("normrnn.experiments", "run a study: rnn-gradient-flow, digits, longer-sequences"),
+    "bench": ("normrnn.bench.cli", "time normrnn against cuDNN, Haste, FlashRNN, eager and compiled PyTorch"),
 }
 
 

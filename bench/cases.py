@@ -1,0 +1,57 @@
+"""The benchmark grid: cell x norm x dtype x batch x hidden size x sequence length (I = H)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+CELLS = ("lstm", "gru", "rnn")
+NORMS = (None, "layer", "batch")
+DTYPES = ("float32", "bfloat16")
+BATCHES = (1, 16, 64, 256)
+HIDDEN_SIZES = (128, 512, 1024, 2048)
+LENGTHS = (100, 1000)
+
+
+@dataclass(frozen=True)
+class Case:
+    cell: str
+    norm: Optional[str]
+    dtype: str
+    batch: int
+    hidden_size: int
+    steps: int
+
+    @property
+    def input_size(self) -> int:
+        return self.hidden_size
+
+    def label(self) -> str:
+        return (f"{self.cell} norm={self.norm or 'none'} {self.dtype} B={self.batch} H={self.hidden_size} "
+                f"T={self.steps}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def full_grid() -> List[Case]:
+    """Every combination of the issue's grid (a batch of one is skipped for batch norm in training,
+    which needs two sequences; its eval-mode forward is still timed)."""
+    return [Case(*values) for values in itertools.product(CELLS, NORMS, DTYPES, BATCHES, HIDDEN_SIZES, LENGTHS)]
+
+
+def quick_grid() -> List[Case]:
+    """The subset ``--quick`` runs (a few minutes on an H100): every norm of the LSTM at the
+    headline shape B=64, I=H=512, T=100 and 1000 in bf16 and fp32, and the GRU and RNN at
+    B=64, H=512, T=100 in bf16."""
+    cases = [Case("lstm", norm, dtype, 64, 512, steps)
+             for norm in NORMS for dtype in DTYPES for steps in LENGTHS]
+    cases += [Case(cell, norm, "bfloat16", 64, 512, 100) for cell in ("gru", "rnn") for norm in NORMS]
+    return cases
+
+
+def cpu_grid(tiny: bool = False) -> List[Case]:
+    """The CPU section: B=32, I=H=256, T=100 in float32 (the C++ backend's target shape)."""
+    if tiny:
+        return [Case("lstm", None, "float32", 2, 8, 5), Case("lstm", "batch", "float32", 2, 8, 5)]
+    return [Case(cell, norm, "float32", 32, 256, 100) for cell in CELLS for norm in NORMS]

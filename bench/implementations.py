@@ -1,0 +1,181 @@
+"""Builders of every implementation timed for a case. Each returns a ``Runner`` (an eval-mode
+forward and a training step) or raises ``Skip`` with the reason, which the results record: a
+missing peer is never skipped silently.
+
+    normrnn-triton      normrnn layer, backend="triton" (the fused kernels)
+    normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
+    reference-compiled  the reference layer under torch.compile
+    cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
+    haste               haste_pytorch LSTM / LayerNormLSTM / GRU / LayerNormGRU when it imports
+    flashrnn            FlashRNN's fused CUDA LSTM / GRU / Elman when it imports
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+import normrnn
+from normrnn import dispatch
+
+from .cases import Case
+
+# The eager reference and torch.compile of its unrolled loop take minutes at these sizes: they
+# are timed up to this many hidden units x timesteps and skipped, with this reason, above it.
+EAGER_LIMIT = 512 * 1000
+COMPILE_STEP_LIMIT = 100
+
+
+class Skip(Exception):
+    """This implementation cannot or should not run this case; the message says why."""
+
+
+@dataclass
+class Runner:
+    forward_eval: Callable[[], None]
+    train_step: Optional[Callable[[], None]]
+    train_skip_reason: Optional[str] = None
+
+
+def _dtype(case: Case) -> torch.dtype:
+    return getattr(torch, case.dtype)
+
+
+def _inputs(case: Case, device, batch_first: bool = False):
+    shape = (case.batch, case.steps, case.input_size) if batch_first else (case.steps, case.batch, case.input_size)
+    return torch.randn(shape, device=device, dtype=_dtype(case))
+
+
+def _module_runner(module: nn.Module, x: torch.Tensor, train_skip_reason: Optional[str] = None) -> Runner:
+    grad = None
+
+    def forward_eval():
+        module.eval()
+        with torch.no_grad():
+            module(x)
+
+    def train_step():
+        nonlocal grad
+        module.train()
+        output = module(x)[0]
+        if grad is None:
+            grad = torch.randn_like(output)
+        output.backward(grad)
+
+    return Runner(forward_eval, None if train_skip_reason else train_step, train_skip_reason)
+
+
+def _normrnn_layer(case: Case, device, backend: str) -> nn.Module:
+    cls = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
+    layer = cls(case.input_size, case.hidden_size, norm=case.norm, backend=backend, max_steps=case.steps)
+    return layer.to(device, _dtype(case))
+
+
+def _batch_of_one_reason(case: Case) -> Optional[str]:
+    if case.norm == "batch" and case.batch < 2:
+        return "batch norm in training needs at least 2 sequences"
+    return None
+
+
+def normrnn_triton(case: Case, device) -> Runner:
+    probe = torch.zeros(1, device=device, dtype=_dtype(case))
+    reason = dispatch.unavailable_reason("triton", case.cell, case.norm, probe)
+    if reason is not None:
+        raise Skip(f"the triton backend cannot run this case: {reason}")
+    return _module_runner(_normrnn_layer(case, device, "triton"), _inputs(case, device), _batch_of_one_reason(case))
+
+
+def normrnn_reference(case: Case, device) -> Runner:
+    if case.hidden_size * case.steps > EAGER_LIMIT:
+        raise Skip(f"eager reference skipped above H x T = {EAGER_LIMIT} (minutes per step)")
+    return _module_runner(_normrnn_layer(case, device, "reference"), _inputs(case, device), _batch_of_one_reason(case))
+
+
+def reference_compiled(case: Case, device) -> Runner:
+    if case.steps > COMPILE_STEP_LIMIT:
+        raise Skip(f"torch.compile of the unrolled reference skipped above T = {COMPILE_STEP_LIMIT} "
+                   "(compilation takes minutes)")
+    if case.hidden_size * case.steps > EAGER_LIMIT:
+        raise Skip(f"compiled reference skipped above H x T = {EAGER_LIMIT}")
+    layer = _normrnn_layer(case, device, "reference")
+    compiled = torch.compile(layer)
+    return _module_runner(compiled, _inputs(case, device), _batch_of_one_reason(case))
+
+
+def cudnn(case: Case, device) -> Runner:
+    cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[case.cell]
+    return _module_runner(cls(case.input_size, case.hidden_size).to(device, _dtype(case)), _inputs(case, device))
+
+
+def haste(case: Case, device) -> Runner:
+    try:
+        module = importlib.import_module("haste_pytorch")
+    except ImportError as error:
+        raise Skip(f"haste_pytorch is not installed ({error})")
+    if device.type != "cuda":
+        raise Skip("Haste runs on CUDA only")
+    names = {("lstm", None): "LSTM", ("lstm", "layer"): "LayerNormLSTM", ("gru", None): "GRU",
+             ("gru", "layer"): "LayerNormGRU"}
+    name = names.get((case.cell, case.norm))
+    if name is None:
+        raise Skip(f"Haste has no {case.cell} with norm={case.norm}")
+    layer = getattr(module, name)(case.input_size, case.hidden_size, batch_first=False).to(device, _dtype(case))
+    return _module_runner(layer, _inputs(case, device))
+
+
+def flashrnn(case: Case, device) -> Runner:
+    try:
+        module = importlib.import_module("flashrnn.flashrnn")
+    except ImportError as error:
+        raise Skip(f"flashrnn is not installed ({error})")
+    if case.norm is not None:
+        raise Skip("FlashRNN has no normalized cells")
+    function = {"lstm": "lstm", "gru": "gru", "rnn": "elman"}[case.cell]
+    gates = {"lstm": 4, "gru": 4, "rnn": 1}[case.cell]
+    dtype = _dtype(case)
+    heads, head_dim = 1, case.hidden_size
+    # FlashRNN's layout: inputs (B, T, gates, heads, head_dim), R (heads, head_dim, gates, head_dim),
+    # b (heads, gates, head_dim); it compiles its CUDA kernels on first use.
+    wx = torch.randn(case.batch, case.steps, gates, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+    recurrent = torch.randn(heads, head_dim, gates, head_dim, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(heads, gates, head_dim, device=device, dtype=dtype, requires_grad=True)
+
+    def run():
+        return module.flashrnn(wx, recurrent, bias, function=function, backend="cuda_fused",
+                               dtype=case.dtype)[0]
+
+    def forward_eval():
+        with torch.no_grad():
+            run()
+
+    def train_step():
+        run().float().sum().backward()
+
+    return Runner(forward_eval, train_step)
+
+
+IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
+    "normrnn-triton": normrnn_triton,
+    "normrnn-reference": normrnn_reference,
+    "reference-compiled": reference_compiled,
+    "cudnn": cudnn,
+    "haste": haste,
+    "flashrnn": flashrnn,
+}
+CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu")
+
+
+def cpu_runner(name: str, case: Case) -> Runner:
+    """The CPU section's implementations: the C++ backend, the reference, torch's CPU module."""
+    device = torch.device("cpu")
+    if name == "torch-cpu":
+        return cudnn(case, device)
+    backend = {"normrnn-cpp": "cpp", "normrnn-reference": "reference"}[name]
+    if backend == "cpp":
+        reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)))
+        if reason is not None:
+            raise Skip(f"the cpp backend cannot run this case: {reason}")
+    return _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))

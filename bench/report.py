@@ -1,0 +1,137 @@
+"""Results of a bench run: a JSON named by device and date, a markdown table, plots."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from typing import Dict, List
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment(device: torch.device) -> Dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat()}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Each timing gains its ratio to cuDNN (torch's module: the unnormalized bar, same cell,
+    dtype and shape) and to the eager reference of the same case and mode."""
+    def key(row, implementation):
+        case = dict(row["case"])
+        if implementation == "cudnn" or implementation == "torch-cpu":
+            case["norm"] = None
+        return (implementation, row["mode"], tuple(sorted((k, str(v)) for k, v in case.items())))
+    index = {key(row, row["implementation"]): row for row in rows if "median_ms" in row}
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        for bar in ("cudnn", "torch-cpu", "normrnn-reference"):
+            other = index.get(key(row, bar))
+            if other is not None and other is not row:
+                row[f"ratio_to_{bar}"] = row["median_ms"] / other["median_ms"]
+
+
+def markdown(results: Dict) -> str:
+    env = results["environment"]
+    lines = [f"# normrnn bench: {env['device']} ({env['date']})", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. Median ms (ratio to torch's "
+             "unnormalized module of the same cell; below 1 is faster).", "",
+             "| case | mode | implementation | median ms | vs torch | peak MiB |", "|---|---|---|---|---|---|"]
+    for row in results["timings"]:
+        label = row["label"]
+        if "median_ms" in row:
+            ratio = row.get("ratio_to_cudnn", row.get("ratio_to_torch-cpu"))
+            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | {row['median_ms']:.3f} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {row.get('peak_memory_mib', 0):.0f} |")
+        else:
+            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | |")
+    if results.get("correctness"):
+        lines += ["", "## Correctness at scale", "", "| check | cell | norm | dtype | B | H | T | worst relative "
+                  "error |", "|---|---|---|---|---|---|---|---|"]
+        for check in results["correctness"]:
+            worst = (f"{check['relative_error']:.2e} ({check['tensor']})" if "relative_error" in check
+                     else f"error: {check.get('error')}")
+            lines.append(f"| {check['check']} | {check['cell']} | {check.get('norm')} | {check['dtype']} | "
+                         f"{check['batch']} | {check['hidden_size'] if 'hidden_size' in check else check.get('hidden')} "
+                         f"| {check['steps']} | {worst} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: Dict, out: str, stem: str) -> List[str]:
+    """Training-step time against T and against H (log scales), one line per implementation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in results["timings"] if "median_ms" in row and row["mode"] == "train"]
+    paths = []
+    for axis in ("steps", "hidden_size"):
+        groups: Dict = {}
+        for row in rows:
+            case = row["case"]
+            fixed = tuple((k, case[k]) for k in ("cell", "norm", "dtype", "batch", "hidden_size", "steps") if k != axis)
+            groups.setdefault(fixed, {}).setdefault(row["implementation"], []).append((case[axis], row["median_ms"]))
+        groups = {fixed: lines for fixed, lines in groups.items() if any(len(points) > 1 for points in lines.values())}
+        if not groups:
+            continue
+        figure, panes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for pane, (fixed, lines) in zip(panes[0], groups.items()):
+            for implementation, points in sorted(lines.items()):
+                points.sort()
+                pane.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=implementation)
+            pane.set_xscale("log")
+            pane.set_yscale("log")
+            pane.set_xlabel(axis)
+            pane.set_ylabel("training step, ms")
+            pane.set_title(", ".join(f"{k}={v}" for k, v in fixed), fontsize=8)
+            pane.legend(fontsize=7)
+        figure.tight_layout()
+        path = os.path.join(out, f"{stem}-by-{axis}.png")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write(results: Dict, out: str) -> List[str]:
+    """results.json, the markdown table and the plots, named ``<device>-<date>``; returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    env = results["environment"]
+    stem = f"{slug(env['device'])}-{env['date']}" + ("-cpu" if results.get("section") == "cpu" else "")
+    json_path = os.path.join(out, stem + ".json")
+    with open(json_path, "w") as handle:
+        json.dump(results, handle, indent=1, default=str)
+    markdown_path = os.path.join(out, stem + ".md")
+    with open(markdown_path, "w") as handle:
+        handle.write(markdown(results))
+    paths = [json_path, markdown_path]
+    try:
+        paths += plots(results, out, stem)
+    except ImportError:
+        pass  # matplotlib is an extra: the JSON and the table are written regardless
+    return paths

@@ -1,0 +1,41 @@
+"""The bench suite's command on a CPU: the no-CUDA path exits 0 and writes the CPU section."""
+import json
+
+import pytest
+import torch
+
+from normrnn.bench import cases, cli, report
+
+
+def test_cpu_section_writes_json_and_markdown_with_times_and_ratios(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-CUDA path")
+    assert cli.main(["--tiny", "--quiet", "--repetitions", "3", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "no CUDA device" in printed and "ratio to torch-cpu" in printed
+    (json_path,) = tmp_path.glob("*.json")
+    results = json.loads(json_path.read_text())
+    assert results["section"] == "cpu" and results["environment"]["torch"] == torch.__version__
+    timed = [row for row in results["timings"] if "median_ms" in row]
+    assert {row["implementation"] for row in timed} >= {"normrnn-reference", "torch-cpu"}
+    assert all(row["median_ms"] > 0 for row in timed)
+    assert any("ratio_to_torch-cpu" in row for row in timed if row["implementation"] == "normrnn-reference")
+    skipped = [row for row in results["timings"] if "skipped" in row]
+    assert all(row["skipped"] for row in skipped)  # every skip says why
+    assert "| case | mode | implementation |" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_quick_grid_is_the_documented_subset():
+    quick = cases.quick_grid()
+    assert all(case.batch == 64 and case.hidden_size == 512 for case in quick)
+    assert {case.norm for case in quick if case.cell == "lstm"} == {None, "layer", "batch"}
+    assert len(cases.full_grid()) == 3 * 3 * 2 * 4 * 4 * 2
+
+
+def test_ratios_compare_with_the_unnormalized_module_of_the_same_shape():
+    case = cases.Case("lstm", "layer", "float32", 2, 8, 5).as_dict()
+    plain = dict(case, norm=None)
+    rows = [{"case": case, "implementation": "normrnn-reference", "mode": "train", "median_ms": 6.0},
+            {"case": plain, "implementation": "torch-cpu", "mode": "train", "median_ms": 2.0}]
+    report.add_ratios(rows)
+    assert rows[0]["ratio_to_torch-cpu"] == 3.0
