@@ -1,0 +1,199 @@
+"""The compiled CPU backend: the whole sequence loop of every cell and norm in C++ (``csrc/``).
+
+The extension is built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and
+ninja; the build is cached by torch in its extensions folder, so later processes load it in
+well under a second). Each cell's forward and hand-written backward run in C++ over all
+timesteps, on ATen CPU tensors (the recurrent matmul is BLAS, elementwise work is vectorized by
+ATen and parallel over its threads); a ``torch.autograd.Function`` per cell connects them.
+
+As in the Triton backend, the normalizations that need no recurrence (layer norm of x W_ih^T,
+sequence-wise batch norm) run on the whole input projection before the loop in PyTorch; the
+per-timestep batch norms of both projections and every normalization inside the recurrence run
+in C++. Covered: LSTM, GRU and RNN with every norm, float32 and float64, CPU tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .params import DirectionParams, Padding
+from .reference.common import zero_padding
+from .reference.norms import sequence_batch_norm
+
+NONE, LAYER, BATCH = 0, 1, 2
+ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+_build_lock = threading.Lock()
+_extension = None
+_build_error: Optional[str] = None
+
+
+def _sources():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "..", "csrc"), os.path.join(here, "csrc")):
+        path = os.path.join(folder, "bindings.cpp")
+        if os.path.exists(path):
+            return [os.path.normpath(path)], os.path.normpath(folder)
+    return None, None
+
+
+def extension():
+    """The compiled module, built on first call; raises RuntimeError with the reason if it cannot be."""
+    global _extension, _build_error
+    with _build_lock:
+        if _extension is None and _build_error is None:
+            sources, folder = _sources()
+            if sources is None:
+                _build_error = "the C++ sources (csrc/bindings.cpp) are not installed with this package"
+            else:
+                try:
+                    from torch.utils.cpp_extension import load
+                    # torch caches builds by name and sources, not headers: the name carries a hash
+                    # of every file in csrc/, so an edited header or a new version rebuilds
+                    digest = hashlib.sha256()
+                    for name in sorted(os.listdir(folder)):
+                        with open(os.path.join(folder, name), "rb") as handle:
+                            digest.update(name.encode() + handle.read())
+                    _extension = load(name=f"normrnn_cpu_{digest.hexdigest()[:12]}", sources=sources,
+                                      extra_include_paths=[folder], extra_cflags=["-O3"], verbose=False)
+                except Exception as error:  # no compiler, no ninja, a failed build
+                    message = str(error).strip().splitlines()
+                    _build_error = (f"the C++ extension could not be built ({type(error).__name__}: "
+                                    f"{message[-1] if message else ''}); it needs a C++ compiler and ninja")
+        if _extension is None:
+            raise RuntimeError(_build_error)
+        return _extension
+
+
+def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
+    """Why the C++ backend cannot run this case, or None."""
+    if x.device.type != "cpu":
+        return f"it runs on CPU tensors (got {x.device.type})"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32 and float64 are)"
+    try:
+        extension()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def describe_availability(probe: Tensor) -> str:
+    reason = unsupported_reason("lstm", None, probe, None)
+    if reason is None:
+        return "usable on CPU (LSTM, GRU, RNN; every norm; float32, float64)"
+    return f"not usable: {reason}"
+
+
+class _LSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, config):
+        running, lengths, norms, training, momentum, eps = config
+        output, h_n, c_n, saved = extension().lstm_forward(
+            wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, *norms, training,
+            momentum, eps)
+        ctx.saved = saved
+        return output, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        grads = extension().lstm_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous(),
+                                          grad_c_n.contiguous())
+        return (*grads, None)
+
+
+class _GRUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, config):
+        running, lengths, norms, training, momentum, eps = config
+        output, h_n, saved = extension().gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running,
+                                                     lengths, norms[0], norms[1], training, momentum, eps)
+        ctx.saved = saved
+        return output, h_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n):
+        grads = extension().gru_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous())
+        return (*grads, None)
+
+
+class _RNNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wx, h0, w_hh, bias, ih_weight, hh_weight, config):
+        running, lengths, norms, training, momentum, eps, activation = config
+        output, h_n, saved = extension().rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths,
+                                                     norms[0], norms[1], activation, training, momentum, eps)
+        ctx.saved = saved
+        return output, h_n
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n):
+        grads = extension().rnn_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous())
+        return (*grads, None)
+
+
+def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,
+             momentum: float, eps: float) -> Tensor:
+    """x W_ih^T for all steps, with the normalizations that need no recurrence."""
+    wx = torch.matmul(x, params.weight_ih.t())
+    if norm == "layer":
+        wx = torch.nn.functional.layer_norm(wx, (wx.shape[-1],), params.ih_norm_weight, None, eps)
+    elif norm == "seqbatch":
+        wx = sequence_batch_norm(wx, padding.mask, padding.total, params.ih_norm_weight, params.ih_running_mean,
+                                 params.ih_running_var, training, momentum, eps)
+    return wx.contiguous()
+
+
+def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
+                  nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """One layer and direction in C++ (the interface of ``normrnn.dispatch``)."""
+    x = zero_padding(x, padding)
+    wx = _project(x, params, norm, padding, training, momentum, eps)
+    gates, hidden = params.weight_hh.shape
+    like = params.weight_hh
+    ones_gates, zeros_gates = like.new_ones(gates), like.new_zeros(gates)
+    in_loop = norm in ("batch", "layer")
+    ih_weight = params.ih_norm_weight if norm == "batch" else ones_gates
+    hh_weight = params.hh_norm_weight if in_loop else ones_gates
+    ih_code = BATCH if norm == "batch" else NONE
+    hh_code = {"batch": BATCH, "layer": LAYER}.get(norm, NONE)
+
+    def placeholder(width):
+        return [like.new_zeros(1, width), like.new_ones(1, width)]
+    running = ([params.ih_running_mean, params.ih_running_var] if norm == "batch" else placeholder(gates))
+    running += ([params.hh_running_mean, params.hh_running_var] if norm == "batch" else placeholder(gates))
+    if cell == "lstm" and norm == "batch":
+        running += [params.cell_running_mean, params.cell_running_var]
+    else:
+        running += placeholder(hidden)
+    lengths = padding.lengths.to(torch.int64) if padding.padded else torch.empty(0, dtype=torch.int64)
+    h0 = state[0].contiguous()
+    w_hh = params.weight_hh.contiguous()
+    if cell == "lstm":
+        biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
+        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
+        cell_weight = params.cell_norm_weight if in_loop else like.new_ones(hidden)
+        cell_bias = params.cell_norm_bias if in_loop else like.new_zeros(hidden)
+        cell_code = {"batch": BATCH, "layer": LAYER}.get(norm, NONE)
+        config = (running, lengths, (ih_code, hh_code, cell_code), bool(training), float(momentum), float(eps))
+        output, h_n, c_n = _LSTMFunction.apply(wx, h0, state[1].contiguous(), w_hh, bias, ih_weight, hh_weight,
+                                               cell_weight, cell_bias, config)
+        return output, (h_n, c_n)
+    if cell == "gru":
+        bias_ih = params.bias_ih if params.bias_ih is not None else zeros_gates
+        bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates
+        config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps))
+        output, h_n = _GRUFunction.apply(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, config)
+        return output, (h_n,)
+    biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
+    bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
+    config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps),
+              ACTIVATIONS[nonlinearity])
+    output, h_n = _RNNFunction.apply(wx, h0, w_hh, bias, ih_weight, hh_weight, config)
+    return output, (h_n,)

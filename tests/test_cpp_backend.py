@@ -1,0 +1,74 @@
+"""The compiled C++ CPU backend (csrc/): gradcheck in float64 through the C++ forward and
+backward of every cell x norm, equality with the reference in float32, and dispatch."""
+import pytest
+import torch
+
+import normrnn
+from conftest import CELLS, NORMS, outputs_and_grads, relative_error
+from test_reference_gradcheck import _gradcheck_module
+
+reason = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1))
+if reason is not None:
+    pytest.skip(f"the C++ backend is not usable here: {reason}", allow_module_level=True)
+
+
+def _layer(cell, norm, **config):
+    module = CELLS[cell](norm=norm, backend="cpp", **config).double()
+    for parameter in module.parameters():  # gains away from their init, so their gradients are generic
+        parameter.data.uniform_(-1, 1)
+    return module
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradcheck_through_cpp(cell, norm, padded):
+    module = _layer(cell, norm, input_size=3, hidden_size=2)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    _gradcheck_module(module, x, torch.tensor([4, 2, 3]) if padded else None, with_state=True)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_gradcheck_two_layers_bidirectional_and_eval(cell, norm):
+    module = _layer(cell, norm, input_size=2, hidden_size=2, num_layers=2, bidirectional=True, max_steps=2)
+    x = torch.randn(3, 3, 2, dtype=torch.float64)
+    # at least two active rows a step: a step of one would normalize with running statistics that
+    # an earlier step of the same call updates (max_steps=2 shares the last slot), which gradcheck's
+    # repeated calls would see change
+    _gradcheck_module(module, x, torch.tensor([3, 2, 3]), with_state=False)
+    for name, buffer in module.named_buffers():
+        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    module.eval()  # running statistics, the last slot beyond max_steps
+    _gradcheck_module(module, x, torch.tensor([3, 3, 2]), with_state=True)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+def test_float32_equals_the_reference(cell, norm):
+    config = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, max_steps=4)
+    reference = CELLS[cell](norm=norm, backend="reference", **config)
+    for name, parameter in reference.named_parameters():
+        if "norm" in name:
+            parameter.data.uniform_(0.5, 1.5)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    fused = CELLS[cell](norm=norm, backend="cpp", **config)
+    fused.load_state_dict(state)
+    reference = reference.double()
+    x = torch.randn(6, 9, 5).double()
+    lengths = torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5])
+    expected = outputs_and_grads(reference, x, None, lengths)
+    got = outputs_and_grads(fused, x.float(), None, lengths)
+    for key, value in expected.items():  # outputs, final states, every gradient, running statistics
+        assert relative_error(got[key], value) < 1e-4, key
+    reference.eval()
+    fused.eval()
+    with torch.no_grad():  # beyond max_steps: the population statistics of the last slot
+        assert relative_error(fused(x.float())[0], reference(x)[0]) < 1e-4
+
+
+def test_auto_picks_cpp_on_cpu_without_a_warning(recwarn):
+    x = torch.zeros(1)
+    assert normrnn.dispatch.resolve("auto", "gru", "batch", x) in ("cpp", "triton")
+    assert normrnn.dispatch.unavailable_reason("cpp", "gru", "batch", x) is None
+    assert "float16" in normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1, dtype=torch.half))
