@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from typing import Optional, Tuple
 
@@ -53,15 +54,20 @@ def extension():
                 _build_error = "the C++ sources (csrc/bindings.cpp) are not installed with this package"
             else:
                 try:
-                    from torch.utils.cpp_extension import load
+                    from torch.utils.cpp_extension import _get_build_directory, load
                     # torch caches builds by name and sources, not headers: the name carries a hash
                     # of every file in csrc/, so an edited header or a new version rebuilds
                     digest = hashlib.sha256()
                     for name in sorted(os.listdir(folder)):
                         with open(os.path.join(folder, name), "rb") as handle:
                             digest.update(name.encode() + handle.read())
-                    _extension = load(name=f"normrnn_cpu_{digest.hexdigest()[:12]}", sources=sources,
-                                      extra_include_paths=[folder], extra_cflags=["-O3"], verbose=False)
+                    name = f"normrnn_cpu_{digest.hexdigest()[:12]}"
+                    built = os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")
+                    if not os.path.exists(built):
+                        print("normrnn: building the C++ CPU backend (first use, about a minute; cached "
+                              "afterwards)", file=sys.stderr, flush=True)
+                    _extension = load(name=name, sources=sources, extra_include_paths=[folder],
+                                      extra_cflags=["-O3"], verbose=False)
                 except Exception as error:  # no compiler, no ninja, a failed build
                     message = str(error).strip().splitlines()
                     _build_error = (f"the C++ extension could not be built ({type(error).__name__}: "
