@@ -110,7 +110,7 @@ RNN_VARIANTS: Dict[str, Callable[[int, int], nn.Module]] = {
 
 def rnn_gradient_flow(args) -> Dict:
     lengths = [20, 50] if args.quick else [25, 50, 100]
-    iterations = 30 if args.quick else 800
+    iterations = args.iterations or (30 if args.quick else 800)
     hidden = 16 if args.quick else 48
     runs = []
     step, close = _progress(len(RNN_VARIANTS) * len(lengths) * args.seeds, args.quiet, "rnn-gradient-flow")
@@ -143,7 +143,7 @@ def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
 
 
 def digits_study(args) -> Dict:
-    epochs = 1 if args.quick else 8
+    epochs = args.epochs or (1 if args.quick else 8)
     hidden = 16 if args.quick else 48
     models = _digits_models(hidden)
     runs = []
@@ -180,7 +180,7 @@ def digits_study(args) -> Dict:
 
 def longer_sequences(args) -> Dict:
     train_steps = 20 if args.quick else 50
-    iterations = 30 if args.quick else 800
+    iterations = args.iterations or (30 if args.quick else 800)
     hidden = 16 if args.quick else 48
     builders = {
         "LSTM": lambda: normrnn.LSTM(2, hidden),
@@ -305,6 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("name", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=None, help="digits: training epochs (default 8)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="adding-problem studies: training iterations (default 800)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quiet", action="store_true")
