@@ -195,6 +195,27 @@ def _norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor):
     return weights, running
 
 
+def project_inputs(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,
+                   momentum: float, eps: float) -> Tensor:
+    """x W_ih^T for all timesteps before the loop, with the normalizations that need no recurrence
+    (layer norm of the projection, sequence-wise batch norm); padded positions are zeroed first.
+
+    Normalized projections are computed and kept in float32 whatever the layer's dtype: per-
+    timestep batch statistics of a bfloat16-rounded projection missed the 2e-2 bar in the gain
+    gradients (4.8e-2 at B=16), and a layer norm's backward subtracts row means."""
+    x = zero_padding(x, padding)
+    if norm == "batch" and x.dtype != torch.float32:
+        wx = torch.matmul(x.float(), params.weight_ih.float().t())
+    else:
+        wx = torch.matmul(x, params.weight_ih.t())
+    if norm == "layer":
+        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
+    elif norm == "seqbatch":
+        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
+                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
+    return wx.contiguous()
+
+
 def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                   nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """One layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
@@ -204,21 +225,7 @@ def run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddin
     if cell == "gru":
         from .triton_gru import run_gru
         return run_gru(norm, x, state, params, padding, training, momentum, eps)
-    x = zero_padding(x, padding)
-    if norm == "batch" and x.dtype != torch.float32:
-        # per-timestep batch statistics of a bfloat16-rounded projection miss the 2e-2 bar in the
-        # gain gradients (4.8e-2 at B=16): the projection is computed and kept in float32
-        wx = torch.matmul(x.float(), params.weight_ih.float().t())
-    else:
-        wx = torch.matmul(x, params.weight_ih.t())
-    if norm == "layer":
-        # normalized (and differentiated) in float32: the layer norm's backward subtracts row means
-        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
-    elif norm == "seqbatch":
-        # statistics over batch and time in float32, whatever the layer's dtype
-        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
-                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
-    wx = wx.contiguous()
+    wx = project_inputs(x, params, norm, padding, training, momentum, eps)
     # the two biases are added in float32: their sum rounded to bfloat16 shifts every gate
     biases = [b.float() for b in (params.bias_ih, params.bias_hh) if b is not None]
     bias = sum(biases) if biases else x.new_zeros(params.weight_hh.shape[0], dtype=torch.float32)

@@ -19,8 +19,7 @@ from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
-from .reference.common import zero_padding
-from .reference.norms import sequence_batch_norm
+from .triton_backend import project_inputs
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -112,19 +111,7 @@ gru_forward_op.register_autograd(_backward, setup_context=_setup_context)
 def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,
             training: bool, momentum: float, eps: float) -> Tuple[Tensor, Tuple[Tensor]]:
     """One GRU layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
-    x = zero_padding(x, padding)
-    if norm == "batch" and x.dtype != torch.float32:
-        # per-timestep batch statistics of a bfloat16-rounded projection lose accuracy: float32
-        wx = torch.matmul(x.float(), params.weight_ih.float().t())
-    else:
-        wx = torch.matmul(x, params.weight_ih.t())
-    if norm == "layer":
-        # normalized (and differentiated) in float32: the layer norm's backward subtracts row means
-        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
-    elif norm == "seqbatch":
-        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
-                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
-    wx = wx.contiguous()
+    wx = project_inputs(x, params, norm, padding, training, momentum, eps)
     gates = params.weight_hh.shape[0]
     zeros = x.new_zeros(gates, dtype=torch.float32)
     ones = x.new_ones(gates, dtype=torch.float32)

@@ -18,8 +18,7 @@ from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .reference.common import zero_padding
-from .reference.norms import sequence_batch_norm
+from .triton_backend import project_inputs
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -112,19 +111,7 @@ rnn_forward_op.register_autograd(_backward, setup_context=_setup_context)
 def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,
             training: bool, momentum: float, eps: float, nonlinearity: Optional[str]) -> Tuple[Tensor, Tuple[Tensor]]:
     """One RNN layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
-    x = zero_padding(x, padding)
-    if norm == "batch" and x.dtype != torch.float32:
-        # per-timestep batch statistics of a bfloat16-rounded projection lose accuracy: float32
-        wx = torch.matmul(x.float(), params.weight_ih.float().t())
-    else:
-        wx = torch.matmul(x, params.weight_ih.t())
-    if norm == "layer":
-        # normalized (and differentiated) in float32: the layer norm's backward subtracts row means
-        wx = torch.nn.functional.layer_norm(wx.float(), (wx.shape[-1],), params.ih_norm_weight.float(), None, eps)
-    elif norm == "seqbatch":
-        wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
-                                 params.ih_running_mean, params.ih_running_var, training, momentum, eps)
-    wx = wx.contiguous()
+    wx = project_inputs(x, params, norm, padding, training, momentum, eps)
     hidden = params.hidden_size
     biases = [b.float() for b in (params.bias_ih, params.bias_hh) if b is not None]
     bias = sum(biases) if biases else x.new_zeros(hidden, dtype=torch.float32)

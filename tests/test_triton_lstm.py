@@ -2,58 +2,21 @@
 
 On a CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before triton is
 imported), on a GPU compiled; outputs are poisoned with NaN before the kernels write them (``NORMRNN_POISON``)."""
-import os
-
+import pytest
 import torch
 
-# on a CPU the interpreter runs the kernels; on a GPU they run compiled (TRITON_INTERPRET=1 still
-# forces the interpreter there). Set before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["NORMRNN_POISON"] = "1"
+import normrnn
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, outputs_and_grads  # noqa: F401
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import normrnn  # noqa: E402
-from normrnn.kernels import buffers  # noqa: E402
-from conftest import outputs_and_grads, relative_error  # noqa: E402
-
-buffers.POISON = True
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def _pair(norm, dtype, **config):
-    reference = normrnn.LSTM(norm=norm, backend="reference", **config).double()
-    for name, parameter in reference.named_parameters():
-        if "norm" in name:
-            parameter.data.uniform_(0.5, 1.5)
-    fused = normrnn.LSTM(norm=norm, backend="triton", **config).to(DEVICE, dtype)
-    fused.load_state_dict(reference.state_dict())
-    if dtype != torch.float32:  # compare against the reference with the same rounded weights
-        reference.load_state_dict({k: v.to(dtype).double() if v.is_floating_point() else v
-                                   for k, v in fused.state_dict().items()})
-    return reference, fused
+    return make_pair(normrnn.LSTM, norm, dtype, **config)
 
 
-def _compare(reference, fused, x, hx, lengths, dtype):
-    # the reference sees the inputs as rounded to the fused layer's dtype: a bfloat16 layer's data
-    # is bfloat16, and batch norm would amplify the rounding of inputs that it never receives
-    x = x.to(dtype).double()
-    hx = None if hx is None else tuple(h.to(dtype).double() for h in hx)
-    expected = outputs_and_grads(reference, x, hx, lengths)
-    x_fused = x.to(DEVICE, dtype)
-    hx_fused = None if hx is None else tuple(h.to(DEVICE, dtype) for h in hx)
-    lengths_fused = None if lengths is None else lengths
-    got = outputs_and_grads(fused, x_fused, hx_fused, lengths_fused)
-    for key, value in expected.items():
-        assert torch.isfinite(got[key]).all(), key
-        error = relative_error(got[key].cpu(), value)
-        assert error < TOLERANCE[dtype], f"{key}: relative error {error:.2e}"
+_compare = compare
 
 
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])

@@ -2,55 +2,21 @@
 
 On a CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is
 imported), on a GPU compiled; outputs are poisoned with NaN before the kernels write them."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["NORMRNN_POISON"] = "1"
+import normrnn
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, outputs_and_grads  # noqa: F401
 
-import pytest  # noqa: E402
-
-pytest.importorskip("triton")
-
-import normrnn  # noqa: E402
-from normrnn.kernels import buffers  # noqa: E402
-from conftest import outputs_and_grads, relative_error  # noqa: E402
-
-buffers.POISON = True
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def _pair(norm, dtype, **config):
-    reference = normrnn.RNN(norm=norm, backend="reference", **config).double()
-    for name, parameter in reference.named_parameters():
-        if "norm" in name:
-            parameter.data.uniform_(0.5, 1.5)
-    fused = normrnn.RNN(norm=norm, backend="triton", **config).to(DEVICE, dtype)
-    fused.load_state_dict(reference.state_dict())
-    reference.load_state_dict({k: v.to(dtype).double() if v.is_floating_point() else v
-                               for k, v in fused.state_dict().items()})
-    return reference, fused
+    return make_pair(normrnn.RNN, norm, dtype, **config)
 
 
-def _compare(reference, fused, x, hx, lengths, dtype):
-    x = x.to(dtype).double()  # the reference sees the inputs the fused layer sees
-    hx = None if hx is None else hx.to(dtype).double()
-    expected = outputs_and_grads(reference, x, hx, lengths)
-    got = outputs_and_grads(fused, x.to(DEVICE, dtype), None if hx is None else hx.to(DEVICE, dtype), lengths)
-    for key, value in expected.items():
-        assert torch.isfinite(got[key]).all(), key
-        error = relative_error(got[key].cpu(), value)
-        if "running_mean" in key:
-            # measured on the scale of the spread (sqrt of the running variance): a mean that is
-            # zero in exact arithmetic (batch-normalized h without bias) has no relative error
-            spread = expected[key.replace("mean", "var")].sqrt().max()
-            error = float((got[key].cpu().double() - value).abs().max() / spread)
-        assert error < TOLERANCE[dtype], f"{key}: relative error {error:.2e}"
+_compare = compare
 
 
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])

@@ -1,0 +1,68 @@
+"""What the tests of the fused Triton layers share: the interpreter switch, the pair of a float64
+reference layer and a fused layer with the same (rounded) weights, and the comparison of every
+output, gradient and running statistic.
+
+Imported before triton: on a CPU it turns the Triton interpreter on (programs of a launch run one
+after another there), on a GPU the kernels run compiled; outputs are poisoned with NaN before the
+kernels write them."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["NORMRNN_POISON"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from normrnn.kernels import buffers  # noqa: E402
+from conftest import outputs_and_grads, relative_error  # noqa: E402
+
+buffers.POISON = True
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETER_OFF = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def make_pair(layer_class, norm, dtype, **config):
+    """A float64 reference layer and a fused layer in ``dtype`` with the same weights, the
+    reference holding them as rounded to ``dtype``; norm gains away from their initial value."""
+    reference = layer_class(norm=norm, backend="reference", **config).double()
+    for name, parameter in reference.named_parameters():
+        if "norm" in name:
+            parameter.data.uniform_(0.5, 1.5)
+    fused = layer_class(norm=norm, backend="triton", **config).to(DEVICE, dtype)
+    fused.load_state_dict(reference.state_dict())
+    reference.load_state_dict({k: v.to(dtype).double() if v.is_floating_point() else v
+                               for k, v in fused.state_dict().items()})
+    return reference, fused
+
+
+def _to(hx, dtype, device=None):
+    if hx is None:
+        return None
+    if isinstance(hx, tuple):
+        return tuple(_to(h, dtype, device) for h in hx)
+    return hx.to(device or hx.device, dtype)
+
+
+def compare(reference, fused, x, hx, lengths, dtype):
+    """Outputs, final states, the gradients of the input and every parameter, and the running
+    statistics of ``fused`` against ``reference``, relative error under TOLERANCE[dtype]."""
+    # the reference sees the inputs as rounded to the fused layer's dtype: a bfloat16 layer's data
+    # is bfloat16, and batch norm would amplify the rounding of inputs that it never receives
+    x = x.to(dtype).double()
+    hx = _to(_to(hx, dtype), torch.float64)
+    expected = outputs_and_grads(reference, x, hx, lengths)
+    got = outputs_and_grads(fused, x.to(DEVICE, dtype), _to(hx, dtype, DEVICE), lengths)
+    for key, value in expected.items():
+        assert torch.isfinite(got[key]).all(), key
+        error = relative_error(got[key].cpu(), value)
+        if "running_mean" in key:
+            # measured on the scale of the spread (sqrt of the running variance): a mean that is
+            # zero in exact arithmetic (batch-normalized h without bias) has no relative error
+            spread = expected[key.replace("mean", "var")].sqrt().max()
+            error = float((got[key].cpu().double() - value).abs().max() / spread)
+        assert error < TOLERANCE[dtype], f"{key}: relative error {error:.2e}"
