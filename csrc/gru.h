@@ -36,7 +36,7 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
     h = at::where(mask.gt(0.5), h_new, h);  // ended sequences keep their state
   }
   saved.steps = steps;
-  return {output, h};
+  return {output, h.clone()};  // fresh: see lstm.h
 }
 
 // Returns dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh.

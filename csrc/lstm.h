@@ -56,7 +56,9 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
     }
   }
   saved.steps = steps;
-  return {output, h, c};
+  // fresh final states: a returned tensor that the Sequence also held would tie the autograd node
+  // that owns the Sequence to itself, a cycle Python's collector cannot see through C++
+  return {output, h.clone(), c.clone()};
 }
 
 // Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c.

@@ -30,7 +30,7 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
     h = at::where(mask.gt(0.5), h_new, h);  // ended sequences keep their state
   }
   saved.steps = steps;
-  return {output, h};
+  return {output, h.clone()};  // fresh: see lstm.h
 }
 
 // Returns dwx, dh0, dW_hh, d bias, d gamma_ih, d gamma_hh.

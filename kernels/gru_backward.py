@@ -25,7 +25,7 @@ from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_opti
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
-from .lstm_layer_norm_forward import _grid_barrier
+from .tiles import grid_barrier, recurrent_gradient
 
 
 @triton.jit
@@ -122,19 +122,8 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
 
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        for gate in range(3):
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                # dwh_{t+1} was written by every program: read past L1
-                grad_tile = tl.load(dwh_ptr + (t + 1) * B * 3 * H + rows[:, None] * (3 * H) + gate * H + ks[None, :],
-                                    mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-                w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
-                                 mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-                if DOT_PRECISION != "native":
-                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
-                else:
-                    recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 3, DOT_PRECISION,
+                                       BLOCK_B, BLOCK_H, BLOCK_K)
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_h_later = tl.where(active_next[:, None], recurrent, 0.0) + carried
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -237,12 +226,12 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_
                             partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
                             DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
             _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H, BLOCK_B,
                                      BLOCK_H, BLOCK_P)
-            _grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
         else:
-            _grid_barrier(barrier_ptr, (step + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (step + 1) * grid_programs)
 
 
 def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, norm: int,

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
-from .lstm_layer_norm_forward import _combine_row_statistics, _grid_barrier
+from .lstm_layer_norm_forward import _combine_row_statistics
+from .tiles import grid_barrier
 
 
 @triton.jit
@@ -213,7 +214,7 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
         _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
                         BLOCK_H, BLOCK_K)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
         else:
             tl.debug_barrier()
         _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
@@ -221,9 +222,9 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
                     hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
                     BLOCK_B, BLOCK_H, BLOCK_P)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
-            _grid_barrier(barrier_ptr, (t + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (t + 1) * grid_programs)
 
 
 def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm: int, training: bool,

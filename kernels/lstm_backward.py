@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, persistent_launch_options, launch_mode, new_buffer
 from .lstm_forward import block_sizes, dot_precision
+from .tiles import grid_barrier, recurrent_gradient
 
 
 @triton.jit
@@ -124,18 +125,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        for gate in range(4):
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                grad_tile = tl.load(dwh_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + gate * H + ks[None, :],
-                                    mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-                w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
-                                 mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-                if DOT_PRECISION != "native":
-                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
-                else:
-                    recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4, DOT_PRECISION,
+                                       BLOCK_B, BLOCK_H, BLOCK_K)
     dh_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -226,11 +217,7 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
                             cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                             grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
                             lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-        tl.debug_barrier()
-        tl.atomic_add(barrier_ptr, 1, sem="release")
-        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
-        while arrived < (step + 1) * programs:
-            arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+        grid_barrier(barrier_ptr, (step + 1) * programs)
 
 
 def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
+from .tiles import grid_barrier
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -218,11 +219,7 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
                            ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
                            lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-        tl.debug_barrier()
-        tl.atomic_add(barrier_ptr, 1, sem="release")
-        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
-        while arrived < (t + 1) * programs:
-            arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+        grid_barrier(barrier_ptr, (t + 1) * programs)
 
 
 def block_sizes(batch: int, hidden_size: int, whole_batch: bool):

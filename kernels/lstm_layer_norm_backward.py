@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
-from .lstm_forward import _tanh, block_sizes
-from .lstm_layer_norm_forward import _gate, _grid_barrier
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
+from .lstm_layer_norm_forward import _gate
+from .tiles import grid_barrier, recurrent_gradient
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
 def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                            cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
                            cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
-                           HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                           HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: dL/dh_t, then the cell norm's partial row sums and parameter partials."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
@@ -104,19 +105,8 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        for gate in range(4):
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                # dwh_{t+1} was written by every program: read past L1
-                grad_tile = tl.load(dwh_ptr + (t + 1) * B * 4 * H + rows[:, None] * (4 * H) + gate * H + ks[None, :],
-                                    mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-                w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
-                                 mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-                if IEEE_DOT:
-                    recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision="ieee")
-                else:
-                    recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4, DOT_PRECISION,
+                                       BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
     active_f = active.to(tl.float32)[:, None]
@@ -219,7 +209,7 @@ def layer_norm_lstm_backward_phase_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bi
                                           cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr,
                                           dwh_ptr, hh_stats_ptr, cell_stats_ptr, cell_partial_ptr, hh_partial_ptr,
                                           partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
-                                          HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+                                          HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                                           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
                                           PHASE: tl.constexpr):
     """One phase (0, 1, 2) of backward step ``t``; the launch boundary is the exchange."""
@@ -228,7 +218,7 @@ def layer_norm_lstm_backward_phase_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bi
     if PHASE == 0:
         _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, IEEE_DOT,
+                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, DOT_PRECISION,
                                BLOCK_B, BLOCK_H, BLOCK_K)
     elif PHASE == 1:
         _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
@@ -246,7 +236,7 @@ def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_pt
                                                dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
                                                cell_partial_ptr, hh_partial_ptr, partial_ptr, cell_param_partial_ptr,
                                                lengths_ptr, B, H: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                               IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                               DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                                                BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """All timesteps, T-1 down to 0, a grid barrier after each of the three phases."""
     pid = tl.program_id(0)
@@ -256,17 +246,17 @@ def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_pt
         t = steps - 1 - step
         _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, IEEE_DOT,
+                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, DOT_PRECISION,
                                BLOCK_B, BLOCK_H, BLOCK_K)
-        _grid_barrier(barrier_ptr, (3 * step + 1) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * step + 1) * grid_programs)
         _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
                              c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr,
                              cell_stats_ptr, cell_partial_ptr, hh_partial_ptr, partial_ptr, lengths_ptr, B, H,
                              HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * step + 2) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * step + 2) * grid_programs)
         _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H, BLOCK_B,
                                   BLOCK_H, BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * step + 3) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * step + 3) * grid_programs)
 
 
 def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, hh_weight, cell_weight,
@@ -296,7 +286,7 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
                  grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, saved["hh_stats"], saved["cell_stats"],
                  cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
-    constants = dict(H=hidden, HAS_LENGTHS=lengths is not None, IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(),
+    constants = dict(H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
                      BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
-from .lstm_forward import _tanh, block_sizes
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
+from .tiles import grid_barrier
 
 
 @triton.jit
@@ -67,7 +68,7 @@ def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl
 
 @triton.jit
 def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
-                      IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -94,11 +95,11 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
         w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
         w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
         w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
-        if IEEE_DOT:
-            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision="ieee")
-            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision="ieee")
-            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision="ieee")
-            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision="ieee")
+        if DOT_PRECISION != "native":
+            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
+            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
         else:
             acc_i += tl.dot(h_tile, tl.trans(w_i))
             acc_f += tl.dot(h_tile, tl.trans(w_f))
@@ -203,27 +204,17 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
 
 
 @triton.jit
-def _grid_barrier(barrier_ptr, arrivals):
-    """Every thread's stores finish, one release add, then acquire reads until ``arrivals``."""
-    tl.debug_barrier()
-    tl.atomic_add(barrier_ptr, 1, sem="release")
-    arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
-    while arrived < arrivals:
-        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
-
-
-@triton.jit
 def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                          cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, gate_o_ptr, hh_partial_ptr,
                                          cell_partial_ptr, hh_stats_ptr, cell_stats_ptr, lengths_ptr, B, eps,
                                          H: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                         IEEE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
     """One phase (0, 1, 2) of timestep ``t``; the launch boundary is the exchange."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if PHASE == 0:
-        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, IEEE_DOT, BLOCK_B, BLOCK_H,
+        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
                           BLOCK_K)
     elif PHASE == 1:
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
@@ -240,7 +231,7 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
                                               cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr,
                                               gate_o_ptr, hh_partial_ptr, cell_partial_ptr, hh_stats_ptr,
                                               cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr,
-                                              SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, IEEE_DOT: tl.constexpr,
+                                              SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                               BLOCK_P: tl.constexpr):
     """All timesteps in one launch, a grid barrier after each of the three phases."""
@@ -248,17 +239,17 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
     programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
     grid_programs = programs * tl.num_programs(1)
     for t in range(steps):
-        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, IEEE_DOT, BLOCK_B, BLOCK_H,
+        _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
                           BLOCK_K)
-        _grid_barrier(barrier_ptr, (3 * t + 1) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * t + 1) * grid_programs)
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
                     BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * t + 2) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * t + 2) * grid_programs)
         _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weight_ptr, cell_bias_ptr,
                       cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
                       BLOCK_P)
-        _grid_barrier(barrier_ptr, (3 * t + 3) * grid_programs)
+        grid_barrier(barrier_ptr, (3 * t + 3) * grid_programs)
 
 
 def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell_bias, lengths, save: bool,
@@ -290,7 +281,7 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     arguments = (wx, w_hh, bias, hh_weight, cell_weight, cell_bias, h, c, output, wh, gate_o, hh_partial,
                  cell_partial, hh_stats, cell_stats, lengths_arg, batch, eps)
     constants = dict(H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     IEEE_DOT=w_hh.dtype == torch.float32 or interpreted(), BLOCK_B=block_b, BLOCK_H=block_h,
+                     DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

@@ -24,7 +24,7 @@ from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_opti
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
-from .lstm_layer_norm_forward import _grid_barrier
+from .tiles import grid_barrier, recurrent_gradient
 
 
 @triton.jit
@@ -55,18 +55,8 @@ def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < H
-            # du_{t+1} was written by every program: read past L1
-            grad_tile = tl.load(du_ptr + (t + 1) * B * H + rows[:, None] * H + ks[None, :],
-                                mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-            w_tile = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_mask[:, None] & unit_mask[None, :],
-                             other=0.0)
-            if DOT_PRECISION != "native":
-                recurrent += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
-            else:
-                recurrent += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+        recurrent = recurrent_gradient(du_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 1, DOT_PRECISION,
+                                       BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -177,12 +167,12 @@ def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, 
                             row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
                             DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
             _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H, BLOCK_B,
                                      BLOCK_H, BLOCK_P)
-            _grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
         else:
-            _grid_barrier(barrier_ptr, (step + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (step + 1) * grid_programs)
 
 
 def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, lengths, norm: int,

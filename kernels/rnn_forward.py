@@ -26,7 +26,8 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
-from .lstm_layer_norm_forward import _combine_row_statistics, _grid_barrier
+from .lstm_layer_norm_forward import _combine_row_statistics
+from .tiles import grid_barrier
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -181,15 +182,15 @@ def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr
         u = _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
                             BLOCK_H, BLOCK_K)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
         _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
                     partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
                     lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS,
                     BLOCK_B, BLOCK_H, BLOCK_P)
         if NORM == 1:
-            _grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
+            grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
-            _grid_barrier(barrier_ptr, (t + 1) * grid_programs)
+            grid_barrier(barrier_ptr, (t + 1) * grid_programs)
 
 
 def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm: int, activation: int,

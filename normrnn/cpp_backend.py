@@ -109,7 +109,8 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        grads = extension().lstm_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous(),
+        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        grads = extension().lstm_backward(saved, grad_output.contiguous(), grad_h_n.contiguous(),
                                           grad_c_n.contiguous())
         return (*grads, None)
 
@@ -125,7 +126,8 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
-        grads = extension().gru_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous())
+        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        grads = extension().gru_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())
         return (*grads, None)
 
 
@@ -140,7 +142,8 @@ class _RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
-        grads = extension().rnn_backward(ctx.saved, grad_output.contiguous(), grad_h_n.contiguous())
+        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        grads = extension().rnn_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())
         return (*grads, None)
 
 

@@ -21,7 +21,7 @@ both as singular values of J_t far below or above 1.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence
 
 import torch
 from torch import Tensor, nn

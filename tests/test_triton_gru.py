@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normrnn
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, outputs_and_grads  # noqa: F401
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normrnn
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, outputs_and_grads  # noqa: F401
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, outputs_and_grads, relative_error
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
@@ -116,7 +116,6 @@ def test_torch_compile_fullgraph(norm):
 
 
 def test_auto_uses_the_kernels_and_warns_for_what_they_do_not_cover():
-    layer = normrnn.LSTM(3, 4).to(DEVICE)
     assert normrnn.dispatch.resolve("auto", "lstm", None, torch.zeros(1, device=DEVICE)) == "triton"
     with pytest.warns(RuntimeWarning, match="float16"):
         chosen = normrnn.dispatch.resolve("auto", "gru", None, torch.zeros(1, device=DEVICE, dtype=torch.float16))

@@ -1,0 +1,63 @@
+"""Pieces of the step functions that every fused cell shares: which rows and hidden units a
+program owns, which rows are still running, the backward's one cross-program read,
+dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], and the grid barrier of
+the persistent kernels."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def program_tile(pid, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rows (grid axis 1 tiles the batch) and hidden units (grid axis 0) of this program, masked."""
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rows, units, rows < B, units < H
+
+
+@triton.jit
+def row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexpr):
+    """Which rows run at step t and at step t + 1 (a sequence of length L runs steps 0..L-1)."""
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+        active_next = row_mask & (t + 1 < lengths)
+    else:
+        active = row_mask
+        active_next = row_mask & (t + 1 < steps)
+    return active, active_next
+
+
+@triton.jit
+def recurrent_gradient(grad_ptr, w_hh_ptr, t, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
+                       GATES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dwh_t (T, B, GATES * H) times W_hh (GATES * H, H) for the program's rows and units.
+
+    dwh_t was written by every program: it is read past L1, which is not coherent across SMs."""
+    result = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for gate in range(GATES):
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            grad_tile = tl.load(grad_ptr + t * B * GATES * H + rows[:, None] * (GATES * H) + gate * H + ks[None, :],
+                                mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+            w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
+                             mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
+            if DOT_PRECISION != "native":
+                result += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
+            else:
+                result += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+    return result
+
+
+@triton.jit
+def grid_barrier(barrier_ptr, arrivals):
+    """Every thread's stores finish, one release add on a counter, then acquire reads until
+    ``arrivals`` programs have arrived (the counter only grows: arrivals = calls so far x grid)."""
+    tl.debug_barrier()
+    tl.atomic_add(barrier_ptr, 1, sem="release")
+    arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+    while arrived < arrivals:
+        arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
