@@ -95,7 +95,7 @@ def train(name: str, model: nn.Module, train_split, test_split, device, seconds:
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             progress(name, float(loss))
             if time.perf_counter() - started >= seconds:
                 break

@@ -79,7 +79,7 @@ def _train_adding(model: nn.Module, steps: int, iterations: int, batch: int, see
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
