@@ -96,7 +96,7 @@ def train(name: str, model: nn.Module, train_split, test_split, device, seconds:
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(loss.item())
-            progress(name, float(loss))
+            progress(name, losses[-1])
             if time.perf_counter() - started >= seconds:
                 break
         epochs += 1
