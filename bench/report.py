@@ -39,13 +39,11 @@ def slug(text: str) -> str:
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Each timing gains its ratio to cuDNN (torch's module: the unnormalized bar, same cell,
-    dtype and shape) and to the eager reference of the same case and mode."""
+    """Each timing gains its ratio to torch's unnormalized module (``cudnn`` on a GPU,
+    ``torch-cpu`` on a CPU), timed in the same case as the speed bar of every norm, and to the
+    eager reference of the same case and mode."""
     def key(row, implementation):
-        case = dict(row["case"])
-        if implementation == "cudnn" or implementation == "torch-cpu":
-            case["norm"] = None
-        return (implementation, row["mode"], tuple(sorted((k, str(v)) for k, v in case.items())))
+        return (implementation, row["mode"], tuple(sorted((k, str(v)) for k, v in row["case"].items())))
     index = {key(row, row["implementation"]): row for row in rows if "median_ms" in row}
     for row in rows:
         if "median_ms" not in row:
@@ -59,17 +57,21 @@ def add_ratios(rows: List[Dict]) -> None:
 def markdown(results: Dict) -> str:
     env = results["environment"]
     lines = [f"# normrnn bench: {env['device']} ({env['date']})", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. Median ms (ratio to torch's "
-             "unnormalized module of the same cell; below 1 is faster).", "",
-             "| case | mode | implementation | median ms | vs torch | peak MiB |", "|---|---|---|---|---|---|"]
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
+             "Median ms, and ratios to torch's unnormalized module of the same cell and shape (the speed bar "
+             "of every norm) and to the eager reference; below 1 is faster.", "",
+             "| case | mode | implementation | median ms | vs torch | vs reference | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
     for row in results["timings"]:
         label = row["label"]
         if "median_ms" in row:
             ratio = row.get("ratio_to_cudnn", row.get("ratio_to_torch-cpu"))
+            reference = row.get("ratio_to_normrnn-reference")
             lines.append(f"| {label} | {row['mode']} | {row['implementation']} | {row['median_ms']:.3f} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {row.get('peak_memory_mib', 0):.0f} |")
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} | "
+                         f"{'' if reference is None else f'{reference:.2f}x'} | {row.get('peak_memory_mib', 0):.0f} |")
         else:
-            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | |")
+            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | | |")
     if results.get("correctness"):
         lines += ["", "## Correctness at scale", "", "| check | cell | norm | dtype | B | H | T | worst relative "
                   "error |", "|---|---|---|---|---|---|---|---|"]

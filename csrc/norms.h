@@ -15,6 +15,9 @@ struct Normalized {
   at::Tensor hat;   // (B, F): (v - mean) * rstd
   at::Tensor rstd;  // (F,) for batch norm, (B, 1) for layer norm
   bool batch_statistics = false;
+  // set when ATen's fused kernels computed it (every row active): their backward needs these
+  bool native = false;
+  at::Tensor input, mean;
 };
 
 // Batch norm of v (B, F) at one step. mask (B, 1) is 1 for active rows; count their number.
@@ -25,6 +28,19 @@ inline Normalized batch_norm_step(const at::Tensor& v, const at::Tensor& mask, i
                                   at::Tensor& running_var, int64_t slot, bool training, double momentum,
                                   double eps) {
   Normalized result;
+  if (training && count == v.size(0) && count >= 2) {
+    // every row active: ATen's fused batch norm computes the statistics, updates the running ones
+    // (unbiased variance, momentum) and normalizes in one pass
+    auto mean_slot = running_mean[slot], var_slot = running_var[slot];
+    auto out = at::native_batch_norm(v, {}, {}, mean_slot, var_slot, true, momentum, eps);
+    result.hat = std::get<0>(out);
+    result.mean = std::get<1>(out);
+    result.rstd = std::get<2>(out);
+    result.input = v;
+    result.batch_statistics = true;
+    result.native = true;
+    return result;
+  }
   at::Tensor mean, var;
   if (training && count >= 2) {
     mean = (v * mask).sum(0) / static_cast<double>(count);
@@ -51,6 +67,10 @@ inline at::Tensor batch_norm_backward(const at::Tensor& g, const Normalized& n, 
   if (!n.batch_statistics) {
     return g * n.rstd;
   }
+  if (n.native) {
+    return std::get<0>(at::native_batch_norm_backward(g, n.input, {}, {}, {}, n.mean, n.rstd, true, 0.0,
+                                                      {true, false, false}));
+  }
   auto mean_g = (g * mask).sum(0) / static_cast<double>(count);
   auto mean_g_hat = (g * n.hat * mask).sum(0) / static_cast<double>(count);
   return (g - mean_g - n.hat * mean_g_hat) * n.rstd * mask;
@@ -59,17 +79,19 @@ inline at::Tensor batch_norm_backward(const at::Tensor& g, const Normalized& n, 
 // Layer norm of each row of v (B, F): (v - mean) * rstd over its F features (biased variance).
 inline Normalized layer_norm_step(const at::Tensor& v, double eps) {
   Normalized result;
-  auto mean = v.mean(1, true);
-  auto centered = v - mean;
-  auto var = (centered * centered).mean(1, true);
-  result.rstd = at::rsqrt(var + eps);
-  result.hat = centered * result.rstd;
+  auto out = at::native_layer_norm(v, {v.size(1)}, {}, {}, eps);  // ATen's fused kernel
+  result.hat = std::get<0>(out);
+  result.mean = std::get<1>(out);
+  result.rstd = std::get<2>(out);
+  result.input = v;
   result.batch_statistics = true;
+  result.native = true;
   return result;
 }
 
 inline at::Tensor layer_norm_backward(const at::Tensor& g, const Normalized& n) {
-  return (g - g.mean(1, true) - n.hat * (g * n.hat).mean(1, true)) * n.rstd;
+  return std::get<0>(at::native_layer_norm_backward(g, n.input, {n.input.size(1)}, n.mean, n.rstd, {}, {},
+                                                    {true, false, false}));
 }
 
 // The normalization `norm` of one projection (or of the cell), by name of its running statistics.
