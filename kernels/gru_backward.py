@@ -25,7 +25,7 @@ from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_opti
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
-from .tiles import grid_barrier, recurrent_gradient
+from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
@@ -103,19 +103,10 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
                         TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm)."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-        active_next = row_mask & (t + 1 < lengths)
-    else:
-        active = row_mask
-        active_next = row_mask & (t + 1 < steps)
+    active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
     count = tl.sum(active.to(tl.float32), axis=0)
     use_batch = TRAINING & (count >= 2.0)
@@ -172,10 +163,7 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
 def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H: tl.constexpr,
                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 1 (layer norm): dwh_t = rstd * (g - mean(g) - wh_hat * mean(g * wh_hat)) over 3H, in place."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (3 * H)

@@ -29,7 +29,7 @@ import triton.language as tl
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _combine_row_statistics
-from .tiles import grid_barrier
+from .tiles import grid_barrier, program_tile, row_active
 
 
 @triton.jit
@@ -38,10 +38,7 @@ def _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H: tl.const
                     BLOCK_K: tl.constexpr):
     """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, stored (the finishing phase and the
     backward read them) with, under layer norm, their per-row mean and M2."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -126,16 +123,9 @@ def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_w
                 SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_P: tl.constexpr):
     """The normalizations, the gates and h_t of the program's units."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
     count = tl.sum(active.to(tl.float32), axis=0)
     use_batch = TRAINING & (count >= 2.0)

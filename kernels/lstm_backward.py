@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, persistent_launch_options, launch_mode, new_buffer
 from .lstm_forward import block_sizes, dot_precision
-from .tiles import grid_barrier, recurrent_gradient
+from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
@@ -103,19 +103,10 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                         lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-        active_next = row_mask & (t + 1 < lengths)
-    else:
-        active = row_mask
-        active_next = row_mask & (t + 1 < steps)
+    active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
     count = tl.sum(active.to(tl.float32), axis=0)
     use_batch = TRAINING & (count >= 2.0)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
-from .tiles import grid_barrier
+from .tiles import grid_barrier, program_tile, row_active
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -101,15 +101,8 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
     c_t (row t + 1), the output and what the backward needs."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
     count = tl.sum(active.to(tl.float32), axis=0)
     use_batch = TRAINING & (count >= 2.0)

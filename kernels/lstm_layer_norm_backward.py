@@ -30,7 +30,7 @@ import triton.language as tl
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
-from .tiles import grid_barrier, recurrent_gradient
+from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
 
 
 @triton.jit
@@ -89,19 +89,10 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
                            HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: dL/dh_t, then the cell norm's partial row sums and parameter partials."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-        active_next = row_mask & (t + 1 < lengths)
-    else:
-        active = row_mask
-        active_next = row_mask & (t + 1 < steps)
+    active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
@@ -145,17 +136,10 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
                          H: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_P: tl.constexpr):
     """Phase 2: the cell norm's backward, dL/dc_t, dL/dz and the recurrent norm's partial row sums."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
     grad_h_next = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)  # written by phase 1
     (gate_i, gate_f, gate_g, c_prev, c_hat, cell_rstd, grad_c_hat, grad_y,
@@ -187,10 +171,7 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
 def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 3: dwh_t through the recurrent layer norm, in place over gamma_hh * dL/dz."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     sum_grad, sum_grad_hat = _sum_partials(hh_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (4 * H)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
-from .tiles import grid_barrier
+from .tiles import grid_barrier, program_tile, row_active
 
 
 @triton.jit
@@ -70,10 +70,7 @@ def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl
 def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     step = t if SAVE else 0
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     valid_f = unit_mask.to(tl.float32)[None, :]
@@ -138,10 +135,7 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
                 cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
                 HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 2: layer norm of the recurrent projection, the gates, c_t and its row statistics."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     step = t if SAVE else 0
     mean, rstd = _combine_row_statistics(hh_partial_ptr, rows, row_mask, B, programs, eps, H, 4, BLOCK_H, BLOCK_P)
@@ -156,11 +150,7 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
     c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     # a sequence that has ended keeps its state; its row statistics are computed and discarded
     c_kept = tl.where(active[:, None], c_new, c_prev)
     tl.store(c_ptr + (t + 1) * B * H + state_offsets, c_kept, mask=tile_mask)
@@ -174,10 +164,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
                   cell_partial_ptr, cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr, SAVE: tl.constexpr,
                   HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Phase 3: layer norm of c_t, h_t and the output."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     mean, rstd = _combine_row_statistics(cell_partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
     if SAVE:
@@ -190,11 +177,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
     weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
     h_new = gate_o * _tanh((c_new - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :])
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     keep = active[:, None]
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
     tl.store(h_ptr + (t + 1) * B * H + state_offsets,

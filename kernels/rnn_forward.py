@@ -27,7 +27,7 @@ import triton.language as tl
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _combine_row_statistics
-from .tiles import grid_barrier
+from .tiles import grid_barrier, program_tile, row_active
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -47,10 +47,7 @@ def _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H: tl.conste
                     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """u_t for the program's units; under layer norm also stored, with its per-row (mean, M2)."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # grid axis 1 tiles the batch
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -85,17 +82,10 @@ def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_
                 BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """The normalizations, the activation and the state update of the program's units. ``u`` is
     u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1)."""
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < B
-    unit_mask = units < H
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    if HAS_LENGTHS:
-        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
-        active = row_mask & (t < lengths)
-    else:
-        active = row_mask
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     wx = tl.load(wx_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
     if NORM == 2:

@@ -17,6 +17,16 @@ def program_tile(pid, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.con
 
 
 @triton.jit
+def row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexpr):
+    """Which rows run at step t (a sequence of length L runs steps 0..L-1)."""
+    active = row_mask
+    if HAS_LENGTHS:
+        lengths = tl.load(lengths_ptr + rows, mask=row_mask, other=0)
+        active = row_mask & (t < lengths)
+    return active
+
+
+@triton.jit
 def row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexpr):
     """Which rows run at step t and at step t + 1 (a sequence of length L runs steps 0..L-1)."""
     if HAS_LENGTHS:
