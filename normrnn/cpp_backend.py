@@ -109,7 +109,7 @@ class _LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().lstm_backward(saved, grad_output.contiguous(), grad_h_n.contiguous(),
                                           grad_c_n.contiguous())
         return (*grads, None)
@@ -126,7 +126,7 @@ class _GRUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
-        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().gru_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())
         return (*grads, None)
 
@@ -142,7 +142,7 @@ class _RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n):
-        saved, ctx.saved = ctx.saved, None  # freed as soon as it is used
+        saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().rnn_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())
         return (*grads, None)
 
