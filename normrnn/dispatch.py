@@ -2,13 +2,13 @@
 
 Backends: "reference" (pure PyTorch, any device and dtype), "triton" (fused Triton kernels:
 CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), "cpp" (the compiled CPU backend in
-``csrc/``). ``backend="auto"`` takes the fastest backend that covers the case and otherwise the
+``csrc/``). ``backend="auto"`` takes the fastest backend that covers the case (triton on CUDA tensors, cpp on
+CPU tensors) and otherwise the
 reference, warning once per reason; an explicitly named backend that cannot run the case raises.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -95,7 +95,9 @@ def resolve(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearit
             raise RuntimeError(f"backend={backend!r} cannot run {cell} with norm={norm!r} on "
                                f"{x.device.type} {x.dtype}: {reason}")
         return backend
-    preferred = "triton" if (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") else "cpp"
+    # the Triton interpreter (TRITON_INTERPRET=1) is for testing the kernels, never the fast path:
+    # on CPU tensors "auto" means the C++ backend
+    preferred = "triton" if x.is_cuda else "cpp"
     if x.is_cuda or x.device.type == "cpu":
         reason = unavailable_reason(preferred, cell, norm, x, nonlinearity)
         if reason is None:
