@@ -93,23 +93,12 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
 
 
 @triton.jit
-def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
-                       cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                       ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
-                       B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
-                       SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
-    c_t (row t + 1), the output and what the backward needs."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
-    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
-    active_f = active.to(tl.float32)[:, None]
-    count = tl.sum(active.to(tl.float32), axis=0)
-    use_batch = TRAINING & (count >= 2.0)
-    slot = tl.minimum(t, max_steps - 1)
-
-    # h_{t-1} W_hh^T for the four gates of the owned units; h_{t-1} was written by other programs,
-    # so it is read past L1 (not coherent across SMs).
+def recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """h_{t-1} W_hh^T for the four gates (i, f, g, o) of the program's units, tiled over K.
+    h_{t-1} (row t of h) was written by other programs: it is read past L1, which is not coherent
+    across SMs."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -135,6 +124,27 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
             acc_f += tl.dot(h_tile, tl.trans(w_f))
             acc_g += tl.dot(h_tile, tl.trans(w_g))
             acc_o += tl.dot(h_tile, tl.trans(w_o))
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
+                       cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                       ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
+                       B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                       SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
+    c_t (row t + 1), the output and what the backward needs."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+    active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
+    active_f = active.to(tl.float32)[:, None]
+    count = tl.sum(active.to(tl.float32), axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+    slot = tl.minimum(t, max_steps - 1)
+
+    acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
+                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
     z_i = _gate_preactivation(0, t, acc_i, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
                               hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
+from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision, recurrent_projection
 from .tiles import grid_barrier, program_tile, row_active
 
 
@@ -75,33 +75,9 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     valid_f = unit_mask.to(tl.float32)[None, :]
     owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 4).to(tl.float32)
-    # the four gates are accumulated together so that their row mean and M2 span 4 x BLOCK_H columns
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < H
-        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
-        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-        w_offsets = units[:, None] * H + ks[None, :]
-        w_mask = unit_mask[:, None] & k_mask[None, :]
-        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
-        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
-        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
-        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
-        if DOT_PRECISION != "native":
-            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            acc_i += tl.dot(h_tile, tl.trans(w_i))
-            acc_f += tl.dot(h_tile, tl.trans(w_f))
-            acc_g += tl.dot(h_tile, tl.trans(w_g))
-            acc_o += tl.dot(h_tile, tl.trans(w_o))
+    # the four gates together: their row mean and M2 span 4 x BLOCK_H columns
+    acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
+                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     offsets = step * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
     tl.store(wh_ptr + offsets, acc_i, mask=tile_mask)
     tl.store(wh_ptr + offsets + H, acc_f, mask=tile_mask)
