@@ -39,3 +39,31 @@ def test_ratios_compare_with_the_unnormalized_module_of_the_same_shape():
             {"case": dict(case, batch=4), "implementation": "torch-cpu", "mode": "train", "median_ms": 1.0}]
     report.add_ratios(rows)
     assert rows[0]["ratio_to_torch-cpu"] == 3.0
+
+
+def test_gpu_section_logic_runs_every_implementation_on_a_tiny_case(tmp_path):
+    """The CUDA section's code path (builders, interleaved timing, skips with reasons, correctness
+    checks, report) on a CPU: the fused kernels under the Triton interpreter, a toy size."""
+    import os
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench import correctness
+    from normrnn.bench.implementations import IMPLEMENTATIONS
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = cases.Case("lstm", "batch", "float32", 3, 16, 2)
+    builders = {name: (lambda c, build=build: build(c, device)) for name, build in IMPLEMENTATIONS.items()
+                if name != "reference-compiled"}  # compiling takes most of a minute on a CPU
+    rows = cli.time_case(case, builders, device, repetitions=3, max_seconds=0.5)
+    assert {(row["implementation"], row["mode"]) for row in rows} == {(name, mode) for name in builders
+                                                                      for mode in ("forward", "train")}
+    timed = {row["implementation"] for row in rows if "median_ms" in row}
+    assert {"normrnn-triton", "normrnn-reference", "cudnn"} <= timed
+    assert all(row["skipped"] for row in rows if "median_ms" not in row)
+    checks = [correctness.against_reference("lstm", "layer", torch.float32, 4, 16, 3, device),
+              correctness.against_cudnn("rnn", torch.float32, 4, 16, 3, device)]
+    assert all(check["relative_error"] < 1e-4 for check in checks), checks
+    report.add_ratios(rows)
+    results = {"section": "cuda", "environment": report.environment(device), "timings": rows, "correctness": checks}
+    paths = report.write(results, str(tmp_path))
+    assert "Correctness at scale" in open(paths[1]).read()
