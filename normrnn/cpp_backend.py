@@ -44,6 +44,16 @@ def _sources():
     return None, None
 
 
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache already holds this build (only to tell the user that a
+    first build takes a while; a torch without this private helper just gets the message)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    except Exception:
+        return False
+
+
 def extension():
     """The compiled module, built on first call; raises RuntimeError with the reason if it cannot be."""
     global _extension, _build_error
@@ -54,16 +64,16 @@ def extension():
                 _build_error = "the C++ sources (csrc/bindings.cpp) are not installed with this package"
             else:
                 try:
-                    from torch.utils.cpp_extension import _get_build_directory, load
+                    from torch.utils.cpp_extension import load
                     # torch caches builds by name and sources, not headers: the name carries a hash
-                    # of every file in csrc/, so an edited header or a new version rebuilds
+                    # of every C++ file in csrc/, so an edited header or a new version rebuilds
                     digest = hashlib.sha256()
                     for name in sorted(os.listdir(folder)):
-                        with open(os.path.join(folder, name), "rb") as handle:
-                            digest.update(name.encode() + handle.read())
+                        if name.endswith((".h", ".cpp")):
+                            with open(os.path.join(folder, name), "rb") as handle:
+                                digest.update(name.encode() + handle.read())
                     name = f"normrnn_cpu_{digest.hexdigest()[:12]}"
-                    built = os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")
-                    if not os.path.exists(built):
+                    if not _is_built(name):
                         print("normrnn: building the C++ CPU backend (first use, about a minute; cached "
                               "afterwards)", file=sys.stderr, flush=True)
                     _extension = load(name=name, sources=sources, extra_include_paths=[folder],
