@@ -8,6 +8,10 @@ missing peer is never skipped silently.
     cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
     haste               haste_pytorch LSTM / LayerNormLSTM / GRU / LayerNormGRU when it imports
     flashrnn            FlashRNN's fused CUDA LSTM / GRU / Elman when it imports
+
+CPU section: normrnn-cpp (the C++ backend), normrnn-reference, torch-cpu (torch's CPU module),
+and gemm-floor: only the matrix products that every implementation of the cell must run, with
+preallocated outputs (a lower bound on any of them; normalizations add elementwise work only).
 """
 from __future__ import annotations
 
@@ -165,7 +169,44 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "haste": haste,
     "flashrnn": flashrnn,
 }
-CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu")
+CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu", "gemm-floor")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def gemm_floor(case: Case, device) -> Runner:
+    """The matrix products of one layer, nothing else. Forward: x W_ih^T for all steps in one
+    product, then h_{t-1} W_hh^T step by step. Training adds dx = dwx W_ih, dW_ih = dwx^T x,
+    dW_hh = dwh^T h in one product each, and dh_{t-1} = dwh_t W_hh step by step."""
+    dtype, hidden = _dtype(case), case.hidden_size
+    gates = GATES[case.cell] * hidden
+    rows = case.steps * case.batch
+    x = torch.randn(rows, case.input_size, device=device, dtype=dtype)
+    w_ih = torch.randn(gates, case.input_size, device=device, dtype=dtype)
+    w_hh = torch.randn(gates, hidden, device=device, dtype=dtype)
+    projected = torch.empty(rows, gates, device=device, dtype=dtype)
+    states = torch.randn(case.steps, case.batch, hidden, device=device, dtype=dtype) * 0.1
+    step_out = torch.empty(case.batch, gates, device=device, dtype=dtype)
+    grad_gates = torch.randn(case.steps, case.batch, gates, device=device, dtype=dtype)
+    grad_h = torch.empty(case.batch, hidden, device=device, dtype=dtype)
+    grad_x = torch.empty(rows, case.input_size, device=device, dtype=dtype)
+    grad_w_ih, grad_w_hh = torch.empty_like(w_ih), torch.empty_like(w_hh)
+    w_hh_t = w_hh.t()
+
+    def forward_eval():
+        torch.mm(x, w_ih.t(), out=projected)
+        for step in range(case.steps):
+            torch.mm(states[step], w_hh_t, out=step_out)
+
+    def train_step():
+        forward_eval()
+        for step in range(case.steps - 1, -1, -1):
+            torch.mm(grad_gates[step], w_hh, out=grad_h)
+        flat = grad_gates.view(rows, gates)
+        torch.mm(flat, w_ih, out=grad_x)
+        torch.mm(flat.t(), x, out=grad_w_ih)
+        torch.mm(flat.t(), states.view(rows, hidden), out=grad_w_hh)
+
+    return Runner(forward_eval, train_step)
 
 
 def cpu_runner(name: str, case: Case) -> Runner:
@@ -173,6 +214,8 @@ def cpu_runner(name: str, case: Case) -> Runner:
     device = torch.device("cpu")
     if name == "torch-cpu":
         return cudnn(case, device)
+    if name == "gemm-floor":
+        return gemm_floor(case, device)
     backend = {"normrnn-cpp": "cpp", "normrnn-reference": "reference"}[name]
     if backend == "cpp":
         reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)))

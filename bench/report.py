@@ -40,15 +40,16 @@ def slug(text: str) -> str:
 
 def add_ratios(rows: List[Dict]) -> None:
     """Each timing gains its ratio to torch's unnormalized module (``cudnn`` on a GPU,
-    ``torch-cpu`` on a CPU), timed in the same case as the speed bar of every norm, and to the
-    eager reference of the same case and mode."""
+    ``torch-cpu`` on a CPU), timed in the same case as the speed bar of every norm, to the
+    eager reference of the same case and mode, and on a CPU to the ``gemm-floor`` (the matrix
+    products alone)."""
     def key(row, implementation):
         return (implementation, row["mode"], tuple(sorted((k, str(v)) for k, v in row["case"].items())))
     index = {key(row, row["implementation"]): row for row in rows if "median_ms" in row}
     for row in rows:
         if "median_ms" not in row:
             continue
-        for bar in ("cudnn", "torch-cpu", "normrnn-reference"):
+        for bar in ("cudnn", "torch-cpu", "normrnn-reference", "gemm-floor"):
             other = index.get(key(row, bar))
             if other is not None and other is not row:
                 row[f"ratio_to_{bar}"] = row["median_ms"] / other["median_ms"]
@@ -56,22 +57,29 @@ def add_ratios(rows: List[Dict]) -> None:
 
 def markdown(results: Dict) -> str:
     env = results["environment"]
+    floor = any("ratio_to_gemm-floor" in row for row in results["timings"])
     lines = [f"# normrnn bench: {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
              "Median ms, and ratios to torch's unnormalized module of the same cell and shape (the speed bar "
-             "of every norm) and to the eager reference; below 1 is faster.", "",
-             "| case | mode | implementation | median ms | vs torch | vs reference | peak MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "of every norm) and to the eager reference; below 1 is faster."
+             + (" The last column: the ratio to gemm-floor, the matrix products alone that every implementation "
+                "runs (a lower bound)." if floor else ""), "",
+             "| case | mode | implementation | median ms | vs torch | vs reference | peak MiB |"
+             + (" vs gemm floor |" if floor else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
     for row in results["timings"]:
         label = row["label"]
         if "median_ms" in row:
             ratio = row.get("ratio_to_cudnn", row.get("ratio_to_torch-cpu"))
             reference = row.get("ratio_to_normrnn-reference")
+            to_floor = row.get("ratio_to_gemm-floor")
             lines.append(f"| {label} | {row['mode']} | {row['implementation']} | {row['median_ms']:.3f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | "
-                         f"{'' if reference is None else f'{reference:.2f}x'} | {row.get('peak_memory_mib', 0):.0f} |")
+                         f"{'' if reference is None else f'{reference:.2f}x'} | {row.get('peak_memory_mib', 0):.0f} |"
+                         + (f" {'' if to_floor is None else f'{to_floor:.2f}x'} |" if floor else ""))
         else:
-            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | | |")
+            lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | | |"
+                         + (" |" if floor else ""))
     if results.get("correctness"):
         lines += ["", "## Correctness at scale", "", "| check | cell | norm | dtype | B | H | T | worst relative "
                   "error |", "|---|---|---|---|---|---|---|---|"]

@@ -72,6 +72,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return normrnn::gru_backward(s, g, gh);
   }, "dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh");
   m.def("rnn_forward", &rnn_forward, "vanilla RNN over the whole sequence: output, h_n, saved");
+  m.def("release_workspace", [] { normrnn::workspace().clear(); },
+        "frees the pooled internal buffers that later calls would reuse");
+  m.def("workspace_bytes", [] { return normrnn::workspace().pooled_bytes(); }, "bytes held by the pool");
   m.def("rnn_backward", [](const Sequence& s, const at::Tensor& g, const at::Tensor& gh) {
     return normrnn::rnn_backward(s, g, gh);
   }, "dwx, dh0, dW_hh, d bias, d gamma_ih, d gamma_hh");

@@ -2,75 +2,170 @@
 // torch's bias placement:
 //   a = gamma_ih N_ih(wx_t) + b_ih,  u = gamma_hh N_hh(h_{t-1} W_hh^T) + b_hh,
 //   r, z = sigmoid(a + u),  n = tanh(a_n + r u_n),  h_t = (1 - z) n + z h_{t-1}
+// A step is one BLAS call, three fused row loops and ATen's vectorized sigmoid and tanh in place;
+// the backward step one fused row loop and one BLAS call.
 #pragma once
 
 #include "sequence.h"
 
 namespace normrnn {
 
+// The pre-activations of r and z (first_two) or of n (otherwise) into gates, from a and u (B, 3H).
+template <typename scalar_t>
+void gru_preactivation(const at::Tensor& a, const at::Tensor& u, at::Tensor& gates, bool first_two) {
+  const int64_t width = a.size(1), hidden = width / 3;
+  const scalar_t* __restrict__ a_data = a.data_ptr<scalar_t>(), * __restrict__ u_data = u.data_ptr<scalar_t>();
+  scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  for_each_row(a.size(0), width, [&](int64_t row) {
+    const scalar_t* __restrict__ a_row = a_data + row * width, *u_row = u_data + row * width;
+    scalar_t* __restrict__ g_row = gate + row * width;
+    if (first_two) {
+      for (int64_t j = 0; j < 2 * hidden; ++j) {
+        g_row[j] = a_row[j] + u_row[j];
+      }
+    } else {
+      for (int64_t j = 2 * hidden; j < width; ++j) {
+        g_row[j] = a_row[j] + g_row[j - 2 * hidden] * u_row[j];
+      }
+    }
+  });
+}
+
+// h_t = n + z (h_{t-1} - n) into output[t] (zero past a row's length) and the kept state.
+template <typename scalar_t>
+void gru_emit(const at::Tensor& gates, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
+              const int64_t* lengths, int64_t step) {
+  const int64_t hidden = h_prev.size(1);
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>(), * __restrict__ next = h_next.data_ptr<scalar_t>();
+  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(out + at, out + at + hidden, scalar_t(0));
+      std::copy(previous + at, previous + at + hidden, next + at);
+      return;
+    }
+    const scalar_t* __restrict__ z = gate + row * 3 * hidden + hidden, *n = z + hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      out[at + j] = next[at + j] = n[j] + z[j] * (previous[at + j] - n[j]);
+    }
+  });
+}
+
 inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias_ih, const at::Tensor& bias_hh,
                                            const at::Tensor& lengths, bool training, double momentum, double eps) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
+  saved.begin(lengths, steps, h0, 3 * hidden);
+  saved.activations = workspace().empty({steps, batch, 3 * hidden}, wx.options());
+  saved.extra = workspace().empty({steps, batch, 3 * hidden}, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
-  auto h = h0;
   auto w_hh_t = saved.w_hh.t();
+  // without a per-step normalization of the input projection, its bias joins it once
+  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias_ih) : wx;
+  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
+  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
+  const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
-    auto [mask, count] = step_mask(lengths, t, batch, wx.options());
-    auto wh = at::mm(h, w_hh_t);
-    auto ih = saved.ih.forward(wx[t], mask, count, t, training, momentum, eps);
-    auto hh = saved.hh.forward(wh, mask, count, t, training, momentum, eps);
-    auto a = at::addcmul(bias_ih, ih.hat, saved.ih_weight).chunk(3, 1);
-    auto u = at::addcmul(bias_hh, hh.hat, saved.hh_weight).chunk(3, 1);
-    auto gate_r = at::sigmoid(a[0] + u[0]);
-    auto gate_z = at::sigmoid(a[1] + u[1]);
-    auto candidate = at::tanh(at::addcmul(a[2], gate_r, u[2]));
-    auto h_new = candidate + gate_z * (h - candidate);
-    output[t].copy_(h_new * mask);
-    saved.masks.push_back(mask);
-    saved.counts.push_back(count);
+    const int64_t count = saved.step_count(t);
+    auto h = saved.states[t], gates = saved.activations[t], u = saved.extra[t];
+    Normalized ih, hh;
+    if (saved.ih.norm != kNone) {
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, input_part, row_lengths, count, t, training, momentum,
+                            eps);
+    }
+    const auto& a = saved.ih.norm == kNone ? inputs[t] : input_part;
+    if (saved.hh.norm == kNone) {
+      at::addmm_out(u, bias_hh, h, w_hh_t);
+    } else {
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
+                            momentum, eps);
+    }
+    auto h_next = saved.states[t + 1], out = output[t];
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "gru_step", [&] {
+      gru_preactivation<scalar_t>(a, u, gates, true);
+      gates.narrow(1, 0, 2 * hidden).sigmoid_();
+      gru_preactivation<scalar_t>(a, u, gates, false);
+      gates.narrow(1, 2 * hidden, hidden).tanh_();
+      gru_emit<scalar_t>(gates, h, out, h_next, row_lengths, t);
+    });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);
-    saved.values.push_back({gate_r, gate_z, candidate, u[2]});
-    saved.h_prev.push_back(h);
-    h = at::where(mask.gt(0.5), h_new, h);  // ended sequences keep their state
   }
-  saved.steps = steps;
-  return {output, h.clone()};  // fresh: see lstm.h
+  return {output, saved.states[steps].clone()};  // fresh: see lstm.h
+}
+
+// dL/da and dL/du (B, 3H) of one step from dL/dh_t = grad_output + dh, and dh_direct, the part of
+// dL/dh_{t-1} that does not pass through W_hh: z dL/dh_t, or all of dh on a row past its length.
+template <typename scalar_t>
+void gru_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at::Tensor& gates, const at::Tensor& u,
+                   const at::Tensor& h_prev, at::Tensor& grad_a, at::Tensor& grad_u, at::Tensor& dh_direct,
+                   const int64_t* lengths, int64_t step) {
+  const int64_t hidden = dh.size(1), width = 3 * hidden;
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ u_data = u.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ da = grad_a.data_ptr<scalar_t>(), * __restrict__ du = grad_u.data_ptr<scalar_t>();
+  scalar_t* __restrict__ direct = dh_direct.data_ptr<scalar_t>();
+  for_each_row(dh.size(0), width, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    scalar_t* __restrict__ da_row = da + row * width, *du_row = du + row * width;
+    if (!row_active(lengths, row, step)) {
+      std::fill(da_row, da_row + width, scalar_t(0));
+      std::fill(du_row, du_row + width, scalar_t(0));
+      std::copy(carried + at, carried + at + hidden, direct + at);
+      return;
+    }
+    const scalar_t* __restrict__ r = gate + row * width, *z = r + hidden, *n = r + 2 * hidden;
+    const scalar_t* __restrict__ u_n = u_data + row * width + 2 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const scalar_t gh = go[at + j] + carried[at + j];
+      const scalar_t gn = gh * (scalar_t(1) - z[j]) * (scalar_t(1) - n[j] * n[j]);
+      const scalar_t gr = gn * u_n[j] * r[j] * (scalar_t(1) - r[j]);
+      const scalar_t gz = gh * (previous[at + j] - n[j]) * z[j] * (scalar_t(1) - z[j]);
+      da_row[j] = du_row[j] = gr;
+      da_row[hidden + j] = du_row[hidden + j] = gz;
+      da_row[2 * hidden + j] = gn;
+      du_row[2 * hidden + j] = gn * r[j];
+      direct[at + j] = gh * z[j];
+    }
+  });
 }
 
 // Returns dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
-  auto dh = grad_h_n.clone();
-  const int64_t gates = saved.w_hh.size(0);
-  auto grad_wx = at::empty({saved.steps, dh.size(0), gates}, dh.options());
-  auto grad_bias_ih = at::zeros({gates}, dh.options()), grad_bias_hh = at::zeros({gates}, dh.options());
-  auto grad_ih = at::zeros({gates}, dh.options()), grad_hh = at::zeros({gates}, dh.options());
-  std::vector<at::Tensor> grad_wh(saved.steps);
-  for (int64_t t = saved.steps - 1; t >= 0; --t) {
-    const auto& mask = saved.masks[t];
+  const int64_t steps = saved.steps, gates = saved.w_hh.size(0), batch = grad_h_n.size(0);
+  auto options = grad_h_n.options();
+  auto dh = grad_h_n.clone(), dh_direct = at::empty_like(dh);
+  // dL/da, dL/du (T, B, 3H); without a normalization also the gradients of wx and of h W_hh^T
+  auto grad_a = workspace().empty({steps, batch, gates}, options);
+  auto grad_u = workspace().empty({steps, batch, gates}, options);
+  auto grad_wx = saved.ih.norm == kNone ? grad_a : at::empty_like(grad_a);
+  auto grad_wh = saved.hh.norm == kNone ? grad_u : at::empty_like(grad_u);
+  const int64_t* row_lengths = saved.lengths_data();
+  for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
-    const auto& v = saved.values[t];
-    const auto &gate_r = v[0], &gate_z = v[1], &candidate = v[2], &u_n = v[3];
-    const auto& h_prev = saved.h_prev[t];
-    auto grad_h = (grad_output[t] + dh) * mask;
-    auto grad_n = grad_h * (1.0 - gate_z) * (1.0 - candidate * candidate);
-    auto grad_r = grad_n * u_n * gate_r * (1.0 - gate_r);
-    auto grad_zp = grad_h * (h_prev - candidate) * gate_z * (1.0 - gate_z);
-    auto grad_a = at::cat({grad_r, grad_zp, grad_n}, 1);
-    auto grad_u = at::cat({grad_r, grad_zp, grad_n * gate_r}, 1);
-    const auto &ih = saved.ih_norm[t], &hh = saved.hh_norm[t];
-    grad_bias_ih += grad_a.sum(0);
-    grad_bias_hh += grad_u.sum(0);
-    grad_ih += (grad_a * ih.hat).sum(0);
-    grad_hh += (grad_u * hh.hat).sum(0);
-    grad_wx[t].copy_(saved.ih.backward(grad_a * saved.ih_weight, ih, mask, count));
-    grad_wh[t] = saved.hh.backward(grad_u * saved.hh_weight, hh, mask, count);
-    // h_{t-1} reaches h_t directly (z h_{t-1}) and through W_hh; ended sequences pass dh through
-    dh = dh * (1.0 - mask) + grad_h * gate_z + at::mm(grad_wh[t], saved.w_hh);
+    auto da = grad_a[t], du = grad_u[t];
+    AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "gru_step_grad", [&] {
+      gru_step_grad<scalar_t>(grad_output[t], dh, saved.activations[t], saved.extra[t], saved.states[t], da, du,
+                              dh_direct, row_lengths, t);
+    });
+    if (saved.ih.norm != kNone) {
+      saved.ih.backward(da, saved.ih_weight, saved.ih_norm[t], row_lengths, t, count, grad_wx[t]);
+    }
+    if (saved.hh.norm != kNone) {
+      saved.hh.backward(du, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
+    }
+    // h_{t-1} reaches h_t directly (z h_{t-1}) and through W_hh
+    recurrent_input_grad(dh, dh_direct, true, grad_wh[t], saved.w_hh);
   }
-  return {grad_wx, dh, recurrent_weight_grad(grad_wh, saved.h_prev), grad_bias_ih, grad_bias_hh, grad_ih, grad_hh};
+  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh), grad_a.sum({0, 1}),
+                                   grad_u.sum({0, 1}), saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
+  for (auto* buffer : {&grad_a, &grad_u, &grad_wx, &grad_wh}) {
+    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  }
+  return grads;
 }
 
 }  // namespace normrnn

@@ -2,11 +2,60 @@
 //   z_t = gamma_hh N_hh(h_{t-1} W_hh^T) + gamma_ih N_ih(wx_t) + b,   c_t = f c_{t-1} + i g,
 //   h_t = o tanh(gamma_c N_c(c_t) + beta_c)
 // wx arrives projected (and, for layer norm and sequence-wise batch norm, normalized) by the caller.
+// A step is one BLAS call, ATen's vectorized sigmoid/tanh in place on the gate buffer, and two
+// fused row loops; the backward step is one fused row loop and one BLAS call (normalizations, when
+// present, add ATen's kernels).
 #pragma once
 
 #include "sequence.h"
 
 namespace normrnn {
+
+// c_t = f c_{t-1} + i g into c_next (rows past their length keep c_{t-1}).
+template <typename scalar_t>
+void lstm_cell_update(const at::Tensor& gates, const at::Tensor& c_prev, at::Tensor& c_next, const int64_t* lengths,
+                      int64_t step) {
+  const int64_t hidden = c_prev.size(1);
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = c_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ next = c_next.data_ptr<scalar_t>();
+  for_each_row(c_prev.size(0), 4 * hidden, [&](int64_t row) {
+    const scalar_t* __restrict__ g_row = gate + row * 4 * hidden;
+    const scalar_t* __restrict__ c_row = previous + row * hidden;
+    scalar_t* __restrict__ out = next + row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::copy(c_row, c_row + hidden, out);
+      return;
+    }
+    for (int64_t j = 0; j < hidden; ++j) {
+      out[j] = g_row[hidden + j] * c_row[j] + g_row[j] * g_row[2 * hidden + j];
+    }
+  });
+}
+
+// h_t = o tanh(y_t) into output[t] (zero past a row's length) and the kept state.
+template <typename scalar_t>
+void lstm_emit(const at::Tensor& gates, const at::Tensor& tanh_y, const at::Tensor& h_prev, at::Tensor& output,
+               at::Tensor& h_next, const int64_t* lengths, int64_t step) {
+  const int64_t hidden = h_prev.size(1);
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ activation = tanh_y.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
+  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
+  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(out + at, out + at + hidden, scalar_t(0));
+      std::copy(previous + at, previous + at + hidden, next + at);
+      return;
+    }
+    const scalar_t* __restrict__ o = gate + row * 4 * hidden + 3 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      out[at + j] = next[at + j] = o[j] * activation[at + j];
+    }
+  });
+}
 
 // Returns output (T, B, H), h_n, c_n; fills `saved` for the backward.
 inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
@@ -14,101 +63,164 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
                                             const at::Tensor& cell_bias, const at::Tensor& lengths, bool training,
                                             double momentum, double eps) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
+  saved.begin(lengths, steps, h0, 4 * hidden);
+  saved.cells = workspace().empty({steps + 1, batch, hidden}, wx.options());
+  saved.cells[0].copy_(c0);
+  saved.activations = workspace().empty({steps, batch, 4 * hidden}, wx.options());
+  saved.extra = workspace().empty({steps, batch, hidden}, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
-  auto h = h0, c = c0;
   auto w_hh_t = saved.w_hh.t();
-  saved.padded = lengths.defined() && lengths.numel() > 0;
+  // without a per-step normalization of the input projection, the bias joins it once
+  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias) : wx;
+  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
+  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
+  const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
-    auto [mask, count] = step_mask(lengths, t, batch, wx.options());
-    auto ih = saved.ih.forward(wx[t], mask, count, t, training, momentum, eps);
-    auto input_part = saved.ih.scale(ih.hat, saved.ih_weight) + bias;
-    Normalized hh;
-    at::Tensor z;
-    if (saved.hh.norm == kNone) {  // one BLAS call adds the recurrent product to the rest
-      z = at::addmm(input_part, h, w_hh_t);
-      hh.hat = at::Tensor();
-    } else {
-      hh = saved.hh.forward(at::mm(h, w_hh_t), mask, count, t, training, momentum, eps);
-      z = at::addcmul(input_part, hh.hat, saved.hh_weight);
+    const int64_t count = saved.step_count(t);
+    auto h = saved.states[t], c = saved.cells[t], gates = saved.activations[t];
+    Normalized ih, hh, cn;
+    if (saved.ih.norm != kNone) {
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input_part, row_lengths, count, t, training, momentum, eps);
     }
-    auto parts = z.chunk(4, 1);
-    auto gate_i = at::sigmoid(parts[0]), gate_f = at::sigmoid(parts[1]);
-    auto gate_g = at::tanh(parts[2]), gate_o = at::sigmoid(parts[3]);
-    auto c_new = gate_f * c + gate_i * gate_g;
-    auto cn = saved.cell.forward(c_new, mask, count, t, training, momentum, eps);
-    auto tanh_y = saved.cell.norm == kNone ? at::tanh(c_new) : at::tanh(at::addcmul(cell_bias, cn.hat, saved.cell_weight));
-    auto h_new = gate_o * tanh_y;
-    output[t].copy_(saved.padded ? h_new * mask : h_new);
-    saved.masks.push_back(mask);
-    saved.counts.push_back(count);
+    const auto& input = saved.ih.norm == kNone ? inputs[t] : input_part;
+    if (saved.hh.norm == kNone) {
+      at::addmm_out(gates, input, h, w_hh_t);
+    } else {
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, input, gates, row_lengths, count, t, training,
+                            momentum, eps);
+    }
+    gates.narrow(1, 0, 2 * hidden).sigmoid_();
+    gates.narrow(1, 2 * hidden, hidden).tanh_();
+    gates.narrow(1, 3 * hidden, hidden).sigmoid_();
+    auto c_next = saved.cells[t + 1], h_next = saved.states[t + 1], tanh_y = saved.extra[t], out = output[t];
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_cell_update",
+                               [&] { lstm_cell_update<scalar_t>(gates, c, c_next, row_lengths, t); });
+    // rows past their length carry c_{t-1} in c_next: outside the batch statistics and, with a
+    // zero gradient, outside the backward too
+    if (saved.cell.norm == kNone) {
+      at::tanh_out(tanh_y, c_next);
+    } else {
+      cn = saved.cell.forward(c_next, saved.cell_weight, cell_bias, tanh_y, row_lengths, count, t, training,
+                              momentum, eps);
+      tanh_y.tanh_();
+    }
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit",
+                               [&] { lstm_emit<scalar_t>(gates, tanh_y, h, out, h_next, row_lengths, t); });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);
     saved.cell_norm.push_back(cn);
-    saved.values.push_back({gate_i, gate_f, gate_g, gate_o, tanh_y, c});
-    saved.h_prev.push_back(h);
-    if (saved.padded) {
-      auto active = mask.gt(0.5);
-      h = at::where(active, h_new, h);  // ended sequences keep their state
-      c = at::where(active, c_new, c);
-    } else {
-      h = h_new;
-      c = c_new;
-    }
   }
-  saved.steps = steps;
   // fresh final states: a returned tensor that the Sequence also held would tie the autograd node
   // that owns the Sequence to itself, a cycle Python's collector cannot see through C++
-  return {output, h.clone(), c.clone()};
+  return {output, saved.states[steps].clone(), saved.cells[steps].clone()};
+}
+
+// From dL/dh_t (the output's gradient plus the carried dh): grad_h (zero past a row's length) and
+// grad_y = grad_h o (1 - tanh(y)^2), the gradient of the (normalized) cell value y_t.
+template <typename scalar_t>
+void lstm_output_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at::Tensor& gates,
+                      const at::Tensor& tanh_y, at::Tensor& grad_h, at::Tensor& grad_y, const int64_t* lengths,
+                      int64_t step) {
+  const int64_t hidden = dh.size(1);
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ activation = tanh_y.data_ptr<scalar_t>();
+  scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>(), * __restrict__ gy = grad_y.data_ptr<scalar_t>();
+  for_each_row(dh.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(gh + at, gh + at + hidden, scalar_t(0));
+      std::fill(gy + at, gy + at + hidden, scalar_t(0));
+      return;
+    }
+    const scalar_t* __restrict__ o = gate + row * 4 * hidden + 3 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const scalar_t g = go[at + j] + carried[at + j], y = activation[at + j];
+      gh[at + j] = g;
+      gy[at + j] = g * o[j] * (scalar_t(1) - y * y);
+    }
+  });
+}
+
+// dL/dz of the four gates (pre-activation) into grad_gates, and the carried gradients of the
+// previous step: dc <- grad_c f (kept as is past a row's length), dh_direct = dh on ended rows.
+template <typename scalar_t>
+void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const at::Tensor& gates,
+                    const at::Tensor& tanh_y, const at::Tensor& c_prev, at::Tensor& dc, const at::Tensor& dh,
+                    at::Tensor& dh_direct, at::Tensor& grad_gates, const int64_t* lengths, int64_t step) {
+  const int64_t hidden = dh.size(1);
+  const scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>(), * __restrict__ gcell = grad_cell.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ activation = tanh_y.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = c_prev.data_ptr<scalar_t>(), * __restrict__ carried_h = dh.data_ptr<scalar_t>();
+  scalar_t* __restrict__ carried_c = dc.data_ptr<scalar_t>(), * __restrict__ direct = dh_direct.data_ptr<scalar_t>();
+  scalar_t* __restrict__ dz = grad_gates.data_ptr<scalar_t>();
+  for_each_row(dh.size(0), 4 * hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    scalar_t* __restrict__ dz_row = dz + row * 4 * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(dz_row, dz_row + 4 * hidden, scalar_t(0));
+      std::copy(carried_h + at, carried_h + at + hidden, direct + at);
+      return;  // dc passes through unchanged
+    }
+    std::fill(direct + at, direct + at + hidden, scalar_t(0));
+    const scalar_t* __restrict__ i = gate + row * 4 * hidden, *f = i + hidden, *g = i + 2 * hidden, *o = i + 3 * hidden;
+    for (int64_t j = 0; j < hidden; ++j) {
+      const scalar_t gc = gcell[at + j] + carried_c[at + j];
+      dz_row[j] = gc * g[j] * i[j] * (scalar_t(1) - i[j]);
+      dz_row[hidden + j] = gc * previous[at + j] * f[j] * (scalar_t(1) - f[j]);
+      dz_row[2 * hidden + j] = gc * i[j] * (scalar_t(1) - g[j] * g[j]);
+      dz_row[3 * hidden + j] = gh[at + j] * activation[at + j] * o[j] * (scalar_t(1) - o[j]);
+      carried_c[at + j] = gc * f[j];
+    }
+  });
 }
 
 // Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c.
 inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Tensor& grad_output,
                                              const at::Tensor& grad_h_n, const at::Tensor& grad_c_n) {
+  const int64_t steps = saved.steps, gates = saved.w_hh.size(0), hidden = saved.w_hh.size(1);
+  const int64_t batch = grad_h_n.size(0);
+  auto options = grad_h_n.options();
   auto dh = grad_h_n.clone(), dc = grad_c_n.clone();
-  const int64_t gates = saved.w_hh.size(0), hidden = saved.w_hh.size(1);
-  auto grad_wx = at::empty({saved.steps, dh.size(0), gates}, dh.options());
-  auto grad_bias = at::zeros({gates}, dh.options()), grad_ih = at::zeros({gates}, dh.options());
-  auto grad_hh = at::zeros({gates}, dh.options());
-  auto grad_cell_w = at::zeros({hidden}, dh.options()), grad_cell_b = at::zeros({hidden}, dh.options());
-  std::vector<at::Tensor> grad_wh(saved.steps);
-  for (int64_t t = saved.steps - 1; t >= 0; --t) {
-    const auto& mask = saved.masks[t];
+  auto dh_direct = at::empty_like(dh), grad_h = at::empty_like(dh);
+  const bool cell_norm = saved.cell.norm != kNone;
+  // dL/dy of every step where y is normalized (its gains' gradients are reductions over it)
+  auto grad_y_steps = cell_norm ? workspace().empty({steps, batch, hidden}, options) : at::empty_like(dh);
+  auto grad_cell = cell_norm ? at::empty_like(dh) : at::Tensor();
+  // dL/dz (T, B, 4H); without a normalization it is also the gradient of wx and of h W_hh^T
+  auto grad_gates = workspace().empty({steps, batch, gates}, options);
+  auto grad_wx = saved.ih.norm == kNone ? grad_gates : at::empty_like(grad_gates);
+  auto grad_wh = saved.hh.norm == kNone ? grad_gates : workspace().empty({steps, batch, gates}, options);
+  const int64_t* row_lengths = saved.lengths_data();
+  for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
-    const auto& v = saved.values[t];
-    const auto &gate_i = v[0], &gate_f = v[1], &gate_g = v[2], &gate_o = v[3], &tanh_y = v[4], &c_prev = v[5];
-    auto grad_h = saved.padded ? (grad_output[t] + dh) * mask : grad_output[t] + dh;
-    auto grad_y = grad_h * gate_o * (1.0 - tanh_y * tanh_y);
-    const auto& cn = saved.cell_norm[t];
-    if (saved.cell.norm != kNone) {
-      grad_cell_w += (grad_y * cn.hat).sum(0);
-      grad_cell_b += grad_y.sum(0);
+    auto gate_values = saved.activations[t], tanh_y = saved.extra[t], c_prev = saved.cells[t];
+    auto dz = grad_gates[t], grad_y = cell_norm ? grad_y_steps[t] : grad_y_steps;
+    AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "lstm_output_grad", [&] {
+      lstm_output_grad<scalar_t>(grad_output[t], dh, gate_values, tanh_y, grad_h, grad_y, row_lengths, t);
+    });
+    if (cell_norm) {
+      saved.cell.backward(grad_y, saved.cell_weight, saved.cell_norm[t], row_lengths, t, count, grad_cell);
     }
-    auto grad_c = saved.cell.backward(saved.cell.scale(grad_y, saved.cell_weight), cn, mask, count) +
-                  (saved.padded ? dc * mask : dc);
-    auto grad_z = at::cat({grad_c * gate_g * gate_i * (1.0 - gate_i), grad_c * c_prev * gate_f * (1.0 - gate_f),
-                           grad_c * gate_i * (1.0 - gate_g * gate_g), grad_h * tanh_y * gate_o * (1.0 - gate_o)},
-                          1);
-    const auto &ih = saved.ih_norm[t], &hh = saved.hh_norm[t];
-    grad_bias += grad_z.sum(0);
+    AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "lstm_gate_grad", [&] {
+      lstm_gate_grad<scalar_t>(grad_h, cell_norm ? grad_cell : grad_y, gate_values, tanh_y, c_prev, dc, dh,
+                               dh_direct, dz, row_lengths, t);
+    });
     if (saved.ih.norm != kNone) {
-      grad_ih += (grad_z * ih.hat).sum(0);
+      saved.ih.backward(dz, saved.ih_weight, saved.ih_norm[t], row_lengths, t, count, grad_wx[t]);
     }
     if (saved.hh.norm != kNone) {
-      grad_hh += (grad_z * hh.hat).sum(0);
+      saved.hh.backward(dz, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
     }
-    grad_wx[t].copy_(saved.ih.backward(saved.ih.scale(grad_z, saved.ih_weight), ih, mask, count));
-    grad_wh[t] = saved.hh.backward(saved.hh.scale(grad_z, saved.hh_weight), hh, mask, count);
-    if (saved.padded) {  // ended sequences pass their gradient through unchanged
-      auto keep = 1.0 - mask;
-      dh = at::addmm(dh * keep, grad_wh[t], saved.w_hh);
-      dc = dc * keep + grad_c * gate_f;
-    } else {
-      dh = at::mm(grad_wh[t], saved.w_hh);
-      dc = grad_c * gate_f;
-    }
+    recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
   }
-  return {grad_wx, dh, dc, recurrent_weight_grad(grad_wh, saved.h_prev), grad_bias, grad_ih, grad_hh, grad_cell_w,
-          grad_cell_b};
+  auto grad_cell_b = cell_norm ? grad_y_steps.sum({0, 1}) : at::zeros({hidden}, options);
+  std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh), grad_gates.sum({0, 1}),
+                                   saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
+                                   saved.cell.gain_grad(grad_y_steps), grad_cell_b};
+  for (auto* buffer : {&grad_gates, &grad_wx, &grad_wh, &grad_y_steps}) {
+    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  }
+  return grads;
 }
 
 }  // namespace normrnn

@@ -1,64 +1,131 @@
 // Vanilla RNN over a whole sequence on the CPU (reference: normrnn/reference/rnn.py):
 //   h_t = act(gamma_ih N_ih(wx_t) + gamma_hh N_hh(h_{t-1} W_hh^T) + b),  act in {tanh, relu, identity}
+// The backward needs only act(pre): tanh' = 1 - h^2, relu' = [h > 0], identity' = 1.
 #pragma once
 
 #include "sequence.h"
 
 namespace normrnn {
 
+// h_t into output[t] (zero past a row's length) and the kept state.
+template <typename scalar_t>
+void rnn_emit(const at::Tensor& h_new, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
+              const int64_t* lengths, int64_t step) {
+  const int64_t hidden = h_prev.size(1);
+  const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>(), * __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>(), * __restrict__ next = h_next.data_ptr<scalar_t>();
+  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(out + at, out + at + hidden, scalar_t(0));
+      std::copy(previous + at, previous + at + hidden, next + at);
+      return;
+    }
+    std::copy(value + at, value + at + hidden, out + at);
+    std::copy(value + at, value + at + hidden, next + at);
+  });
+}
+
 inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias, const at::Tensor& lengths, bool training,
                                            double momentum, double eps) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
+  saved.begin(lengths, steps, h0, hidden);
+  saved.activations = workspace().empty({steps, batch, hidden}, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
-  auto h = h0;
   auto w_hh_t = saved.w_hh.t();
+  // without a per-step normalization of the input projection, the bias joins it once
+  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias) : wx;
+  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, hidden}, wx.options());
+  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, hidden}, wx.options());
+  const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
-    auto [mask, count] = step_mask(lengths, t, batch, wx.options());
-    auto wh = at::mm(h, w_hh_t);
-    auto ih = saved.ih.forward(wx[t], mask, count, t, training, momentum, eps);
-    auto hh = saved.hh.forward(wh, mask, count, t, training, momentum, eps);
-    auto pre = at::addcmul(at::addcmul(bias, ih.hat, saved.ih_weight), hh.hat, saved.hh_weight);
-    at::Tensor h_new = saved.activation == 0 ? at::tanh(pre) : (saved.activation == 1 ? at::relu(pre) : pre);
-    output[t].copy_(h_new * mask);
-    saved.masks.push_back(mask);
-    saved.counts.push_back(count);
+    const int64_t count = saved.step_count(t);
+    auto h = saved.states[t], h_new = saved.activations[t];
+    Normalized ih, hh;
+    if (saved.ih.norm != kNone) {
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input_part, row_lengths, count, t, training, momentum,
+                            eps);
+    }
+    const auto& input = saved.ih.norm == kNone ? inputs[t] : input_part;
+    if (saved.hh.norm == kNone) {
+      at::addmm_out(h_new, input, h, w_hh_t);
+    } else {
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, input, h_new, row_lengths, count, t, training,
+                            momentum, eps);
+    }
+    if (saved.activation == 0) {
+      h_new.tanh_();
+    } else if (saved.activation == 1) {
+      h_new.relu_();
+    }
+    auto h_next = saved.states[t + 1], out = output[t];
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "rnn_emit",
+                               [&] { rnn_emit<scalar_t>(h_new, h, out, h_next, row_lengths, t); });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);
-    saved.values.push_back({h_new, pre});
-    saved.h_prev.push_back(h);
-    h = at::where(mask.gt(0.5), h_new, h);  // ended sequences keep their state
   }
-  saved.steps = steps;
-  return {output, h.clone()};  // fresh: see lstm.h
+  return {output, saved.states[steps].clone()};  // fresh: see lstm.h
+}
+
+// dL/dpre of one step from dL/dh_t = grad_output + dh, and dh_direct: dh on rows past their length.
+template <typename scalar_t>
+void rnn_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at::Tensor& h_new,
+                   at::Tensor& grad_pre, at::Tensor& dh_direct, int64_t activation, const int64_t* lengths,
+                   int64_t step) {
+  const int64_t hidden = dh.size(1);
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>();
+  scalar_t* __restrict__ grad = grad_pre.data_ptr<scalar_t>(), * __restrict__ direct = dh_direct.data_ptr<scalar_t>();
+  for_each_row(dh.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(grad + at, grad + at + hidden, scalar_t(0));
+      std::copy(carried + at, carried + at + hidden, direct + at);
+      return;
+    }
+    std::fill(direct + at, direct + at + hidden, scalar_t(0));
+    for (int64_t j = at; j < at + hidden; ++j) {
+      const scalar_t gh = go[j] + carried[j];
+      grad[j] = activation == 0   ? gh * (scalar_t(1) - value[j] * value[j])
+                : activation == 1 ? (value[j] > scalar_t(0) ? gh : scalar_t(0))
+                                  : gh;
+    }
+  });
 }
 
 // Returns dwx, dh0, dW_hh, d bias, d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
-  auto dh = grad_h_n.clone();
-  const int64_t hidden = saved.w_hh.size(0);
-  auto grad_wx = at::empty({saved.steps, dh.size(0), hidden}, dh.options());
-  auto grad_bias = at::zeros({hidden}, dh.options()), grad_ih = at::zeros({hidden}, dh.options());
-  auto grad_hh = at::zeros({hidden}, dh.options());
-  std::vector<at::Tensor> grad_wh(saved.steps);
-  for (int64_t t = saved.steps - 1; t >= 0; --t) {
-    const auto& mask = saved.masks[t];
+  const int64_t steps = saved.steps, hidden = saved.w_hh.size(0), batch = grad_h_n.size(0);
+  auto options = grad_h_n.options();
+  auto dh = grad_h_n.clone(), dh_direct = at::empty_like(dh);
+  // dL/dpre (T, B, H); without a normalization also the gradient of wx and of h W_hh^T
+  auto grad_pre = workspace().empty({steps, batch, hidden}, options);
+  auto grad_wx = saved.ih.norm == kNone ? grad_pre : at::empty_like(grad_pre);
+  auto grad_wh = saved.hh.norm == kNone ? grad_pre : workspace().empty({steps, batch, hidden}, options);
+  const int64_t* row_lengths = saved.lengths_data();
+  for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
-    const auto &h_new = saved.values[t][0], &pre = saved.values[t][1];
-    auto grad_h = (grad_output[t] + dh) * mask;
-    at::Tensor grad_pre = saved.activation == 0   ? grad_h * (1.0 - h_new * h_new)
-                          : saved.activation == 1 ? grad_h * pre.gt(0).to(grad_h.scalar_type())
-                                                  : grad_h;
-    const auto &ih = saved.ih_norm[t], &hh = saved.hh_norm[t];
-    grad_bias += grad_pre.sum(0);
-    grad_ih += (grad_pre * ih.hat).sum(0);
-    grad_hh += (grad_pre * hh.hat).sum(0);
-    grad_wx[t].copy_(saved.ih.backward(grad_pre * saved.ih_weight, ih, mask, count));
-    grad_wh[t] = saved.hh.backward(grad_pre * saved.hh_weight, hh, mask, count);
-    dh = dh * (1.0 - mask) + at::mm(grad_wh[t], saved.w_hh);
+    auto grad = grad_pre[t];
+    AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "rnn_step_grad", [&] {
+      rnn_step_grad<scalar_t>(grad_output[t], dh, saved.activations[t], grad, dh_direct, saved.activation,
+                              row_lengths, t);
+    });
+    if (saved.ih.norm != kNone) {
+      saved.ih.backward(grad, saved.ih_weight, saved.ih_norm[t], row_lengths, t, count, grad_wx[t]);
+    }
+    if (saved.hh.norm != kNone) {
+      saved.hh.backward(grad, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
+    }
+    recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
   }
-  return {grad_wx, dh, recurrent_weight_grad(grad_wh, saved.h_prev), grad_bias, grad_ih, grad_hh};
+  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh), grad_pre.sum({0, 1}),
+                                   saved.ih.gain_grad(grad_pre), saved.hh.gain_grad(grad_pre)};
+  for (auto* buffer : {&grad_pre, &grad_wx, &grad_wh}) {
+    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  }
+  return grads;
 }
 
 }  // namespace normrnn

@@ -1,6 +1,13 @@
 // What a forward over the whole sequence keeps for its backward, shared by the three cells.
+//
+// Every per-step value lives in one buffer for the whole sequence, (T, B, F), written in place:
+// a step allocates nothing, and the weight gradient dW_hh = sum_t dwh_t^T h_{t-1} is one matmul
+// over the buffers with no stacking.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <vector>
 
 #include "norms.h"
@@ -11,20 +18,70 @@ struct Sequence {
   int64_t steps = 0;
   StepNorm ih, hh, cell;  // cell: the LSTM's normalization of c_t
   at::Tensor w_hh, ih_weight, hh_weight, cell_weight;
-  std::vector<at::Tensor> masks;  // (B, 1) per step
-  std::vector<int64_t> counts;
-  std::vector<Normalized> ih_norm, hh_norm, cell_norm;
-  std::vector<std::vector<at::Tensor>> values;  // per step, the cell's activations (see each cell)
-  std::vector<at::Tensor> h_prev;               // h_{t-1} of every step, for dW_hh
-  int64_t activation = 0;                       // RNN: 0 tanh, 1 relu, 2 identity
-  bool padded = false;                          // lengths given: masks matter
+  at::Tensor lengths;  // (B,) int64; undefined when every sequence runs the whole length
+  std::vector<int64_t> counts;  // active rows of each step
+  std::vector<Normalized> ih_norm, hh_norm, cell_norm;  // empty entries where the norm is None
+  at::Tensor states;       // (T + 1, B, H): [t] is h_{t-1} of step t (the state kept by each row)
+  at::Tensor cells;        // LSTM (T + 1, B, H): c likewise
+  at::Tensor activations;  // (T, B, F): each cell's gate values after their nonlinearity
+  at::Tensor extra;        // LSTM tanh(y_t); GRU u_t (T, B, 3H); unused by the RNN
+  int64_t activation = 0;  // RNN: 0 tanh, 1 relu, 2 identity
+  bool padded = false;     // lengths given: rows end at different steps
+
+  // Sets up the buffers common to every cell: h, and the hats of the normalizations of the
+  // projections (width: their number of features, G) and of the cell (H).
+  void begin(const at::Tensor& sequence_lengths, int64_t num_steps, const at::Tensor& h0, int64_t width) {
+    steps = num_steps;
+    padded = sequence_lengths.defined() && sequence_lengths.numel() > 0;
+    lengths = padded ? sequence_lengths.to(at::kLong).contiguous() : at::Tensor();
+    const int64_t batch = h0.size(0), hidden = h0.size(1);
+    states = workspace().empty({steps + 1, batch, hidden}, h0.options());
+    states[0].copy_(h0);
+    ih.begin(steps, batch, width, h0.options());
+    hh.begin(steps, batch, width, h0.options());
+    cell.begin(steps, batch, hidden, h0.options());
+  }
+
+  // The number of rows active at step t, recorded for the backward.
+  int64_t step_count(int64_t step) {
+    int64_t count = states.size(1);
+    if (padded) {
+      const int64_t* row_lengths = lengths_data();
+      count = std::count_if(row_lengths, row_lengths + count, [&](int64_t length) { return length > step; });
+    }
+    counts.push_back(count);
+    return count;
+  }
+
+  // The rows' lengths (row b takes part in step t while t < lengths[b]); null when all always do.
+  const int64_t* lengths_data() const { return padded ? lengths.data_ptr<int64_t>() : nullptr; }
+
+  // The buffers go back to the workspace when the autograd node that owns this is freed.
+  ~Sequence() {
+    ih_norm.clear();  // views of the hats
+    hh_norm.clear();
+    cell_norm.clear();
+    for (auto* buffer : {&states, &cells, &activations, &extra, &ih.hats, &hh.hats, &cell.hats}) {
+      workspace().recycle(*buffer);
+    }
+  }
+
+  // dW_hh = sum_t dwh_t^T h_{t-1}, dwh (T, B, G): one matmul over all timesteps.
+  at::Tensor recurrent_weight_grad(const at::Tensor& grad_wh) const {
+    auto previous = states.narrow(0, 0, steps);
+    return at::mm(grad_wh.reshape({-1, grad_wh.size(2)}).t(), previous.reshape({-1, previous.size(2)}));
+  }
 };
 
-// dW_hh = sum_t dwh_t^T h_{t-1}: one matmul over all timesteps.
-inline at::Tensor recurrent_weight_grad(const std::vector<at::Tensor>& grad_wh, const std::vector<at::Tensor>& h_prev) {
-  auto grads = at::stack(grad_wh);
-  auto states = at::stack(h_prev);
-  return at::mm(grads.reshape({-1, grads.size(2)}).t(), states.reshape({-1, states.size(2)}));
+// The gradient that reaches h_{t-1} of step t: dh_direct (the part that does not pass through
+// W_hh; zero, or the gradient that ended rows carry) + dwh_t W_hh, written into dh.
+inline void recurrent_input_grad(at::Tensor& dh, const at::Tensor& dh_direct, bool has_direct,
+                                 const at::Tensor& grad_wh, const at::Tensor& w_hh) {
+  if (has_direct) {
+    at::addmm_out(dh, dh_direct, grad_wh, w_hh);
+  } else {
+    at::mm_out(dh, grad_wh, w_hh);
+  }
 }
 
 }  // namespace normrnn

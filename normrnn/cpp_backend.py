@@ -3,8 +3,10 @@
 The extension is built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and
 ninja; the build is cached by torch in its extensions folder, so later processes load it in
 well under a second). Each cell's forward and hand-written backward run in C++ over all
-timesteps, on ATen CPU tensors (the recurrent matmul is BLAS, elementwise work is vectorized by
-ATen and parallel over its threads); a ``torch.autograd.Function`` per cell connects them.
+timesteps, on ATen CPU tensors (the recurrent matmul is BLAS, sigmoid/tanh are ATen's vectorized
+kernels in place, everything else a fused loop over rows, parallel over ATen's threads); a
+``torch.autograd.Function`` per cell connects them. Internal buffers are pooled across calls
+(``release_workspace`` frees them).
 
 As in the Triton backend, the normalizations that need no recurrence (layer norm of x W_ih^T,
 sequence-wise batch norm) run on the whole input projection before the loop in PyTorch; the
@@ -85,6 +87,17 @@ def extension():
         if _extension is None:
             raise RuntimeError(_build_error)
         return _extension
+
+
+def release_workspace() -> int:
+    """Frees the internal buffers (saved activations, gradient buffers) that the C++ loops keep
+    for reuse by the next call of the same shape (at most 256 MiB; reused to spare the page faults
+    of fresh memory); returns the bytes freed. Nothing is freed if the backend was never built."""
+    if _extension is None:
+        return 0
+    held = _extension.workspace_bytes()
+    _extension.release_workspace()
+    return held
 
 
 def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:

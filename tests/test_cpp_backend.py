@@ -67,6 +67,50 @@ def test_float32_equals_the_reference(cell, norm):
         assert relative_error(fused(x.float())[0], reference(x)[0]) < 1e-4
 
 
+@pytest.mark.parametrize("nonlinearity", ["relu", None])
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_gradcheck_rnn_relu_and_identity(nonlinearity, norm):
+    """BN or LN in place of tanh: relu' is read from h (h > 0), identity' is 1."""
+    module = _layer("rnn", norm, input_size=3, hidden_size=3, nonlinearity=nonlinearity)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    _gradcheck_module(module, x, torch.tensor([4, 2, 3]), with_state=True)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_steps_with_one_active_row_use_running_statistics(cell):
+    """Batch norm of a step with a single active row normalizes with the running statistics of
+    its slot (no batch statistics, no update): the C++ loops agree with the reference there."""
+    config = dict(input_size=4, hidden_size=5, max_steps=8)
+    reference = CELLS[cell](norm="batch", backend="reference", **config).double()
+    for name, buffer in reference.named_buffers():
+        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    fused = CELLS[cell](norm="batch", backend="cpp", **config).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    lengths = torch.tensor([5, 1, 2])  # steps 2-4: one row
+    expected = outputs_and_grads(reference, x, None, lengths)
+    got = outputs_and_grads(fused, x, None, lengths)
+    for key, value in expected.items():
+        assert relative_error(got[key], value) < 1e-10, key
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_shapes_split_over_threads_equal_the_reference(cell, norm):
+    """Rows and columns large enough that the fused loops run in chunks on several threads."""
+    config = dict(input_size=8, hidden_size=160, max_steps=3)
+    reference = CELLS[cell](norm=norm, backend="reference", **config).double()
+    fused = CELLS[cell](norm=norm, backend="cpp", **config).double()
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 900, 8, dtype=torch.float64)
+    lengths = torch.randint(1, 4, (900,))
+    lengths[0] = 3
+    expected = outputs_and_grads(reference, x, None, lengths)
+    got = outputs_and_grads(fused, x, None, lengths)
+    for key, value in expected.items():
+        assert relative_error(got[key], value) < 1e-10, key
+
+
 def test_auto_picks_cpp_on_cpu_without_a_warning(recwarn):
     x = torch.zeros(1)
     assert normrnn.dispatch.resolve("auto", "gru", "batch", x) in ("cpp", "triton")
@@ -90,3 +134,33 @@ def test_repeated_forwards_release_their_saved_activations():
     gc.collect()
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mib < 150, f"resident memory grew by {grown_mib:.0f} MiB over 40 calls"
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_pooled_buffers_never_overwrite_what_a_call_returned(cell, norm):
+    """The C++ loops reuse their internal buffers from call to call (workspace pool): outputs,
+    states and gradients of one call must survive the next call of the same shape."""
+    layer = CELLS[cell](4, 6, norm=norm, backend="cpp")
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    output, state = layer(x)
+    finals = state if isinstance(state, tuple) else (state,)
+    (output.square().sum() + sum(f.sum() for f in finals)).backward()
+    kept = [output.detach().clone(), x.grad.clone()] + [f.detach().clone() for f in finals]
+    first_grads = [p.grad for p in layer.parameters()]  # tensors the first backward returned
+    kept += [g.clone() for g in first_grads]
+    for _ in range(2):  # same shapes: the pool hands the freed buffers out again
+        layer.zero_grad(set_to_none=True)
+        other = torch.randn(5, 3, 4, requires_grad=True) * 3
+        again, _ = layer(other)
+        again.sum().backward()
+    now = [output.detach(), x.grad] + [f.detach() for f in finals] + first_grads
+    for before, after in zip(kept, now):
+        assert torch.equal(before, after)
+
+
+def test_release_workspace_frees_the_pool():
+    layer = normrnn.LSTM(4, 6, backend="cpp")
+    layer(torch.randn(5, 3, 4))[0].sum().backward()
+    assert normrnn.cpp_backend.release_workspace() > 0
+    assert normrnn.cpp_backend.release_workspace() == 0
