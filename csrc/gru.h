@@ -14,7 +14,8 @@ namespace normrnn {
 template <typename scalar_t>
 void gru_preactivation(const at::Tensor& a, const at::Tensor& u, at::Tensor& gates, bool first_two) {
   const int64_t width = a.size(1), hidden = width / 3;
-  const scalar_t* __restrict__ a_data = a.data_ptr<scalar_t>(), * __restrict__ u_data = u.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ a_data = a.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ u_data = u.data_ptr<scalar_t>();
   scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
   for_each_row(a.size(0), width, [&](int64_t row) {
     const scalar_t* __restrict__ a_row = a_data + row * width, *u_row = u_data + row * width;
@@ -36,8 +37,10 @@ template <typename scalar_t>
 void gru_emit(const at::Tensor& gates, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
               const int64_t* lengths, int64_t step) {
   const int64_t hidden = h_prev.size(1);
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ out = output.data_ptr<scalar_t>(), * __restrict__ next = h_next.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
+  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
   for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
     const int64_t at = row * hidden;
     if (!row_active(lengths, row, step)) {
@@ -78,7 +81,8 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
     if (saved.hh.norm == kNone) {
       at::addmm_out(u, bias_hh, h, w_hh_t);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
+                            saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
                             momentum, eps);
     }
     auto h_next = saved.states[t + 1], out = output[t];
@@ -102,10 +106,13 @@ void gru_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
                    const at::Tensor& h_prev, at::Tensor& grad_a, at::Tensor& grad_u, at::Tensor& dh_direct,
                    const int64_t* lengths, int64_t step) {
   const int64_t hidden = dh.size(1), width = 3 * hidden;
-  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ u_data = u.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ u_data = u.data_ptr<scalar_t>();
   const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ da = grad_a.data_ptr<scalar_t>(), * __restrict__ du = grad_u.data_ptr<scalar_t>();
+  scalar_t* __restrict__ da = grad_a.data_ptr<scalar_t>();
+  scalar_t* __restrict__ du = grad_u.data_ptr<scalar_t>();
   scalar_t* __restrict__ direct = dh_direct.data_ptr<scalar_t>();
   for_each_row(dh.size(0), width, [&](int64_t row) {
     const int64_t at = row * hidden;

@@ -86,7 +86,8 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
     if (saved.hh.norm == kNone) {
       at::addmm_out(gates, input, h, w_hh_t);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, input, gates, row_lengths, count, t, training,
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
+                            saved.hh_weight, input, gates, row_lengths, count, t, training,
                             momentum, eps);
     }
     gates.narrow(1, 0, 2 * hidden).sigmoid_();
@@ -122,9 +123,12 @@ void lstm_output_grad(const at::Tensor& grad_output, const at::Tensor& dh, const
                       const at::Tensor& tanh_y, at::Tensor& grad_h, at::Tensor& grad_y, const int64_t* lengths,
                       int64_t step) {
   const int64_t hidden = dh.size(1);
-  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ activation = tanh_y.data_ptr<scalar_t>();
-  scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>(), * __restrict__ gy = grad_y.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ activation = tanh_y.data_ptr<scalar_t>();
+  scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>();
+  scalar_t* __restrict__ gy = grad_y.data_ptr<scalar_t>();
   for_each_row(dh.size(0), hidden, [&](int64_t row) {
     const int64_t at = row * hidden;
     if (!row_active(lengths, row, step)) {
@@ -148,10 +152,14 @@ void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const
                     const at::Tensor& tanh_y, const at::Tensor& c_prev, at::Tensor& dc, const at::Tensor& dh,
                     at::Tensor& dh_direct, at::Tensor& grad_gates, const int64_t* lengths, int64_t step) {
   const int64_t hidden = dh.size(1);
-  const scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>(), * __restrict__ gcell = grad_cell.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>(), * __restrict__ activation = tanh_y.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ previous = c_prev.data_ptr<scalar_t>(), * __restrict__ carried_h = dh.data_ptr<scalar_t>();
-  scalar_t* __restrict__ carried_c = dc.data_ptr<scalar_t>(), * __restrict__ direct = dh_direct.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gcell = grad_cell.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ activation = tanh_y.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = c_prev.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried_h = dh.data_ptr<scalar_t>();
+  scalar_t* __restrict__ carried_c = dc.data_ptr<scalar_t>();
+  scalar_t* __restrict__ direct = dh_direct.data_ptr<scalar_t>();
   scalar_t* __restrict__ dz = grad_gates.data_ptr<scalar_t>();
   for_each_row(dh.size(0), 4 * hidden, [&](int64_t row) {
     const int64_t at = row * hidden;

@@ -12,8 +12,10 @@ template <typename scalar_t>
 void rnn_emit(const at::Tensor& h_new, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
               const int64_t* lengths, int64_t step) {
   const int64_t hidden = h_prev.size(1);
-  const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>(), * __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ out = output.data_ptr<scalar_t>(), * __restrict__ next = h_next.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
+  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
   for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
     const int64_t at = row * hidden;
     if (!row_active(lengths, row, step)) {
@@ -51,7 +53,8 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
     if (saved.hh.norm == kNone) {
       at::addmm_out(h_new, input, h, w_hh_t);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t), saved.hh_weight, input, h_new, row_lengths, count, t, training,
+      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
+                            saved.hh_weight, input, h_new, row_lengths, count, t, training,
                             momentum, eps);
     }
     if (saved.activation == 0) {
@@ -74,9 +77,11 @@ void rnn_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
                    at::Tensor& grad_pre, at::Tensor& dh_direct, int64_t activation, const int64_t* lengths,
                    int64_t step) {
   const int64_t hidden = dh.size(1);
-  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>(), * __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried = dh.data_ptr<scalar_t>();
   const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>();
-  scalar_t* __restrict__ grad = grad_pre.data_ptr<scalar_t>(), * __restrict__ direct = dh_direct.data_ptr<scalar_t>();
+  scalar_t* __restrict__ grad = grad_pre.data_ptr<scalar_t>();
+  scalar_t* __restrict__ direct = dh_direct.data_ptr<scalar_t>();
   for_each_row(dh.size(0), hidden, [&](int64_t row) {
     const int64_t at = row * hidden;
     if (!row_active(lengths, row, step)) {
