@@ -24,6 +24,7 @@ from torch import nn
 
 import normrnn
 from normrnn import dispatch
+from normrnn.params import CELL_GATES
 
 from .cases import Case
 
@@ -170,7 +171,6 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "flashrnn": flashrnn,
 }
 CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu", "gemm-floor")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def gemm_floor(case: Case, device) -> Runner:
@@ -178,7 +178,7 @@ def gemm_floor(case: Case, device) -> Runner:
     product, then h_{t-1} W_hh^T step by step. Training adds dx = dwx W_ih, dW_ih = dwx^T x,
     dW_hh = dwh^T h in one product each, and dh_{t-1} = dwh_t W_hh step by step."""
     dtype, hidden = _dtype(case), case.hidden_size
-    gates = GATES[case.cell] * hidden
+    gates = CELL_GATES[case.cell] * hidden
     rows = case.steps * case.batch
     x = torch.randn(rows, case.input_size, device=device, dtype=dtype)
     w_ih = torch.randn(gates, case.input_size, device=device, dtype=dtype)

@@ -32,29 +32,6 @@ void gru_preactivation(const at::Tensor& a, const at::Tensor& u, at::Tensor& gat
   });
 }
 
-// h_t = n + z (h_{t-1} - n) into output[t] (zero past a row's length) and the kept state.
-template <typename scalar_t>
-void gru_emit(const at::Tensor& gates, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
-              const int64_t* lengths, int64_t step) {
-  const int64_t hidden = h_prev.size(1);
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
-  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
-  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
-    const int64_t at = row * hidden;
-    if (!row_active(lengths, row, step)) {
-      std::fill(out + at, out + at + hidden, scalar_t(0));
-      std::copy(previous + at, previous + at + hidden, next + at);
-      return;
-    }
-    const scalar_t* __restrict__ z = gate + row * 3 * hidden + hidden, *n = z + hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      out[at + j] = next[at + j] = n[j] + z[j] * (previous[at + j] - n[j]);
-    }
-  });
-}
-
 inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias_ih, const at::Tensor& bias_hh,
                                            const at::Tensor& lengths, bool training, double momentum, double eps) {
@@ -91,7 +68,11 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
       gates.narrow(1, 0, 2 * hidden).sigmoid_();
       gru_preactivation<scalar_t>(a, u, gates, false);
       gates.narrow(1, 2 * hidden, hidden).tanh_();
-      gru_emit<scalar_t>(gates, h, out, h_next, row_lengths, t);
+      const scalar_t* gate = gates.data_ptr<scalar_t>();
+      emit_state<scalar_t>(h, out, h_next, row_lengths, t, [&](int64_t row, int64_t j, scalar_t previous) {
+        const scalar_t z = gate[row * 3 * hidden + hidden + j], n = gate[row * 3 * hidden + 2 * hidden + j];
+        return n + z * (previous - n);  // h_t = (1 - z) n + z h_{t-1}
+      });
     });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);

@@ -33,30 +33,6 @@ void lstm_cell_update(const at::Tensor& gates, const at::Tensor& c_prev, at::Ten
   });
 }
 
-// h_t = o tanh(y_t) into output[t] (zero past a row's length) and the kept state.
-template <typename scalar_t>
-void lstm_emit(const at::Tensor& gates, const at::Tensor& tanh_y, const at::Tensor& h_prev, at::Tensor& output,
-               at::Tensor& h_next, const int64_t* lengths, int64_t step) {
-  const int64_t hidden = h_prev.size(1);
-  const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ activation = tanh_y.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
-  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
-  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
-    const int64_t at = row * hidden;
-    if (!row_active(lengths, row, step)) {
-      std::fill(out + at, out + at + hidden, scalar_t(0));
-      std::copy(previous + at, previous + at + hidden, next + at);
-      return;
-    }
-    const scalar_t* __restrict__ o = gate + row * 4 * hidden + 3 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      out[at + j] = next[at + j] = o[j] * activation[at + j];
-    }
-  });
-}
-
 // Returns output (T, B, H), h_n, c_n; fills `saved` for the backward.
 inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                             const at::Tensor& c0, const at::Tensor& bias,
@@ -105,8 +81,12 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
                               momentum, eps);
       tanh_y.tanh_();
     }
-    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit",
-                               [&] { lstm_emit<scalar_t>(gates, tanh_y, h, out, h_next, row_lengths, t); });
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit", [&] {  // h_t = o tanh(y_t)
+      const scalar_t *gate = gates.data_ptr<scalar_t>(), *activation = tanh_y.data_ptr<scalar_t>();
+      emit_state<scalar_t>(h, out, h_next, row_lengths, t, [&](int64_t row, int64_t j, scalar_t) {
+        return gate[row * 4 * hidden + 3 * hidden + j] * activation[row * hidden + j];
+      });
+    });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);
     saved.cell_norm.push_back(cn);

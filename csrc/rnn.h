@@ -7,27 +7,6 @@
 
 namespace normrnn {
 
-// h_t into output[t] (zero past a row's length) and the kept state.
-template <typename scalar_t>
-void rnn_emit(const at::Tensor& h_new, const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next,
-              const int64_t* lengths, int64_t step) {
-  const int64_t hidden = h_prev.size(1);
-  const scalar_t* __restrict__ value = h_new.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
-  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
-  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
-  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
-    const int64_t at = row * hidden;
-    if (!row_active(lengths, row, step)) {
-      std::fill(out + at, out + at + hidden, scalar_t(0));
-      std::copy(previous + at, previous + at + hidden, next + at);
-      return;
-    }
-    std::copy(value + at, value + at + hidden, out + at);
-    std::copy(value + at, value + at + hidden, next + at);
-  });
-}
-
 inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias, const at::Tensor& lengths, bool training,
                                            double momentum, double eps) {
@@ -63,8 +42,11 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
       h_new.relu_();
     }
     auto h_next = saved.states[t + 1], out = output[t];
-    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "rnn_emit",
-                               [&] { rnn_emit<scalar_t>(h_new, h, out, h_next, row_lengths, t); });
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "rnn_emit", [&] {
+      const scalar_t* value = h_new.data_ptr<scalar_t>();
+      emit_state<scalar_t>(h, out, h_next, row_lengths, t,
+                           [&](int64_t row, int64_t j, scalar_t) { return value[row * hidden + j]; });
+    });
     saved.ih_norm.push_back(ih);
     saved.hh_norm.push_back(hh);
   }

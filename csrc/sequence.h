@@ -5,8 +5,6 @@
 // over the buffers with no stacking.
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -72,6 +70,28 @@ struct Sequence {
     return at::mm(grad_wh.reshape({-1, grad_wh.size(2)}).t(), previous.reshape({-1, previous.size(2)}));
   }
 };
+
+// h_t = new_value(row, j, h_{t-1}[row, j]) into output[t] and the kept state h_next; a row past its
+// length emits zero and keeps h_{t-1}.
+template <typename scalar_t, typename NewValue>
+void emit_state(const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next, const int64_t* lengths,
+                int64_t step, const NewValue& new_value) {
+  const int64_t hidden = h_prev.size(1);
+  const scalar_t* __restrict__ previous = h_prev.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = output.data_ptr<scalar_t>();
+  scalar_t* __restrict__ next = h_next.data_ptr<scalar_t>();
+  for_each_row(h_prev.size(0), hidden, [&](int64_t row) {
+    const int64_t at = row * hidden;
+    if (!row_active(lengths, row, step)) {
+      std::fill(out + at, out + at + hidden, scalar_t(0));
+      std::copy(previous + at, previous + at + hidden, next + at);
+      return;
+    }
+    for (int64_t j = 0; j < hidden; ++j) {
+      out[at + j] = next[at + j] = new_value(row, j, previous[at + j]);
+    }
+  });
+}
 
 // The gradient that reaches h_{t-1} of step t: dh_direct (the part that does not pass through
 // W_hh; zero, or the gradient that ended rows carry) + dwh_t W_hh, written into dh.
