@@ -2,7 +2,9 @@
 forward and a training step) or raises ``Skip`` with the reason, which the results record: a
 missing peer is never skipped silently.
 
-    normrnn-triton      normrnn layer, backend="triton" (the fused kernels)
+    normrnn-triton      normrnn layer, backend="triton" (the fused kernels, one launch per step)
+    normrnn-persistent  the same with the persistent kernels (NORMRNN_PERSISTENT=1: one launch per
+                        layer and direction, a grid barrier between steps), where the grid fits
     normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
     reference-compiled  the reference layer under torch.compile
     cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
@@ -15,7 +17,9 @@ preallocated outputs (a lower bound on any of them; normalizations add elementwi
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -93,6 +97,45 @@ def normrnn_triton(case: Case, device) -> Runner:
     return _module_runner(_normrnn_layer(case, device, "triton"), _inputs(case, device), _batch_of_one_reason(case))
 
 
+@contextlib.contextmanager
+def _persistent_requested():
+    previous = os.environ.get("NORMRNN_PERSISTENT")
+    os.environ["NORMRNN_PERSISTENT"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["NORMRNN_PERSISTENT"]
+        else:
+            os.environ["NORMRNN_PERSISTENT"] = previous
+
+
+def normrnn_persistent(case: Case, device) -> Runner:
+    """The fused layer with its persistent kernels; skipped, with the reason, where the launchers
+    would fall back to per-step launches because the grid cannot be resident at once."""
+    import triton
+
+    from normrnn.kernels.buffers import PERSISTENT, launch_mode
+    from normrnn.kernels.lstm_forward import block_sizes
+    runner = normrnn_triton(case, device)
+    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=case.norm == "batch")
+    programs = triton.cdiv(case.hidden_size, block_h) * triton.cdiv(case.batch, block_b)
+    with _persistent_requested():
+        mode = launch_mode(programs, device)
+    if mode != PERSISTENT:
+        raise Skip(f"a grid of {programs} programs cannot be resident at once here: the launchers would run "
+                   "one launch per step (normrnn-triton)")
+
+    def persistent(function):
+        def run():
+            with _persistent_requested():
+                function()
+        return run
+
+    return Runner(persistent(runner.forward_eval), runner.train_step and persistent(runner.train_step),
+                  runner.train_skip_reason)
+
+
 def normrnn_reference(case: Case, device) -> Runner:
     if case.hidden_size * case.steps > EAGER_LIMIT:
         raise Skip(f"eager reference skipped above H x T = {EAGER_LIMIT} (minutes per step)")
@@ -164,6 +207,7 @@ def flashrnn(case: Case, device) -> Runner:
 
 IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "normrnn-triton": normrnn_triton,
+    "normrnn-persistent": normrnn_persistent,
     "normrnn-reference": normrnn_reference,
     "reference-compiled": reference_compiled,
     "cudnn": cudnn,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, persistent_launch_options, launch_mode, new_buffer
+from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .lstm_forward import block_sizes, dot_precision
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
@@ -178,7 +178,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                    active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t", "steps"])
 def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                               cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                               grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr,
@@ -192,7 +193,8 @@ def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_w
                         lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
                                     hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
                                     cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
@@ -237,7 +239,8 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
                  dc_carry, dwx, dwh, partials, cell_partials, lengths_arg, batch)
-    constants = dict(H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, persistent_launch_options, interpreted, launch_mode, new_buffer
+from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .tiles import grid_barrier, program_tile, row_active
 
 NORM_NONE = 0
@@ -185,7 +185,8 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
              mask=tile_mask)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t"])
 def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                              cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                              ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
@@ -202,7 +203,8 @@ def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_we
                        HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                                    cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr,
                                    hh_stats_ptr, cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
@@ -228,7 +230,8 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
 def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
     """(BLOCK_B, BLOCK_H, BLOCK_K): 16 hidden units per program and K tiles of up to 64; the whole
     batch in one tile where batch statistics must stay local to a program (``whole_batch``),
-    else tiles of up to 64 rows on grid axis 1; at least 16 everywhere for tl.dot."""
+    else tiles of up to 64 rows on grid axis 1; at least 16 everywhere: Triton 3.6 needs K >= 16
+    in tl.dot, and the tensor cores would pad a smaller M or N anyway."""
     block_b = triton.next_power_of_2(batch) if whole_batch else min(64, triton.next_power_of_2(batch))
     block_b = max(16, block_b)
     block_h = 16
@@ -287,7 +290,8 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
@@ -185,7 +185,8 @@ def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, h
         tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t", "steps"])
 def layer_norm_lstm_backward_phase_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                           cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr,
                                           dwh_ptr, hh_stats_ptr, cell_stats_ptr, cell_partial_ptr, hh_partial_ptr,
@@ -211,7 +212,8 @@ def layer_norm_lstm_backward_phase_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bi
                                   BLOCK_H, BLOCK_P)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr,
                                                cell_weight_ptr, cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr,
                                                dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
@@ -267,7 +269,8 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
                  grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, saved["hh_stats"], saved["cell_stats"],
                  cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
-    constants = dict(H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
                      BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision, recurrent_projection
 from .tiles import grid_barrier, program_tile, row_active
 
@@ -162,7 +162,8 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
              mask=tile_mask)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t"])
 def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                          cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, gate_o_ptr, hh_partial_ptr,
                                          cell_partial_ptr, hh_stats_ptr, cell_stats_ptr, lengths_ptr, B, eps,
@@ -185,7 +186,8 @@ def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weigh
                       BLOCK_P)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr,
                                               cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr,
                                               gate_o_ptr, hh_partial_ptr, cell_partial_ptr, hh_stats_ptr,
@@ -239,7 +241,8 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     lengths_arg = lengths if lengths is not None else h0
     arguments = (wx, w_hh, bias, hh_weight, cell_weight, cell_bias, h, c, output, wh, gate_o, hh_partial,
                  cell_partial, hh_stats, cell_stats, lengths_arg, batch, eps)
-    constants = dict(H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
@@ -118,7 +118,8 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_
     tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t", "steps"])
 def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
                              hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr, row_partial_ptr,
                              lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -137,7 +138,8 @@ def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
                                  BLOCK_B, BLOCK_H, BLOCK_P)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                                    ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr,
                                    partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
@@ -184,7 +186,8 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
                  grad_output.contiguous(), dh_carry, dwx, du, partials, row_partial, lengths_arg, batch)
-    constants = dict(H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

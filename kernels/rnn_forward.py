@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .tiles import grid_barrier, program_tile, row_active
@@ -130,7 +130,8 @@ def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_
              mask=tile_mask)
 
 
-@triton.jit
+# t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
+@triton.jit(do_not_specialize=["t"])
 def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
                             partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
                             lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
@@ -156,7 +157,8 @@ def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                     ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
 
 
-@triton.jit
+# steps unspecialized: one compiled kernel serves every sequence length
+@triton.jit(do_not_specialize=["steps"])
 def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
                                   out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
                                   hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
@@ -209,7 +211,8 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, output, u, partial, ih_stats, hh_stats, *running,
                  lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
+    constants = dict(num_warps=num_warps(block_b, block_h),
+                     H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

@@ -1,0 +1,313 @@
+"""Compiles the fused kernels for an NVIDIA GPU on a machine without one, and reports what ptxas
+says of each: shared memory, registers, spills.
+
+The Triton interpreter runs the kernels' arithmetic on a CPU but never lowers them: a ``tl.dot``
+shape the tensor cores refuse, a tile that needs more shared memory than an SM has, or a construct
+only the interpreter accepts would first show up on a GPU. Here every layer runs forward and
+backward on CPU tensors while Triton's driver is replaced by one that only compiles (each launch
+becomes a warm-up for the chosen target), so every kernel is compiled exactly as a real launch
+at that shape would specialize it.
+
+Run as a program (``python tests/gpu_compile.py --help``) for a table, or through
+``tests/test_gpu_compile.py``. It must start without ``TRITON_INTERPRET=1``: Triton decides at
+import time whether a kernel is interpreted.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+# Shared memory one block may use on sm_90 (227 KiB opt-in); Triton refuses a launch above it.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+
+
+@dataclasses.dataclass
+class CompiledKernel:
+    """What one compiled specialization of a kernel needs on the GPU."""
+    kernel: str
+    case: str
+    num_warps: int
+    shared_bytes: int
+    registers: Optional[int]
+    spill_bytes: Optional[int]
+    cooperative_launch: Optional[bool]
+    # the grid barrier as lowered: a gpu-scope release add and gpu-scope acquire reads of the counter
+    release_add: bool
+    acquire_read: bool
+    constants: Dict[str, object]
+
+
+@dataclasses.dataclass
+class Case:
+    """One layer configuration: run forward (training, and evaluation under no_grad) and backward."""
+    cell: str
+    norm: Optional[str]
+    dtype: str
+    batch: int
+    hidden_size: int
+    lengths: bool = False
+    persistent: bool = False
+
+    @property
+    def name(self) -> str:
+        mode = " persistent" if self.persistent else ""
+        padded = " lengths" if self.lengths else ""
+        return f"{self.cell} norm={self.norm} {self.dtype} B={self.batch} H={self.hidden_size}{padded}{mode}"
+
+
+def cases(full: bool) -> List[Case]:
+    """The shapes of the issue: B=64, H=512 for every cell, norm and dtype; H=2048 with B=256, and
+    batch norm over B=512 (the whole batch in one program's tile) in bfloat16; persistent kernels
+    at B=64, H=512. ``full`` adds H=2048 for every norm and dtype."""
+    chosen = []
+    for cell in ("lstm", "gru", "rnn"):
+        for norm in (None, "layer", "batch"):
+            for dtype in ("float32", "bfloat16"):
+                chosen.append(Case(cell, norm, dtype, 64, 512))
+            chosen.append(Case(cell, norm, "bfloat16", 64, 512, persistent=True))
+        chosen.append(Case(cell, "batch", "bfloat16", 512, 2048))
+        chosen.append(Case(cell, "layer", "bfloat16", 256, 2048, lengths=True))
+    if full:
+        for cell in ("lstm", "gru", "rnn"):
+            for norm in (None, "layer", "batch"):
+                for dtype in ("float32", "bfloat16"):
+                    chosen.append(Case(cell, norm, dtype, 256, 2048, lengths=True))
+    return chosen
+
+
+class _CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver: names the target, and is never asked to launch."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compile_only(capability: int) -> Iterator[list]:
+    """Within it, a kernel launch compiles for ``capability`` (90: H100) and launches nothing;
+    the compiled kernels of every launch are appended to the list it yields."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    import normrnn.triton_backend as triton_backend
+
+    compiled: list = []
+    original_run = JITFunction.run
+    original_interpreting = triton_backend._interpreting
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    # restored as it was, not reset: resetting creates the default driver, which needs a GPU
+    previous_driver = driver._active
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", capability, 32)))
+    JITFunction.run = run
+    # the backend's device check: CPU tensors stand in for CUDA ones here
+    triton_backend._interpreting = lambda: True
+    try:
+        yield compiled
+    finally:
+        JITFunction.run = original_run
+        triton_backend._interpreting = original_interpreting
+        driver._active = previous_driver
+
+
+@contextlib.contextmanager
+def persistent_launches(enabled: bool) -> Iterator[None]:
+    """Makes the launchers choose their persistent kernels, with the launch options they take on a
+    CUDA device (a cooperative grid where this Triton has one)."""
+    if not enabled:
+        yield
+        return
+    from normrnn.kernels import buffers
+    cuda_options = buffers.persistent_launch_options("cuda")
+    modules = [module for name, module in list(sys.modules.items())
+               if name.startswith("normrnn.kernels.") and module is not buffers and hasattr(module, "launch_mode")]
+    saved = [(module, module.launch_mode, module.persistent_launch_options) for module in modules]
+    for module in modules:
+        module.launch_mode = lambda programs, device: buffers.PERSISTENT
+        module.persistent_launch_options = lambda device_type: cuda_options
+    try:
+        yield
+    finally:
+        for module, mode, options in saved:
+            module.launch_mode = mode
+            module.persistent_launch_options = options
+
+
+def _ptxas_report(ptx: str, capability: int) -> tuple:
+    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX, or (None, None) without ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        ptxas = get_ptxas(capability).path
+    except Exception:  # noqa: BLE001 - no ptxas with this Triton: the report leaves the columns empty
+        return None, None
+    suffix = "a" if capability >= 90 else ""
+    with tempfile.TemporaryDirectory() as directory:
+        source = Path(directory) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{capability}{suffix}", str(source),
+                                 "-o", str(Path(directory) / "kernel.cubin")], capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    registers = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    return (int(registers.group(1)) if registers else None, int(stores.group(1)) if stores else None)
+
+
+def compile_case(case: Case, capability: int, steps: int = 2) -> List[CompiledKernel]:
+    """Compiles every kernel the layer launches forward (training and evaluation) and backward."""
+    import torch
+
+    import normrnn
+    import normrnn.triton_backend  # noqa: F401 - the launchers' modules, for persistent_launches
+    import normrnn.triton_gru  # noqa: F401
+    import normrnn.triton_rnn  # noqa: F401
+
+    layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
+    dtype = getattr(torch, case.dtype)
+    layer = layer_class(case.hidden_size, case.hidden_size, norm=case.norm, backend="triton").to(dtype)
+    x = torch.randn(steps, case.batch, case.hidden_size, dtype=dtype, requires_grad=True)
+    lengths = None
+    if case.lengths:
+        lengths = torch.full((case.batch,), steps, dtype=torch.int64)
+        lengths[1::2] = 1
+    results = []
+    with compile_only(capability) as compiled, persistent_launches(case.persistent):
+        layer.train()
+        output, _ = layer(x) if lengths is None else layer(x, lengths=lengths)
+        output.float().sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x) if lengths is None else layer(x, lengths=lengths)
+    seen = set()
+    for name, kernel in compiled:
+        if id(kernel) in seen:
+            continue
+        seen.add(id(kernel))
+        registers, spills = _ptxas_report(kernel.asm["ptx"], capability)
+        constants = _constants(kernel)
+        ptx = kernel.asm["ptx"]
+        results.append(CompiledKernel(name, case.name, kernel.metadata.num_warps, kernel.metadata.shared, registers,
+                                      spills, getattr(kernel.metadata, "launch_cooperative_grid", None),
+                                      re.search(r"\b(red|atom)\.global\.gpu\.release\.add", ptx) is not None,
+                                      re.search(r"\b(ld|atom)\.global\.gpu\.acquire", ptx) is not None, constants))
+    return results
+
+
+def _constants(kernel) -> Dict[str, object]:
+    """The kernel's constexpr arguments by name (NORM, BLOCK_B, ...), where this Triton keeps them."""
+    source = getattr(kernel, "src", None)
+    if source is None or not hasattr(source, "constants"):
+        return {}
+    names = source.fn.arg_names
+    named = {}
+    for key, value in source.constants.items():
+        index = key[0] if isinstance(key, tuple) and len(key) == 1 else key
+        named[names[index] if isinstance(index, int) and index < len(names) else str(key)] = _plain(value)
+    return named
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def markdown_table(report: dict) -> str:
+    """The report as a markdown table, one row per compiled kernel."""
+    lines = [f"# Fused kernels compiled for sm_{report['capability']} (Triton {report['triton']}, no GPU)", "",
+             "Written by `python tests/gpu_compile.py --markdown FILE`. Registers and spill stores are ptxas's "
+             "(`-v`) per thread; each layer compiles its training forward, backward and evaluation forward.", "",
+             "| case | kernel | phase / mode | warps | shared KiB | registers | spill bytes |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["kernels"]:
+        constants = row["constants"]
+        details = [f"PHASE={constants['PHASE']}"] if "PHASE" in constants else []
+        if "SAVE" in constants:  # forward kernels: saving for the backward is the training forward
+            details.append("train" if constants["SAVE"] else "eval")
+        lines.append(f"| {row['case']} | {row['kernel']} | {' '.join(details)} | {row['num_warps']} | "
+                     f"{row['shared_bytes'] / 1024:.0f} | {row['registers']} | {row['spill_bytes']} |")
+    for failure in report["failures"]:
+        lines.append(f"| {failure['case']} | FAILED: {failure['error'][:200]} | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--capability", type=int, default=90, help="compute capability (90: H100)")
+    parser.add_argument("--full", action="store_true", help="also H=2048, B=256 for every norm and dtype")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run only the cases whose name contains this text (repeatable: any of them)")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--markdown", default=None, help="write a table of the results to this file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled at once")
+    arguments = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
+    import triton
+    try:
+        importlib.import_module("triton.backends.nvidia.compiler")
+    except ImportError as error:
+        if arguments.json:
+            Path(arguments.json).write_text(json.dumps({"unavailable": f"no NVIDIA backend in Triton: {error}"}))
+        print(f"nothing to compile: this Triton has no NVIDIA backend ({error})")
+        return 0
+    from normrnn.kernels.buffers import persistent_launch_options
+    limit = SHARED_MEMORY_LIMIT.get(arguments.capability)
+    rows, failures = [], []
+    selected = [case for case in cases(arguments.full)
+                if arguments.only is None or any(text in case.name for text in arguments.only)]
+    with concurrent.futures.ProcessPoolExecutor(max(1, arguments.jobs)) as pool:
+        futures = [pool.submit(compile_case, case, arguments.capability) for case in selected]
+        for case, future in zip(selected, futures):
+            try:
+                kernels = future.result()
+            except Exception as error:  # noqa: BLE001 - a compile error is this tool's finding
+                failures.append({"case": case.name, "error": f"{type(error).__name__}: {error}"[:2000]})
+                print(f"FAILED {case.name}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+                continue
+            for kernel in kernels:
+                too_big = limit is not None and kernel.shared_bytes > limit
+                rows.append(dataclasses.asdict(kernel) | {"shared_memory_fits": not too_big})
+                print(f"{'TOO BIG ' if too_big else ''}{case.name:48s} {kernel.kernel:48s} "
+                      f"warps={kernel.num_warps} shared={kernel.shared_bytes:6d} registers={kernel.registers} "
+                      f"spills={kernel.spill_bytes}", flush=True)
+    report = {"triton": triton.__version__, "capability": arguments.capability, "shared_memory_limit": limit,
+              "cooperative_launch_available": bool(persistent_launch_options("cuda").get("launch_cooperative_grid")),
+              "kernels": rows, "failures": failures}
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps(report, indent=1))
+    if arguments.markdown:
+        Path(arguments.markdown).write_text(markdown_table(report))
+    bad = failures or [row for row in rows if not row["shared_memory_fits"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
