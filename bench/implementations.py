@@ -5,6 +5,8 @@ missing peer is never skipped silently.
     normrnn-triton      normrnn layer, backend="triton" (the fused kernels, one launch per step)
     normrnn-persistent  the same with the persistent kernels (NORMRNN_PERSISTENT=1: one launch per
                         layer and direction, a grid barrier between steps), where the grid fits
+    normrnn-graphs      normrnn-triton under torch.compile(mode="reduce-overhead"): the per-step
+                        launches replayed from CUDA graphs, without Triton's host cost per launch
     normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
     reference-compiled  the reference layer under torch.compile
     cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
@@ -136,6 +138,16 @@ def normrnn_persistent(case: Case, device) -> Runner:
                   runner.train_skip_reason)
 
 
+def normrnn_graphs(case: Case, device) -> Runner:
+    """The fused layer compiled with mode="reduce-overhead", which records its launches in CUDA
+    graphs: a per-step launch then costs a replay, not Triton's argument binding on the host."""
+    if device.type != "cuda":
+        raise Skip("CUDA graphs need a CUDA device")
+    normrnn_triton(case, device)  # raises Skip where the kernels cannot run the case
+    compiled = torch.compile(_normrnn_layer(case, device, "triton"), mode="reduce-overhead")
+    return _module_runner(compiled, _inputs(case, device), _batch_of_one_reason(case))
+
+
 def normrnn_reference(case: Case, device) -> Runner:
     if case.hidden_size * case.steps > EAGER_LIMIT:
         raise Skip(f"eager reference skipped above H x T = {EAGER_LIMIT} (minutes per step)")
@@ -208,6 +220,7 @@ def flashrnn(case: Case, device) -> Runner:
 IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "normrnn-triton": normrnn_triton,
     "normrnn-persistent": normrnn_persistent,
+    "normrnn-graphs": normrnn_graphs,
     "normrnn-reference": normrnn_reference,
     "reference-compiled": reference_compiled,
     "cudnn": cudnn,

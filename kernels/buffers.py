@@ -25,15 +25,18 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def num_warps(block_b: int, block_h: int) -> int:
-    """Warps per program: 8 for tiles of at least 64 x 16 (rows x hidden units), 4 below.
+def launch_options(block_b: int, block_h: int) -> dict:
+    """Triton launch options of every kernel whose programs own ``block_b`` rows x ``block_h`` units.
 
-    Chosen from ptxas's reports for sm_90 (``tests/gpu_compile.py``; no GPU timing yet): at B=64,
-    H=512 with 4 warps the backward kernels, the persistent kernels and the batch-norm forward need
-    more than the 255 registers a thread may have and spill up to 1.1 KB a thread (3 KB over all
-    kernels of that shape); with 8 warps 0.2 KB in all, most kernels none. Smaller tiles fit in 4
-    warps without spilling."""
-    return 8 if block_b * block_h >= 1024 else 4
+    ``num_warps``: 8 for tiles of at least 64 x 16, 4 below. Chosen from ptxas's reports for sm_90
+    (``tests/gpu_compile.py``; no GPU timing yet): at B=64, H=512 with 4 warps the backward
+    kernels, the persistent kernels and the batch-norm forward need more than the 255 registers a
+    thread may have and spill up to 1.1 KB a thread (3.3 KB over the 105 kernels of that shape);
+    with 8 warps 0.2 KB in all, most kernels none. Smaller tiles fit in 4 warps without spilling.
+
+    ``enable_fp_fusion``: multiply-adds fused, as every Triton release so far has defaulted to;
+    Triton 3.10 turns the default off, and the kernels should compute the same on every version."""
+    return {"num_warps": 8 if block_b * block_h >= 1024 else 4, "enable_fp_fusion": True}
 
 
 def interpreted() -> bool:

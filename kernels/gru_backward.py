@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
@@ -249,7 +249,7 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     arguments = (steps, wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
                  saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, partials, row_partial, lengths_arg,
                  batch)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .tiles import grid_barrier, program_tile, row_active
@@ -245,7 +245,7 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, output, wh, partial, ih_stats, hh_stats,
                  *running, lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import block_sizes, dot_precision
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
@@ -239,7 +239,7 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
                  dc_carry, dwx, dwh, partials, cell_partials, lengths_arg, batch)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k)

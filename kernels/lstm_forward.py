@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, interpreted, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .tiles import grid_barrier, program_tile, row_active
 
 NORM_NONE = 0
@@ -290,7 +290,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
@@ -269,7 +269,7 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
                  grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, saved["hh_stats"], saved["cell_stats"],
                  cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
                      BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, num_warps, persistent_launch_options
+from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import _batch_norm_backward
 from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
@@ -186,7 +186,7 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
                  grad_output.contiguous(), dh_carry, dwx, du, partials, row_partial, lengths_arg, batch)
-    constants = dict(num_warps=num_warps(block_b, block_h),
+    constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import importlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -27,6 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
+
+# the repository's normrnn, also where it is not installed (the GPU machine runs from a checkout)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from normrnn.bench.cases import Case as LayerCase  # noqa: E402
 
 # Shared memory one block may use on sm_90 (227 KiB opt-in); Triton refuses a launch above it.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -49,24 +53,27 @@ class CompiledKernel:
 
 
 @dataclasses.dataclass
-class Case:
-    """One layer configuration: run forward (training, and evaluation under no_grad) and backward."""
-    cell: str
-    norm: Optional[str]
-    dtype: str
-    batch: int
-    hidden_size: int
+class CompileCase:
+    """One layer configuration (the bench's ``Case``; its steps are the sequence length run) with
+    padding or not and the launch mode: compiled forward (training, and evaluation under no_grad)
+    and backward."""
+    layer: LayerCase
     lengths: bool = False
     persistent: bool = False
 
     @property
     def name(self) -> str:
+        layer = self.layer
         mode = " persistent" if self.persistent else ""
         padded = " lengths" if self.lengths else ""
-        return f"{self.cell} norm={self.norm} {self.dtype} B={self.batch} H={self.hidden_size}{padded}{mode}"
+        return f"{layer.cell} norm={layer.norm} {layer.dtype} B={layer.batch} H={layer.hidden_size}{padded}{mode}"
 
 
-def cases(full: bool) -> List[Case]:
+def _case(cell, norm, dtype, batch, hidden_size, **options) -> CompileCase:
+    return CompileCase(LayerCase(cell, norm, dtype, batch, hidden_size, steps=2), **options)
+
+
+def cases(full: bool) -> List[CompileCase]:
     """The shapes of the issue: B=64, H=512 for every cell, norm and dtype; H=2048 with B=256, and
     batch norm over B=512 (the whole batch in one program's tile) in bfloat16; persistent kernels
     at B=64, H=512. ``full`` adds H=2048 for every norm and dtype."""
@@ -74,15 +81,15 @@ def cases(full: bool) -> List[Case]:
     for cell in ("lstm", "gru", "rnn"):
         for norm in (None, "layer", "batch"):
             for dtype in ("float32", "bfloat16"):
-                chosen.append(Case(cell, norm, dtype, 64, 512))
-            chosen.append(Case(cell, norm, "bfloat16", 64, 512, persistent=True))
-        chosen.append(Case(cell, "batch", "bfloat16", 512, 2048))
-        chosen.append(Case(cell, "layer", "bfloat16", 256, 2048, lengths=True))
+                chosen.append(_case(cell, norm, dtype, 64, 512))
+            chosen.append(_case(cell, norm, "bfloat16", 64, 512, persistent=True))
+        chosen.append(_case(cell, "batch", "bfloat16", 512, 2048))
+        chosen.append(_case(cell, "layer", "bfloat16", 256, 2048, lengths=True))
     if full:
         for cell in ("lstm", "gru", "rnn"):
             for norm in (None, "layer", "batch"):
                 for dtype in ("float32", "bfloat16"):
-                    chosen.append(Case(cell, norm, dtype, 256, 2048, lengths=True))
+                    chosen.append(_case(cell, norm, dtype, 256, 2048, lengths=True))
     return chosen
 
 
@@ -181,7 +188,7 @@ def _ptxas_report(ptx: str, capability: int) -> tuple:
     return (int(registers.group(1)) if registers else None, int(stores.group(1)) if stores else None)
 
 
-def compile_case(case: Case, capability: int, steps: int = 2) -> List[CompiledKernel]:
+def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
     """Compiles every kernel the layer launches forward (training and evaluation) and backward."""
     import torch
 
@@ -190,13 +197,14 @@ def compile_case(case: Case, capability: int, steps: int = 2) -> List[CompiledKe
     import normrnn.triton_gru  # noqa: F401
     import normrnn.triton_rnn  # noqa: F401
 
-    layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
-    dtype = getattr(torch, case.dtype)
-    layer = layer_class(case.hidden_size, case.hidden_size, norm=case.norm, backend="triton").to(dtype)
-    x = torch.randn(steps, case.batch, case.hidden_size, dtype=dtype, requires_grad=True)
+    shape = case.layer
+    layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[shape.cell]
+    dtype = getattr(torch, shape.dtype)
+    layer = layer_class(shape.hidden_size, shape.hidden_size, norm=shape.norm, backend="triton").to(dtype)
+    x = torch.randn(shape.steps, shape.batch, shape.hidden_size, dtype=dtype, requires_grad=True)
     lengths = None
     if case.lengths:
-        lengths = torch.full((case.batch,), steps, dtype=torch.int64)
+        lengths = torch.full((shape.batch,), shape.steps, dtype=torch.int64)
         lengths[1::2] = 1
     results = []
     with compile_only(capability) as compiled, persistent_launches(case.persistent):
@@ -309,5 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())
