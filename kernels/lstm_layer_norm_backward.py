@@ -46,8 +46,10 @@ def _sum_partials(partial_ptr, rows, row_mask, B, programs, BLOCK_P: tl.constexp
     program_ids = tl.arange(0, BLOCK_P)
     tile_mask = (program_ids < programs)[:, None] & row_mask[None, :]
     offsets = program_ids[:, None] * 2 * B + rows[None, :]
-    first = tl.sum(tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0), axis=0)
-    second = tl.sum(tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0), axis=0)
+    # written by the other programs, at this same address every step: read past L1 (see
+    # _combine_row_statistics in lstm_layer_norm_forward.py)
+    first = tl.sum(tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg"), axis=0)
+    second = tl.sum(tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg"), axis=0)
     return first, second
 
 

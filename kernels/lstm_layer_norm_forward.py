@@ -56,8 +56,10 @@ def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl
     owned_f = tl.where(program_mask, owned, 0).to(tl.float32)[:, None]
     tile_mask = program_mask[:, None] & row_mask[None, :]
     offsets = program_ids[:, None] * 2 * B + rows[None, :]
-    means = tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0)
-    m2s = tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0)
+    # written by the other programs (in the persistent kernel, at this same address every step):
+    # read past L1, which is not coherent across SMs and may hold last step's values
+    means = tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
+    m2s = tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
     total = H * FEATURES_PER_UNIT
     mean = tl.sum(owned_f * means, axis=0) / total
     spread = means - mean[None, :]

@@ -15,9 +15,11 @@ import time whether a kernel is interpreted.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -49,6 +51,10 @@ class CompiledKernel:
     # the grid barrier as lowered: a gpu-scope release add and gpu-scope acquire reads of the counter
     release_add: bool
     acquire_read: bool
+    # loads the source asks to read past L1 (cache_modifier=".cg": data other programs wrote)
+    # that compiled to an L1-cached instruction anyway, as "file:line"
+    cached_despite_cg: List[str]
+    cg_loads_checked: int
     constants: Dict[str, object]
 
 
@@ -169,6 +175,48 @@ def persistent_launches(enabled: bool) -> Iterator[None]:
             module.persistent_launch_options = options
 
 
+@functools.lru_cache(maxsize=None)
+def _loads_past_l1(path: str) -> frozenset:
+    """Lines of ``path`` where a ``tl.load`` with ``cache_modifier=".cg"`` starts."""
+    lines = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                and any(keyword.arg == "cache_modifier" and isinstance(keyword.value, ast.Constant)
+                        and keyword.value.value == ".cg" for keyword in node.keywords)):
+            lines.add(node.lineno)
+    return frozenset(lines)
+
+
+def cached_despite_cg(ptx: str) -> tuple:
+    """Source lines whose loads ask for ".cg" but compiled to an instruction that may be served by
+    L1 (``ld.global`` without .cg / an acquire, or ``cp.async.ca``): in the persistent kernels such a
+    load could read another program's data as it was before the barrier. Returns those lines, as
+    "file:line", and how many load instructions of ".cg" lines were checked."""
+    files: Dict[str, str] = {}
+    for declared in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]*)"(?:,\s*"([^"]*)")?', ptx, re.MULTILINE):
+        # (Triton 3.6 declares the files after the code that refers to them)
+        directory, name = (declared.group(2), declared.group(3)) if declared.group(3) else ("", declared.group(2))
+        files[declared.group(1)] = os.path.join(directory, name)
+    location = None
+    found = set()
+    checked = 0
+    for line in ptx.splitlines():
+        marker = re.search(r"\.loc\s+(\d+)\s+(\d+)\s", line)
+        if marker:
+            location = (files.get(marker.group(1)), int(marker.group(2)))
+            continue
+        load = re.search(r"\b(ld\.global[.a-z0-9:]*|cp\.async\.c[ag]\.shared\.global)", line)
+        if load is None or location is None or location[0] is None or not os.path.isfile(location[0]):
+            continue
+        instruction = load.group(1)
+        past_l1 = ".cg" in instruction or ".acquire" in instruction or ".volatile" in instruction
+        if location[1] in _loads_past_l1(location[0]):
+            checked += 1
+            if not past_l1:
+                found.add(f"{Path(location[0]).name}:{location[1]}")
+    return sorted(found), checked
+
+
 def _ptxas_report(ptx: str, capability: int) -> tuple:
     """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX, or (None, None) without ptxas."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -225,7 +273,8 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
         results.append(CompiledKernel(name, case.name, kernel.metadata.num_warps, kernel.metadata.shared, registers,
                                       spills, getattr(kernel.metadata, "launch_cooperative_grid", None),
                                       re.search(r"\b(red|atom)\.global\.gpu\.release\.add", ptx) is not None,
-                                      re.search(r"\b(ld|atom)\.global\.gpu\.acquire", ptx) is not None, constants))
+                                      re.search(r"\b(ld|atom)\.global\.gpu\.acquire", ptx) is not None,
+                                      *cached_despite_cg(ptx), constants))
     return results
 
 

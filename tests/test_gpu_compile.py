@@ -83,3 +83,32 @@ def test_the_grid_barrier_lowers_to_gpu_scope_release_and_acquire(report):
     for row in data["kernels"]:
         persistent = row["kernel"].endswith("persistent_kernel")
         assert row["release_add"] == persistent and row["acquire_read"] == persistent, row
+
+
+def test_loads_of_other_programs_data_bypass_l1(report):
+    """Every load the kernels mark ``cache_modifier=".cg"`` (h_{t-1}, dwh_{t+1}, the layer norm's
+    per-program partial statistics: what other programs wrote) compiles to an instruction that
+    bypasses L1, which is not coherent across SMs; one served from L1 could read another program's
+    data as it was before the grid barrier."""
+    data, _ = report
+    offenders = {(row["case"], row["kernel"]): row["cached_despite_cg"] for row in data["kernels"]
+                 if row["cached_despite_cg"]}
+    assert not offenders, offenders
+    # the check found the loads it is about (h_{t-1} and dwh_{t+1} at least) in every persistent kernel
+    assert all(row["cg_loads_checked"] > 0 for row in data["kernels"] if row["kernel"].endswith("persistent_kernel"))
+
+
+def test_the_l1_check_flags_a_cached_load_of_a_cg_line(tmp_path):
+    """The check above on a hand-written PTX: a ".cg" load compiled to a plain ld.global or to
+    cp.async.ca is flagged, one compiled to ld.global.cg or cp.async.cg is not."""
+    sys.path.insert(0, str(HERE))
+    from gpu_compile import cached_despite_cg
+    source = tmp_path / "kernel.py"
+    source.write_text("x = tl.load(p)\ny = tl.load(q,\n    cache_modifier='.cg')\n")
+    header = f'\t.file\t1 "{source}"\n\t.loc\t1 2 5\n'
+    assert cached_despite_cg(header + "\tld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n") == (["kernel.py:2"], 1)
+    assert cached_despite_cg(header + "\tcp.async.ca.shared.global [%r1], [%rd1], 0x8;\n") == (["kernel.py:2"], 1)
+    assert cached_despite_cg(header + "\tld.global.cg.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n") == ([], 1)
+    assert cached_despite_cg(header + "\tcp.async.cg.shared.global [%r1], [%rd1], 0x10;\n") == ([], 1)
+    unmarked = f'\t.file\t1 "{source}"\n\t.loc\t1 1 5\n\tld.global.v4.b32 {{%r1}}, [%rd1];\n'
+    assert cached_despite_cg(unmarked) == ([], 0)
