@@ -5,6 +5,9 @@ missing peer is never skipped silently.
     normrnn-triton      normrnn layer, backend="triton" (the fused kernels, one launch per step)
     normrnn-persistent  the same with the persistent kernels (NORMRNN_PERSISTENT=1: one launch per
                         layer and direction, a grid barrier between steps), where the grid fits
+    normrnn-persistent-streamed
+                        the persistent LSTM kernels with W_hh read from L2 every step instead of
+                        held on chip (what keeping it on chip buys; LSTM with norm None or layer)
     normrnn-graphs      normrnn-triton under torch.compile(mode="reduce-overhead"): the per-step
                         launches replayed from CUDA graphs, without Triton's host cost per launch
     normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
@@ -127,15 +130,47 @@ def normrnn_persistent(case: Case, device) -> Runner:
     if mode != PERSISTENT:
         raise Skip(f"a grid of {programs} programs cannot be resident at once here: the launchers would run "
                    "one launch per step (normrnn-triton)")
+    return _runner_within(_persistent_requested, runner)
 
-    def persistent(function):
+
+def _runner_within(context, runner: Runner) -> Runner:
+    """``runner`` with each call made inside a fresh ``context()`` (a launcher setting that the
+    layers read when they launch, not when they are built)."""
+    def within(function):
         def run():
-            with _persistent_requested():
+            with context():
                 function()
         return run
 
-    return Runner(persistent(runner.forward_eval), runner.train_step and persistent(runner.train_step),
+    return Runner(within(runner.forward_eval), runner.train_step and within(runner.train_step),
                   runner.train_skip_reason)
+
+
+@contextlib.contextmanager
+def _weights_streamed():
+    from normrnn.kernels import lstm_forward
+    previous = lstm_forward.RESIDENT_OPERAND_BYTES
+    lstm_forward.RESIDENT_OPERAND_BYTES = 0
+    try:
+        yield
+    finally:
+        lstm_forward.RESIDENT_OPERAND_BYTES = previous
+
+
+def normrnn_persistent_streamed(case: Case, device) -> Runner:
+    """normrnn-persistent with the LSTM forward's W_hh streamed from memory every step (as where it
+    does not fit on chip): beside normrnn-persistent, the measured worth of the resident weights.
+    Skipped where normrnn-persistent streams them too."""
+    from normrnn.kernels.lstm_forward import block_sizes, dot_precision, resident_weights, state_dtype
+    if case.cell != "lstm" or case.norm not in (None, "layer"):
+        raise Skip("only the persistent LSTM forward without norm or with layer norm holds W_hh on chip")
+    dtype = _dtype(case)
+    norm_code = 0 if case.norm is None else 1
+    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
+    if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm_code),
+                            dot_precision(dtype, norm_code)):
+        raise Skip("W_hh does not fit on chip at this shape: normrnn-persistent streams it already")
+    return _runner_within(_weights_streamed, normrnn_persistent(case, device))
 
 
 def normrnn_graphs(case: Case, device) -> Runner:
@@ -220,6 +255,7 @@ def flashrnn(case: Case, device) -> Runner:
 IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "normrnn-triton": normrnn_triton,
     "normrnn-persistent": normrnn_persistent,
+    "normrnn-persistent-streamed": normrnn_persistent_streamed,
     "normrnn-graphs": normrnn_graphs,
     "normrnn-reference": normrnn_reference,
     "reference-compiled": reference_compiled,

@@ -8,7 +8,9 @@ The mathematics is ``normrnn/reference/lstm.py`` (``lstm_sequence``):
 ``wx`` = x W_ih^T is computed for all timesteps before the loop. Program p owns hidden units
 [p * BLOCK_H, (p + 1) * BLOCK_H) of all four gates for the whole batch, so the batch statistics of
 its columns are local to it; h_{t-1} of all units is read from memory written by the previous
-step (a new launch, or the grid barrier of the persistent kernel).
+step (a new launch, or the grid barrier of the persistent kernel). The persistent kernel keeps the
+program's rows of W_hh on chip for the whole sequence where they fit (``resident_weights``), and
+otherwise streams them in K tiles every step, as the per-step kernel does.
 
 Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 4H), the states
 h (T+1, B, H) and c (T+1, B, H), and the mean / rstd used at every step.
@@ -93,12 +95,64 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
 
 
 @triton.jit
+def load_recurrent_weights(w_hh_ptr, units, unit_mask, H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's rows of W_hh, all of K in one (BLOCK_H, BLOCK_K) tile per gate (i, f, g, o)."""
+    ks = tl.arange(0, BLOCK_K)
+    w_offsets = units[:, None] * H + ks[None, :]
+    w_mask = unit_mask[:, None] & (ks < H)[None, :]
+    w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+    w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+    w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+    w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+    return w_i, w_f, w_g, w_o
+
+
+@triton.jit
+def _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h_{t-1} W_hh^T with the weights of ``load_recurrent_weights``, all of K in one tile.
+    Loaded before the persistent kernel's loop, they are loop-invariant: Triton 3.6 and 3.9 hoist
+    their copy into shared memory out of the loop (see the compile report), so W_hh is read from
+    global memory once per launch instead of once per step."""
+    ks = tl.arange(0, BLOCK_K)
+    h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                     mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+    if DOT_PRECISION != "native":
+        h_wide = h_tile.to(tl.float32)
+        acc_i = tl.dot(h_wide, tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h_wide, tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h_wide, tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h_wide, tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc_i = tl.dot(h_tile, tl.trans(w_i))
+        acc_f = tl.dot(h_tile, tl.trans(w_f))
+        acc_g = tl.dot(h_tile, tl.trans(w_g))
+        acc_o = tl.dot(h_tile, tl.trans(w_o))
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
+    """h_{t-1} W_hh^T for the four gates (i, f, g, o) of the program's units: with ``RESIDENT``,
+    from the weight tiles ``w_*`` the persistent kernel loaded once; otherwise W_hh is streamed
+    from memory in K tiles (the ``w_*`` are unused). h_{t-1} (row t of h) was written by other
+    programs: it is read past L1, which is not coherent across SMs."""
+    if RESIDENT:
+        acc_i, acc_f, acc_g, acc_o = _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H,
+                                                          DOT_PRECISION, BLOCK_K)
+    else:
+        acc_i, acc_f, acc_g, acc_o = _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B,
+                                                          H, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-    """h_{t-1} W_hh^T for the four gates (i, f, g, o) of the program's units, tiled over K.
-    h_{t-1} (row t of h) was written by other programs: it is read past L1, which is not coherent
-    across SMs."""
+    """h_{t-1} W_hh^T with W_hh read from memory in K tiles."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -133,9 +187,11 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
                        B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                        SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o,
+                       RESIDENT: tl.constexpr):
     """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
-    c_t (row t + 1), the output and what the backward needs."""
+    c_t (row t + 1), the output and what the backward needs. ``w_*``, ``RESIDENT``: see
+    ``recurrent_projection``."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
@@ -144,7 +200,8 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
     slot = tl.minimum(t, max_steps - 1)
 
     acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
-                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
+                                                      RESIDENT)
 
     z_i = _gate_preactivation(0, t, acc_i, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
                               hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
@@ -200,7 +257,7 @@ def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_we
                        cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
                        cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
                        cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
-                       HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                       HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, 0, False)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -211,19 +268,26 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
                                    cell_mean_ptr, cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
                                    H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                                    HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
     """All timesteps in one launch; a grid barrier publishes h_t before step t + 1 reads it.
+    With ``RESIDENT`` (all of K in one tile: ``resident_weights``) the program's rows of W_hh are
+    loaded once, before the loop, and stay on chip.
 
     The barrier: every thread's stores finish, one release add on a step counter, then a spin of
     acquire reads until all programs have arrived (counter = (t + 1) * programs)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0) * tl.num_programs(1)
+    if RESIDENT:
+        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+        w_i, w_f, w_g, w_o = load_recurrent_weights(w_hh_ptr, units, unit_mask, H, BLOCK_K)
+    else:
+        w_i, w_f, w_g, w_o = 0, 0, 0, 0
     for t in range(steps):
         _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                            cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                            ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
                            lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
-                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT)
         grid_barrier(barrier_ptr, (t + 1) * programs)
 
 
@@ -239,6 +303,25 @@ def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
     # whole batch of 512 under batch norm still fits (K tiles of 16 there)
     block_k = max(16, min(64, triton.next_power_of_2(hidden_size), 8192 // block_b))
     return block_b, block_h, block_k
+
+
+# Shared memory the persistent kernels may give to the operands of a resident recurrent matmul (the
+# program's W_hh rows and the h_{t-1} tile, both with all of K): B=64, H=512 in bfloat16 takes
+# 128 KiB, 130 KiB in all with the rest (227 KiB per block on sm_90); also what the h tile costs in
+# registers while it is loaded (64 a thread there with 8 warps).
+RESIDENT_OPERAND_BYTES = 128 * 1024
+
+
+def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, dtype: torch.dtype,
+                     precision: str) -> bool:
+    """Whether a persistent kernel keeps the program's ``gates`` x ``block_h`` rows of W_hh on chip
+    for the whole sequence: when the matmul's operands with all of K in one tile, W_hh's rows and
+    the (``block_b``, K) tile of h in ``dtype``, fit ``RESIDENT_OPERAND_BYTES`` as the tensor cores
+    take them ("ieee": float32, "tf32x3": a float32 pair). Otherwise W_hh is streamed from memory
+    (L2) in K tiles every step."""
+    operand_bytes = {"native": torch.finfo(dtype).bits // 8, "ieee": 4, "tf32x3": 8}[precision]
+    k_tile = max(16, triton.next_power_of_2(hidden_size))
+    return (block_b + gates * block_h) * k_tile * operand_bytes <= RESIDENT_OPERAND_BYTES
 
 
 def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:
@@ -295,7 +378,11 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+        resident = resident_weights(block_b, block_h, 4, hidden, state_dtype(w_hh.dtype, norm),
+                                    constants["DOT_PRECISION"])
+        if resident:
+            constants["BLOCK_K"] = max(16, triton.next_power_of_2(hidden))
+        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:
         for t in range(steps):

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision, recurrent_projection
+from .lstm_forward import (NORM_LAYER, _tanh, block_sizes, dot_precision, load_recurrent_weights, recurrent_projection,
+                           resident_weights)
 from .tiles import grid_barrier, program_tile, row_active
 
 
@@ -70,8 +71,10 @@ def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl
 
 @triton.jit
 def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics."""
+                      DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
+    """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics.
+    ``w_*``, ``RESIDENT``: see ``recurrent_projection``."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     step = t if SAVE else 0
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -79,7 +82,8 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
     owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 4).to(tl.float32)
     # the four gates together: their row mean and M2 span 4 x BLOCK_H columns
     acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
-                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                                                      DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
+                                                      RESIDENT)
     offsets = step * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
     tl.store(wh_ptr + offsets, acc_i, mask=tile_mask)
     tl.store(wh_ptr + offsets + H, acc_f, mask=tile_mask)
@@ -177,7 +181,7 @@ def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weigh
     programs = tl.num_programs(0)
     if PHASE == 0:
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
-                          BLOCK_K)
+                          BLOCK_K, 0, 0, 0, 0, False)
     elif PHASE == 1:
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
@@ -196,14 +200,20 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
                                               cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr,
                                               SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                              BLOCK_P: tl.constexpr):
-    """All timesteps in one launch, a grid barrier after each of the three phases."""
+                                              BLOCK_P: tl.constexpr, RESIDENT: tl.constexpr):
+    """All timesteps in one launch, a grid barrier after each of the three phases. With
+    ``RESIDENT`` the program's rows of W_hh are loaded once, before the loop, and stay on chip."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
     grid_programs = programs * tl.num_programs(1)
+    if RESIDENT:
+        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+        w_i, w_f, w_g, w_o = load_recurrent_weights(w_hh_ptr, units, unit_mask, H, BLOCK_K)
+    else:
+        w_i, w_f, w_g, w_o = 0, 0, 0, 0
     for t in range(steps):
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
-                          BLOCK_K)
+                          BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT)
         grid_barrier(barrier_ptr, (3 * t + 1) * grid_programs)
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
@@ -249,7 +259,10 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+        resident = resident_weights(block_b, block_h, 4, hidden, w_hh.dtype, constants["DOT_PRECISION"])
+        if resident:
+            constants["BLOCK_K"] = max(16, triton.next_power_of_2(hidden))
+        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:
         for t in range(steps):

@@ -56,6 +56,9 @@ class CompiledKernel:
     cached_despite_cg: List[str]
     cg_loads_checked: int
     constants: Dict[str, object]
+    # kernels compiled with RESIDENT (W_hh loaded once before the step loop): whether every shared
+    # memory copy of a weight tile sits outside all loops, i.e. W_hh stays on chip for the launch
+    weights_on_chip: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -217,6 +220,30 @@ def cached_despite_cg(ptx: str) -> tuple:
     return sorted(found), checked
 
 
+def weights_on_chip(ttgir: str, block_h: int, block_k: int, gates: int) -> bool:
+    """Whether the shared-memory copies (``ttg.local_alloc``) of the (``block_h``, ``block_k``)
+    weight tiles, at least one per gate, all sit at the kernel's top level, outside every loop
+    and branch: Triton hoisted them out of the step loop, so each program reads its W_hh rows from
+    global memory once per launch and keeps them in shared memory. A copy inside a region would be
+    redone every step."""
+    shape = re.compile(rf"ttg\.local_alloc %\S+ : \(tensor<({block_h}x{block_k}|{block_k}x{block_h})x")
+    depth = 0
+    hoisted = inside = 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            depth -= 1
+        if shape.search(text):
+            # depth 2: inside the module and the function, in no region of theirs
+            if depth == 2:
+                hoisted += 1
+            else:
+                inside += 1
+        if text.endswith("{"):
+            depth += 1
+    return hoisted >= gates and inside == 0
+
+
 def _ptxas_report(ptx: str, capability: int) -> tuple:
     """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX, or (None, None) without ptxas."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -270,11 +297,15 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
         registers, spills = _ptxas_report(kernel.asm["ptx"], capability)
         constants = _constants(kernel)
         ptx = kernel.asm["ptx"]
+        on_chip = None
+        if constants.get("RESIDENT"):
+            gates = {"lstm": 4, "gru": 3, "rnn": 1}[shape.cell]
+            on_chip = weights_on_chip(kernel.asm["ttgir"], constants["BLOCK_H"], constants["BLOCK_K"], gates)
         results.append(CompiledKernel(name, case.name, kernel.metadata.num_warps, kernel.metadata.shared, registers,
                                       spills, getattr(kernel.metadata, "launch_cooperative_grid", None),
                                       re.search(r"\b(red|atom)\.global\.gpu\.release\.add", ptx) is not None,
                                       re.search(r"\b(ld|atom)\.global\.gpu\.acquire", ptx) is not None,
-                                      *cached_despite_cg(ptx), constants))
+                                      *cached_despite_cg(ptx), constants, on_chip))
     return results
 
 
@@ -307,6 +338,8 @@ def markdown_table(report: dict) -> str:
         details = [f"PHASE={constants['PHASE']}"] if "PHASE" in constants else []
         if "SAVE" in constants:  # forward kernels: saving for the backward is the training forward
             details.append("train" if constants["SAVE"] else "eval")
+        if row.get("weights_on_chip") is not None:
+            details.append("W_hh on chip" if row["weights_on_chip"] else "W_hh copied every step")
         lines.append(f"| {row['case']} | {row['kernel']} | {' '.join(details)} | {row['num_warps']} | "
                      f"{row['shared_bytes'] / 1024:.0f} | {row['registers']} | {row['spill_bytes']} |")
     for failure in report["failures"]:
@@ -326,6 +359,15 @@ def main(argv=None) -> int:
     arguments = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
+    if "TRITON_CACHE_DIR" not in os.environ:
+        # a cache of its own: a kernel cached from another checkout with the same source keeps that
+        # checkout's file paths (and line numbers) in its PTX, which the L1 check reads
+        with tempfile.TemporaryDirectory(prefix="gpu_compile_cache_") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache
+            try:
+                return main(argv)
+            finally:
+                del os.environ["TRITON_CACHE_DIR"]
     import triton
     try:
         importlib.import_module("triton.backends.nvidia.compiler")

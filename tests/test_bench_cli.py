@@ -67,3 +67,35 @@ def test_gpu_section_logic_runs_every_implementation_on_a_tiny_case(tmp_path):
     results = {"section": "cuda", "environment": report.environment(device), "timings": rows, "correctness": checks}
     paths = report.write(results, str(tmp_path))
     assert "Correctness at scale" in open(paths[1]).read()
+
+
+
+def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_does_not_apply(monkeypatch):
+    """normrnn-persistent-streamed runs the persistent layer-norm LSTM with W_hh streamed where
+    normrnn-persistent holds it on chip, and is skipped, with the reason, where nothing differs."""
+    import os
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
+    from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = []
+    decide = lstm_forward.resident_weights
+
+    def recorded(*args):
+        chosen.append(decide(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(lstm_layer_norm_forward, "resident_weights", recorded)
+    case = cases.Case("lstm", "layer", "float32", 3, 16, 2)  # one program: persistent under the interpreter
+    for name, resident in (("normrnn-persistent", True), ("normrnn-persistent-streamed", False)):
+        chosen.clear()
+        IMPLEMENTATIONS[name](case, device).forward_eval()
+        assert chosen == [resident], name
+    assert lstm_forward.RESIDENT_OPERAND_BYTES > 0  # restored after the call
+    build = IMPLEMENTATIONS["normrnn-persistent-streamed"]
+    with pytest.raises(Skip, match="only the persistent LSTM"):
+        build(cases.Case("lstm", "batch", "float32", 3, 16, 2), device)
+    with pytest.raises(Skip, match="only the persistent LSTM"):
+        build(cases.Case("gru", None, "float32", 3, 16, 2), device)

@@ -21,12 +21,14 @@ if importlib.util.find_spec("triton") is None:
 
 HERE = Path(__file__).resolve().parent
 
-# the largest tiles (batch norm over a whole batch of 512 at H=2048), the persistent kernels with
-# the layer norm's phases, float32 recurrent products, lengths at H=2048
+# the largest tiles (batch norm over a whole batch of 512 at H=2048), the persistent kernels (with
+# the layer norm's phases, and without norm) at the shape of the speed targets, float32 recurrent products, lengths at H=2048
 CASES = {
     "lstm norm=batch bfloat16 B=512 H=2048": {"lstm_forward_step_kernel", "lstm_backward_step_kernel"},
     "lstm norm=layer bfloat16 B=64 H=512 persistent": {"layer_norm_lstm_forward_persistent_kernel",
                                                        "layer_norm_lstm_backward_persistent_kernel"},
+    "lstm norm=None bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
+                                                      "lstm_backward_persistent_kernel"},
     "gru norm=batch float32 B=64 H=512": {"gru_forward_step_kernel", "gru_backward_step_kernel"},
     "rnn norm=layer bfloat16 B=256 H=2048 lengths": {"rnn_forward_step_kernel", "rnn_backward_step_kernel"},
 }
@@ -112,3 +114,32 @@ def test_the_l1_check_flags_a_cached_load_of_a_cg_line(tmp_path):
     assert cached_despite_cg(header + "\tcp.async.cg.shared.global [%r1], [%rd1], 0x10;\n") == ([], 1)
     unmarked = f'\t.file\t1 "{source}"\n\t.loc\t1 1 5\n\tld.global.v4.b32 {{%r1}}, [%rd1];\n'
     assert cached_despite_cg(unmarked) == ([], 0)
+
+
+def test_persistent_forward_keeps_its_weights_on_chip(report):
+    """At the speed targets' shape (B=64, H=512, bf16) the persistent LSTM forward kernels load
+    their W_hh rows once (``RESIDENT``) and Triton keeps them in shared memory for the whole launch:
+    no copy of a weight tile is redone inside the step loop. Any kernel compiled with RESIDENT
+    must show the same."""
+    data, _ = report
+    resident = [row for row in data["kernels"] if row["constants"].get("RESIDENT")]
+    expected = {"layer_norm_lstm_forward_persistent_kernel", "lstm_forward_persistent_kernel"}
+    assert expected <= {row["kernel"] for row in resident}
+    for row in resident:
+        assert row["weights_on_chip"] is True, row
+
+
+def test_the_on_chip_check_flags_a_weight_copy_inside_the_loop():
+    """The check above on hand-written TTGIR: the four (16, 512) weight copies before the loop
+    pass; one of them inside the loop, or fewer copies than gates, fails."""
+    sys.path.insert(0, str(HERE))
+    from gpu_compile import weights_on_chip
+    copy = "    %w{0} = ttg.local_alloc %v{0} : (tensor<16x512xbf16, #blocked>) -> !ttg.memdesc<16x512xbf16>\n"
+    head = "module attributes {ttg.target = 1} {\n  tt.func public @kernel() {\n"
+    loop = "    scf.for %t = %c0 to %n step %c1 : i32 {\n"
+    inside = "      %h = ttg.local_alloc %x : (tensor<64x512xbf16, #blocked>) -> !ttg.memdesc<64x512xbf16>\n"
+    tail = "    } loc(#loc1)\n    tt.return\n  }\n}\n"
+    before = "".join(copy.format(gate) for gate in range(4))
+    assert weights_on_chip(head + before + loop + inside + tail, 16, 512, 4)
+    assert not weights_on_chip(head + before + loop + "  " + copy.format(9) + tail, 16, 512, 4)
+    assert not weights_on_chip(head + before + loop + tail, 16, 512, 5)

@@ -90,16 +90,31 @@ def test_deterministic(norm):
         assert torch.equal(again[key], third[key]), key
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
-def test_persistent_kernel_with_grid_barrier(monkeypatch, norm):
-    """The persistent kernel (one launch, grid barriers between steps and phases). The interpreter
-    runs programs one after another, so it can run it with a single program (H <= 16)."""
-    monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
-    reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
+@pytest.mark.parametrize("resident", [True, False], ids=["weights-on-chip", "weights-streamed"])
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_persistent_kernel_with_grid_barrier(monkeypatch, norm, resident):
+    """The persistent kernel (one launch, grid barriers between steps and phases), with W_hh loaded
+    once before the loop or streamed every step. The interpreter runs programs one after another,
+    so it can run it with a single program (H <= 16)."""
+    from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
     from normrnn.kernels.buffers import PERSISTENT, launch_mode
+    monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
+    if not resident:
+        monkeypatch.setattr(lstm_forward, "RESIDENT_OPERAND_BYTES", 0)
+    chosen = []
+    decide = lstm_forward.resident_weights
+
+    def recorded(*args):
+        chosen.append(decide(*args))
+        return chosen[-1]
+
+    module = lstm_layer_norm_forward if norm == "layer" else lstm_forward
+    monkeypatch.setattr(module, "resident_weights", recorded)
+    reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     assert launch_mode(1, torch.device(DEVICE)) == PERSISTENT
     _compare(reference, fused, torch.randn(5, 4, 3, dtype=torch.float64), None, torch.tensor([5, 5, 2, 4]),
              torch.float32)
+    assert chosen and set(chosen) == {resident}
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
