@@ -5,7 +5,9 @@ an H100), each implementation timed in one process and interleaved (eval-mode fo
 no_grad, and a training step: forward + backward), the correctness checks at scale, then a
 summary of ratios to cuDNN. Without CUDA it says so and runs the CPU section only (the C++
 backend and the reference against torch's CPU modules), which also runs anywhere with ``--cpu``.
-Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots.
+Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots,
+rewritten after every case. The kernels are compiled first in ``--jobs`` processes (``warmup.py``);
+``--skip`` leaves implementations out; what ``--quick`` leaves out is ``cases.quick_skip``.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from typing import Dict, List, Optional
 import torch
 
 from . import cases as grid
-from .correctness import run_checks
+from .correctness import check_plans, run_checks
 from .implementations import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS, Runner, Skip, cpu_runner
 from .report import add_ratios, environment, write
 from .timing import measure
+from .warmup import shapes_of, warm_kernels
 
 DEFAULT_OUT = os.path.join("bench", "results")
+PERSISTENT_IMPLEMENTATIONS = ("normrnn-persistent", "normrnn-persistent-streamed")
 
 
 def _progress(total: int, description: str, quiet: bool):
@@ -102,19 +106,57 @@ def run_cpu(args) -> Dict:
     return {"section": "cpu", "environment": environment(device), "timings": rows}
 
 
-def run_gpu(args) -> Dict:
-    device = torch.device("cuda")
-    cases = grid.quick_grid() if args.quick else grid.full_grid()
+def _builder(name: str, build, device: torch.device, quick: bool, left_out: Optional[str] = None):
+    def built(case: grid.Case) -> Runner:
+        if left_out:
+            raise Skip(left_out)
+        reason = grid.quick_skip(name, case) if quick else None
+        if reason is not None:
+            raise Skip(reason)
+        return build(case, device)
+    return built
+
+
+def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
+    """Kernels compiled in parallel first (``--jobs``), then every case timed; the results so far are
+    written after each case (``complete``: false), so that a run cut short still leaves them.
+    ``device`` (default CUDA) and ``cases`` (default the grid ``args`` chooses) are for tests."""
+    device = device or torch.device("cuda")
+    if cases is None:
+        cases = grid.quick_grid() if args.quick else grid.full_grid()
+    results = {"section": "cuda", "grid": "quick" if args.quick else "full", "environment": environment(device),
+               "complete": False, "timings": [], "correctness": []}
+    left_out = {name: "left out of this run (--skip)" for name in args.skip}
+    if args.jobs > 1:
+        checks = [] if args.no_checks else [arguments for _, arguments in check_plans(args.quick)]
+        persistent = not set(PERSISTENT_IMPLEMENTATIONS) <= set(args.skip)
+        shapes = shapes_of(cases, checks)
+        rounds = -(-len(shapes) // args.jobs)  # each worker's shapes one after another
+        warmup = results["warmup"] = warm_kernels(shapes, args.jobs, device.type, persistent,
+                                                  timeout=max(180.0, 90.0 * rounds))
+        print(f"kernels compiled in {warmup['seconds']} s ({warmup['shapes']} layer shapes, "
+              f"{args.jobs} processes; failures: {len(warmup['failures'])})", flush=True)
+        hung = [failure for failure in warmup["failures"] if failure["error"].startswith("not done within")]
+        if hung and persistent:
+            # the timing process would hang where the warm-up did: a grid barrier that never opens
+            reason = (f"left out: the warm-up of {len(hung)} shape(s), e.g. {hung[0]['shape']}, did not finish "
+                      "(a persistent grid barrier that never opens?)")
+            left_out.update({name: reason for name in PERSISTENT_IMPLEMENTATIONS if name not in left_out})
     step, close = _progress(len(cases), "bench (cuda)", args.quiet)
-    builders = {name: (lambda case, build=build: build(case, device)) for name, build in IMPLEMENTATIONS.items()}
-    rows = []
+    builders = {name: _builder(name, build, device, args.quick, left_out.get(name))
+                for name, build in IMPLEMENTATIONS.items()}
+    rows = results["timings"]
     for case in cases:
         rows += time_case(case, builders, device, repetitions=args.repetitions, max_seconds=args.max_seconds)
         step(case.label())
+        add_ratios(rows)
+        write(results, args.out, plots=False)
     close()
     add_ratios(rows)
-    return {"section": "cuda", "grid": "quick" if args.quick else "full", "environment": environment(device),
-            "timings": rows, "correctness": [] if args.no_checks else run_checks(device, args.quick)}
+    if not args.no_checks:
+        results["correctness"] = run_checks(device, args.quick)
+    results["complete"] = True
+    return results
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -125,10 +167,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU section at a toy size (for tests)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--repetitions", type=int, default=20)
-    parser.add_argument("--max-seconds", type=float, default=10.0, help="timed seconds per implementation and mode")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="timed seconds per implementation and mode (default 10; 1 with --quick)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes that compile the kernels before timing (1: compile as they launch)")
     parser.add_argument("--no-checks", action="store_true", help="skip the correctness checks at scale")
+    parser.add_argument("--skip", action="append", default=[], choices=sorted(IMPLEMENTATIONS),
+                        help="leave this implementation out (repeatable), e.g. the persistent kernels where "
+                             "their grid barrier has not been validated on this GPU")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_seconds is None:
+        args.max_seconds = 1.0 if args.quick else 10.0
     written = []
     if torch.cuda.is_available():
         results = run_gpu(args)

@@ -5,7 +5,7 @@ Relative error = max |a - e| / max |e| per tensor (outputs, final states, the gr
 input and of every parameter), the largest over tensors reported with its name."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -80,8 +80,9 @@ def against_cudnn(cell: str, dtype: torch.dtype, batch: int, hidden: int, steps:
             "batch": batch, "hidden_size": hidden, "steps": steps, **_worst(got, expected)}
 
 
-def run_checks(device, quick: bool) -> List[Dict]:
-    """The checks the issue asks for (smaller ones with ``quick``); each failure is recorded."""
+def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
+    """(kind, arguments) of every check the issue asks for: "reference" for ``against_reference``,
+    "cudnn" for ``against_cudnn``; fewer steps with ``quick``."""
     plans = []
     for norm in (None, "layer", "batch"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -91,8 +92,13 @@ def run_checks(device, quick: bool) -> List[Dict]:
                                         steps=1000 if quick else 10_000)))
     for cell in ("lstm", "gru", "rnn"):
         plans.append(("cudnn", dict(cell=cell, dtype=torch.float32, batch=64, hidden=512, steps=100)))
+    return plans
+
+
+def run_checks(device, quick: bool) -> List[Dict]:
+    """Runs ``check_plans(quick)``; each failure is recorded, and the suite goes on."""
     results = []
-    for kind, arguments in plans:
+    for kind, arguments in check_plans(quick):
         try:
             if kind == "reference":
                 results.append(against_reference(device=device, **arguments))

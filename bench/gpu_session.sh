@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What a session with a GPU machine runs, through the device tool, from the repository root, in two
-# calls that each end well inside the tool's 10-minute limit (the Triton cache of the first call
-# serves the second while the machine stays warm):
+# calls that each end well inside the tool's 10-minute limit (each compiles its own kernels: the
+# machine may be handed back between calls, and its Triton cache with it):
 #
 #   bash bench/gpu_session.sh tests   # kernel tests compiled: per-step launches, then persistent kernels
-#   bash bench/gpu_session.sh bench   # python -m normrnn bench --quick
+#   bash bench/gpu_session.sh bench   # python -m normrnn bench --quick (kernels compiled first, in
+#                                     # parallel; results rewritten after every case, so a run cut
+#                                     # short by its limit still brings back what it timed)
 #
 # Everything lands under $OUT: session.log (device, versions, each part's exit status and output)
-# and bench/ (the bench's JSON, markdown and plots), at most 8 files as the tool takes back.
+# and bench/ (the bench's JSON, markdown and two plots), within the 8 files the tool takes back.
 set -u
 : "${OUT:?set OUT to the folder for the logs}"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -29,12 +31,21 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >>"$log" 2>&1
 
+# the kernel tests compile a few hundred small specializations: with pytest-xdist they compile in
+# 8 processes. It is not on the machine; to carry it (pure-Python wheels), here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytest-xdist execnet
+# then name .whl in the call's carry and begin its command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+parallel=""
+if python3 -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
+
 case "${1:-}" in
 tests)
     # a grid barrier that never opens would spin until the timeout: pytest-timeout names the test
-    part "kernel tests, per-step launches" 300 python3 -m pytest -q -p no:cacheprovider $kernel_tests
+    part "kernel tests, per-step launches" 300 python3 -m pytest -q -p no:cacheprovider $parallel $kernel_tests
     part "kernel tests, persistent kernels" 240 \
-        env NORMRNN_PERSISTENT=1 python3 -m pytest -q -p no:cacheprovider --timeout 120 $kernel_tests
+        env NORMRNN_PERSISTENT=1 python3 -m pytest -q -p no:cacheprovider --timeout 120 $parallel $kernel_tests
     ;;
 bench)
     part "bench --quick" 540 python3 -m normrnn bench --quick --out "$OUT/bench"

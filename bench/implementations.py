@@ -103,7 +103,7 @@ def normrnn_triton(case: Case, device) -> Runner:
 
 
 @contextlib.contextmanager
-def _persistent_requested():
+def persistent_requested():
     previous = os.environ.get("NORMRNN_PERSISTENT")
     os.environ["NORMRNN_PERSISTENT"] = "1"
     try:
@@ -125,12 +125,12 @@ def normrnn_persistent(case: Case, device) -> Runner:
     runner = normrnn_triton(case, device)
     block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=case.norm == "batch")
     programs = triton.cdiv(case.hidden_size, block_h) * triton.cdiv(case.batch, block_b)
-    with _persistent_requested():
+    with persistent_requested():
         mode = launch_mode(programs, device)
     if mode != PERSISTENT:
         raise Skip(f"a grid of {programs} programs cannot be resident at once here: the launchers would run "
                    "one launch per step (normrnn-triton)")
-    return _runner_within(_persistent_requested, runner)
+    return _runner_within(persistent_requested, runner)
 
 
 def _runner_within(context, runner: Runner) -> Runner:
@@ -147,7 +147,7 @@ def _runner_within(context, runner: Runner) -> Runner:
 
 
 @contextlib.contextmanager
-def _weights_streamed():
+def weights_streamed():
     from normrnn.kernels import lstm_forward
     previous = lstm_forward.RESIDENT_OPERAND_BYTES
     lstm_forward.RESIDENT_OPERAND_BYTES = 0
@@ -170,7 +170,7 @@ def normrnn_persistent_streamed(case: Case, device) -> Runner:
     if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm_code),
                             dot_precision(dtype, norm_code)):
         raise Skip("W_hh does not fit on chip at this shape: normrnn-persistent streams it already")
-    return _runner_within(_weights_streamed, normrnn_persistent(case, device))
+    return _runner_within(weights_streamed, normrnn_persistent(case, device))
 
 
 def normrnn_graphs(case: Case, device) -> Runner:

@@ -67,6 +67,14 @@ def markdown(results: Dict) -> str:
              "| case | mode | implementation | median ms | vs torch | vs reference | peak MiB |"
              + (" vs gemm floor |" if floor else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
+    if results.get("complete") is False:
+        timed = len({row["label"] for row in results["timings"]})
+        lines[2:2] = [f"**Incomplete**: the run stopped (or is still running) after {timed} cases; no "
+                      "correctness checks yet.", ""]
+    warmup = results.get("warmup")
+    if warmup:
+        lines[2:2] = [f"Kernels compiled before timing: {warmup['shapes']} layer shapes in {warmup['jobs']} "
+                      f"processes, {warmup['seconds']} s; failures: {len(warmup['failures'])}.", ""]
     for row in results["timings"]:
         label = row["label"]
         if "median_ms" in row:
@@ -92,7 +100,7 @@ def markdown(results: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: Dict, out: str, stem: str) -> List[str]:
+def draw_plots(results: Dict, out: str, stem: str) -> List[str]:
     """Training-step time against T and against H (log scales), one line per implementation."""
     import matplotlib
     matplotlib.use("Agg")
@@ -128,8 +136,9 @@ def plots(results: Dict, out: str, stem: str) -> List[str]:
     return paths
 
 
-def write(results: Dict, out: str) -> List[str]:
-    """results.json, the markdown table and the plots, named ``<device>-<date>``; returns the paths."""
+def write(results: Dict, out: str, plots: bool = True) -> List[str]:
+    """results.json, the markdown table and (``plots``) the plots, named ``<device>-<date>``;
+    returns the paths."""
     os.makedirs(out, exist_ok=True)
     env = results["environment"]
     stem = f"{slug(env['device'])}-{env['date']}" + ("-cpu" if results.get("section") == "cpu" else "")
@@ -140,8 +149,10 @@ def write(results: Dict, out: str) -> List[str]:
     with open(markdown_path, "w") as handle:
         handle.write(markdown(results))
     paths = [json_path, markdown_path]
+    if not plots:
+        return paths
     try:
-        paths += plots(results, out, stem)
+        paths += draw_plots(results, out, stem)
     except ImportError:
         pass  # matplotlib is an extra: the JSON and the table are written regardless
     return paths

@@ -32,6 +32,126 @@ def test_quick_grid_is_the_documented_subset():
     assert len(cases.full_grid()) == 3 * 3 * 2 * 4 * 4 * 2
 
 
+def test_quick_times_the_slow_implementations_where_the_docstring_says():
+    """--quick keeps the compiled reference to the headline case, the eager reference to T=100 and
+    CUDA graphs to the LSTM at T=100, each skip with its reason; the builder wrapper raises it."""
+    from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
+    quick = cases.quick_grid()
+    timed = {name: [case for case in quick if cases.quick_skip(name, case) is None] for name in IMPLEMENTATIONS}
+    assert timed["reference-compiled"] == [cases.QUICK_COMPILED_REFERENCE]
+    assert {case.steps for case in timed["normrnn-reference"]} == {100}
+    assert {(case.cell, case.steps) for case in timed["normrnn-graphs"]} == {("lstm", 100)}
+    for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste", "flashrnn"):
+        assert timed[name] == quick, name
+    def never(case):
+        raise AssertionError("built although --quick skips it")
+    built = cli._builder("reference-compiled", lambda case, device: never(case), torch.device("cpu"), quick=True)
+    with pytest.raises(Skip, match="--quick compiles the reference for one case only"):
+        built(cases.Case("gru", None, "bfloat16", 64, 512, 100))
+    full = cli._builder("reference-compiled", lambda case, device: "runner", torch.device("cpu"), quick=False)
+    assert full(cases.Case("gru", None, "bfloat16", 64, 512, 100)) == "runner"
+
+
+def test_partial_results_say_they_are_incomplete(tmp_path):
+    case = cases.Case("lstm", "layer", "float32", 2, 8, 5)
+    results = {"section": "cuda", "environment": report.environment(torch.device("cpu")), "complete": False,
+               "warmup": {"shapes": 3, "jobs": 2, "seconds": 4.5, "failures": []},
+               "timings": [{"case": case.as_dict(), "label": case.label(), "implementation": "cudnn",
+                            "mode": "train", "median_ms": 1.0}], "correctness": []}
+    paths = report.write(results, str(tmp_path), plots=False)
+    assert len(paths) == 2 and not list(tmp_path.glob("*.png"))
+    text = open(paths[1]).read()
+    assert "**Incomplete**: the run stopped (or is still running) after 1 cases" in text
+    assert "3 layer shapes in 2 processes, 4.5 s" in text
+    results["complete"] = True
+    assert "Incomplete" not in report.markdown(results)
+
+
+def test_warmup_compiles_every_launch_mode_in_worker_processes_and_reports_failures():
+    """The warm-up's workers (spawned) run each shape's layer in every launch mode; on a CPU under
+    the interpreter, which the workers inherit. A shape that cannot run is reported, not raised."""
+    import os
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench import correctness, warmup
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = warmup.shapes_of([cases.Case("lstm", "layer", "float32", 3, 16, 2),
+                               cases.Case("lstm", "layer", "float32", 3, 16, 7)],
+                              [dict(cell="gru", norm="batch", dtype=torch.float32, batch=3, hidden=8),
+                               dict(cell="rnn", norm="no such norm", dtype=torch.float32, batch=3, hidden=8)])
+    assert shapes == [("lstm", "layer", "float32", 3, 16), ("gru", "batch", "float32", 3, 8),
+                      ("rnn", "no such norm", "float32", 3, 8)]  # the sequence length does not specialize
+    summary = warmup.warm_kernels(shapes, jobs=2, device=device)
+    assert summary["shapes"] == 3 and summary["seconds"] > 0
+    assert [failure["shape"] for failure in summary["failures"]] == [["rnn", "no such norm", "float32", 3, 8]]
+    assert "norm" in summary["failures"][0]["error"]
+    # a worker that does not finish in time is a failure, not a hang (the interpreter at H=512 is slow)
+    late = warmup.warm_kernels([("lstm", None, "float32", 64, 512)], jobs=1, device=device, persistent=False,
+                               timeout=1.0)
+    assert late["failures"] == [{"shape": ["lstm", None, "float32", 64, 512],
+                                 "error": "not done within the warm-up's 1 s"}]
+    # the check plans are what the warm-up reads shapes from
+    assert all({"cell", "batch", "hidden"} <= set(arguments) for _, arguments in correctness.check_plans(True))
+
+
+def test_gpu_run_compiles_first_writes_after_every_case_and_ends_complete(tmp_path, monkeypatch):
+    """run_gpu end to end on a toy case (the kernels under the interpreter on a CPU): the warm-up
+    is recorded, the results file is rewritten after each case, and the last write says complete."""
+    import argparse
+    import os
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench import correctness
+    from normrnn.bench.implementations import IMPLEMENTATIONS
+    def toy_plans(quick):
+        return [("reference", dict(cell="lstm", norm="layer", dtype=torch.float32, batch=3, hidden=8, steps=3))]
+    monkeypatch.setattr(correctness, "check_plans", toy_plans)
+    monkeypatch.setattr(cli, "check_plans", toy_plans)
+    writes = []
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: writes.append(
+        (results["complete"], len(results["timings"]), plots)) or [])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    toy = [cases.Case("lstm", "layer", "float32", 3, 16, 2), cases.Case("gru", None, "float32", 3, 8, 2)]
+    args = argparse.Namespace(quick=True, jobs=2, no_checks=False, repetitions=2, max_seconds=0.05, quiet=True,
+                              out=str(tmp_path), skip=["haste"])
+    results = cli.run_gpu(args, device=device, cases=toy)
+    assert results["complete"] and results["warmup"]["shapes"] == 3 and not results["warmup"]["failures"]
+    per_case = 2 * len(IMPLEMENTATIONS)  # forward and train rows of every implementation
+    assert writes == [(False, per_case, False), (False, 2 * per_case, False)]
+    assert [check["relative_error"] < 1e-4 for check in results["correctness"]] == [True]
+    skipped = {row["implementation"]: row["skipped"] for row in results["timings"] if "skipped" in row}
+    assert "--quick" in skipped["reference-compiled"]
+    assert skipped["haste"] == "left out of this run (--skip)"
+
+
+def test_a_warmup_that_hangs_leaves_the_persistent_kernels_out_of_the_timing(tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.setattr(cli, "warm_kernels", lambda shapes, jobs, device, persistent, timeout: {
+        "shapes": 1, "jobs": jobs, "seconds": timeout, "failures": [
+            {"shape": ["lstm", "layer", "float32", 3, 16], "error": f"not done within the warm-up's {timeout:.0f} s"}]})
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: [])
+    monkeypatch.setattr(cli, "time_case", lambda case, builders, device, repetitions, max_seconds: [
+        {"implementation": name, "skipped": _skip_reason(build, case)} for name, build in builders.items()])
+    args = argparse.Namespace(quick=True, jobs=2, no_checks=True, repetitions=2, max_seconds=0.05, quiet=True,
+                              out=str(tmp_path), skip=[])
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=[cases.Case("lstm", "layer", "float32", 3, 16, 2)])
+    reasons = {row["implementation"]: row["skipped"] for row in results["timings"]}
+    for name in cli.PERSISTENT_IMPLEMENTATIONS:
+        assert "did not finish" in reasons[name], reasons
+    assert reasons["cudnn"] is None  # the rest is timed
+
+
+def _skip_reason(build, case):
+    from normrnn.bench.implementations import Skip
+    try:
+        build(case)
+    except Skip as skip:
+        return str(skip)
+    return None
+
+
 def test_ratios_compare_with_the_unnormalized_module_of_the_same_shape():
     case = cases.Case("lstm", "layer", "float32", 2, 8, 5).as_dict()
     rows = [{"case": case, "implementation": "normrnn-reference", "mode": "train", "median_ms": 6.0},
