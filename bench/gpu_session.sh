@@ -31,21 +31,14 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >>"$log" 2>&1
 
-# the kernel tests compile a few hundred small specializations: with pytest-xdist they compile in
-# 8 processes. It is not on the machine; to carry it (pure-Python wheels), here:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pytest-xdist execnet
-# then name .whl in the call's carry and begin its command with
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
-parallel=""
-if python3 -c "import xdist" 2>/dev/null; then parallel="-n 8"; fi
-
+# the kernel tests compile a few hundred small specializations, one after another in one pytest:
+# bench/parallel_tests.py runs them in 8 pytest processes at once
 case "${1:-}" in
 tests)
     # a grid barrier that never opens would spin until the timeout: pytest-timeout names the test
-    part "kernel tests, per-step launches" 300 python3 -m pytest -q -p no:cacheprovider $parallel $kernel_tests
+    part "kernel tests, per-step launches" 300 python3 bench/parallel_tests.py --processes 8 $kernel_tests
     part "kernel tests, persistent kernels" 240 \
-        env NORMRNN_PERSISTENT=1 python3 -m pytest -q -p no:cacheprovider --timeout 120 $parallel $kernel_tests
+        env NORMRNN_PERSISTENT=1 python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 120
     ;;
 bench)
     part "bench --quick" 540 python3 -m normrnn bench --quick --out "$OUT/bench"
