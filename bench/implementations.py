@@ -169,7 +169,8 @@ def normrnn_persistent_streamed(case: Case, device) -> Runner:
     block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
     if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm_code),
                             dot_precision(dtype, norm_code)):
-        raise Skip("W_hh does not fit on chip at this shape: normrnn-persistent streams it already")
+        raise Skip("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "
+                   "streams it already")
     return _runner_within(weights_streamed, normrnn_persistent(case, device))
 
 

@@ -315,13 +315,18 @@ RESIDENT_OPERAND_BYTES = 128 * 1024
 def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, dtype: torch.dtype,
                      precision: str) -> bool:
     """Whether a persistent kernel keeps the program's ``gates`` x ``block_h`` rows of W_hh on chip
-    for the whole sequence: when the matmul's operands with all of K in one tile, W_hh's rows and
-    the (``block_b``, K) tile of h in ``dtype``, fit ``RESIDENT_OPERAND_BYTES`` as the tensor cores
-    take them ("ieee": float32, "tf32x3": a float32 pair). Otherwise W_hh is streamed from memory
-    (L2) in K tiles every step."""
-    operand_bytes = {"native": torch.finfo(dtype).bits // 8, "ieee": 4, "tf32x3": 8}[precision]
+    for the whole sequence: where the product runs on Hopper's warpgroup tensor cores with operands
+    in shared memory ("native" 16-bit operands, a tile of ``block_b`` = a multiple of 64 rows), and
+    those operands with all of K in one tile, W_hh's rows and the (``block_b``, K) tile of h in
+    ``dtype``, fit ``RESIDENT_OPERAND_BYTES``. There Triton hoists the weights' copy into shared
+    memory out of the step loop (the compile check asserts it). Elsewhere it did not pay when
+    compiled for sm_90: with 16 rows (Ampere-style MMA) the weights stay in registers and are copied
+    to shared memory every step (226 to 255 registers at H=512), and float32 products ("ieee", FMA)
+    spilled 5 to 13 KB a thread at H=256; there W_hh is streamed from L2 in K tiles every step."""
+    if precision != "native" or block_b % 64 != 0:
+        return False
     k_tile = max(16, triton.next_power_of_2(hidden_size))
-    return (block_b + gates * block_h) * k_tile * operand_bytes <= RESIDENT_OPERAND_BYTES
+    return (block_b + gates * block_h) * k_tile * (torch.finfo(dtype).bits // 8) <= RESIDENT_OPERAND_BYTES
 
 
 def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:

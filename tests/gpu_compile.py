@@ -85,7 +85,7 @@ def _case(cell, norm, dtype, batch, hidden_size, **options) -> CompileCase:
 def cases(full: bool) -> List[CompileCase]:
     """The shapes of the issue: B=64, H=512 for every cell, norm and dtype; H=2048 with B=256, and
     batch norm over B=512 (the whole batch in one program's tile) in bfloat16; persistent kernels
-    at B=64, H=512. ``full`` adds H=2048 for every norm and dtype."""
+    at B=64, H=512. ``full`` adds H=2048 for every norm and dtype, and more persistent shapes."""
     chosen = []
     for cell in ("lstm", "gru", "rnn"):
         for norm in (None, "layer", "batch"):
@@ -99,6 +99,9 @@ def cases(full: bool) -> List[CompileCase]:
             for norm in (None, "layer", "batch"):
                 for dtype in ("float32", "bfloat16"):
                     chosen.append(_case(cell, norm, dtype, 256, 2048, lengths=True))
+        # another shape where the persistent LSTM forward holds W_hh on chip: two batch tiles, H=256
+        for norm in (None, "layer"):
+            chosen.append(_case("lstm", norm, "bfloat16", 128, 256, persistent=True))
     return chosen
 
 

@@ -201,13 +201,17 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
     from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = []
-    decide = lstm_forward.resident_weights
+    rule = lstm_forward.resident_weights
+
+    def decide(*args):  # as on a GPU at a shape that fits: on chip unless the budget is taken away
+        return lstm_forward.RESIDENT_OPERAND_BYTES > 0
 
     def recorded(*args):
         chosen.append(decide(*args))
         return chosen[-1]
 
-    monkeypatch.setattr(lstm_layer_norm_forward, "resident_weights", recorded)
+    monkeypatch.setattr(lstm_forward, "resident_weights", decide)  # what the bench's builder asks
+    monkeypatch.setattr(lstm_layer_norm_forward, "resident_weights", recorded)  # what the launcher asks
     case = cases.Case("lstm", "layer", "float32", 3, 16, 2)  # one program: persistent under the interpreter
     for name, resident in (("normrnn-persistent", True), ("normrnn-persistent-streamed", False)):
         chosen.clear()
@@ -219,3 +223,6 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
         build(cases.Case("lstm", "batch", "float32", 3, 16, 2), device)
     with pytest.raises(Skip, match="only the persistent LSTM"):
         build(cases.Case("gru", None, "float32", 3, 16, 2), device)
+    monkeypatch.setattr(lstm_forward, "resident_weights", rule)
+    with pytest.raises(Skip, match="not held on chip at this shape"):  # float32: streamed anyway
+        build(cases.Case("lstm", None, "float32", 64, 512, 100), device)

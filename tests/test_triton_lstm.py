@@ -94,27 +94,33 @@ def test_deterministic(norm):
 @pytest.mark.parametrize("norm", [None, "batch", "layer"])
 def test_persistent_kernel_with_grid_barrier(monkeypatch, norm, resident):
     """The persistent kernel (one launch, grid barriers between steps and phases), with W_hh loaded
-    once before the loop or streamed every step. The interpreter runs programs one after another,
-    so it can run it with a single program (H <= 16)."""
+    once before the loop or streamed every step, whichever ``resident_weights`` would choose on a
+    GPU (forced here: the rule is tested on its own). The interpreter runs programs one after
+    another, so it can run it with a single program (H <= 16)."""
     from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
     from normrnn.kernels.buffers import PERSISTENT, launch_mode
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
-    if not resident:
-        monkeypatch.setattr(lstm_forward, "RESIDENT_OPERAND_BYTES", 0)
-    chosen = []
-    decide = lstm_forward.resident_weights
-
-    def recorded(*args):
-        chosen.append(decide(*args))
-        return chosen[-1]
-
+    asked = []
     module = lstm_layer_norm_forward if norm == "layer" else lstm_forward
-    monkeypatch.setattr(module, "resident_weights", recorded)
+    monkeypatch.setattr(module, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     assert launch_mode(1, torch.device(DEVICE)) == PERSISTENT
     _compare(reference, fused, torch.randn(5, 4, 3, dtype=torch.float64), None, torch.tensor([5, 5, 2, 4]),
              torch.float32)
-    assert chosen and set(chosen) == {resident}
+    assert asked  # the persistent launcher asked, and ran the path the answer chose
+
+
+def test_weights_stay_on_chip_only_where_the_compile_report_showed_it_pays():
+    """On warpgroup tensor cores (16-bit operands, 64-row tiles) with W_hh's rows and the h tile
+    within the budget: B=64, H=512 in bf16 yes; H=1024, a 16-row tile, float32 products, or the
+    float32 pair of batch norm's tf32x3, no."""
+    from normrnn.kernels.lstm_forward import resident_weights
+    assert resident_weights(64, 16, 4, 512, torch.bfloat16, "native")
+    assert resident_weights(64, 16, 4, 300, torch.float16, "native")
+    assert not resident_weights(64, 16, 4, 1024, torch.bfloat16, "native")
+    assert not resident_weights(16, 16, 4, 512, torch.bfloat16, "native")
+    assert not resident_weights(64, 16, 4, 256, torch.float32, "ieee")
+    assert not resident_weights(64, 16, 4, 128, torch.float32, "tf32x3")
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
