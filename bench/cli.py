@@ -1,8 +1,8 @@
 """``python -m normrnn bench [--quick] [--cpu] [--out DIR]``.
 
-On a CUDA machine: every case of the grid (``--quick``: the documented subset, a few minutes on
-an H100), each implementation timed in one process and interleaved (eval-mode forward under
-no_grad, and a training step: forward + backward), the correctness checks at scale, then a
+On a CUDA machine: the correctness checks at scale, then every case of the grid (``--quick``: the
+documented subset, a few minutes on an H100), each implementation timed in one process and
+interleaved (eval-mode forward under no_grad, and a training step: forward + backward), then a
 summary of ratios to cuDNN. Without CUDA it says so and runs the CPU section only (the C++
 backend and the reference against torch's CPU modules), which also runs anywhere with ``--cpu``.
 Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots,
@@ -118,8 +118,9 @@ def _builder(name: str, build, device: torch.device, quick: bool, left_out: Opti
 
 
 def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
-    """Kernels compiled in parallel first (``--jobs``), then every case timed; the results so far are
-    written after each case (``complete``: false), so that a run cut short still leaves them.
+    """Kernels compiled in parallel first (``--jobs``), then the correctness checks (quick, and what a
+    timing is worth rests on them), then every case timed; the results so far are written after the
+    checks and after each case (``complete``: false), so that a run cut short still leaves them.
     ``device`` (default CUDA) and ``cases`` (default the grid ``args`` chooses) are for tests."""
     device = device or torch.device("cuda")
     if cases is None:
@@ -142,6 +143,9 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
             reason = (f"left out: the warm-up of {len(hung)} shape(s), e.g. {hung[0]['shape']}, did not finish "
                       "(a persistent grid barrier that never opens?)")
             left_out.update({name: reason for name in PERSISTENT_IMPLEMENTATIONS if name not in left_out})
+    if not args.no_checks:
+        results["correctness"] = run_checks(device, args.quick)
+        write(results, args.out, plots=False)
     step, close = _progress(len(cases), "bench (cuda)", args.quiet)
     builders = {name: _builder(name, build, device, args.quick, left_out.get(name))
                 for name, build in IMPLEMENTATIONS.items()}
@@ -153,8 +157,6 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         write(results, args.out, plots=False)
     close()
     add_ratios(rows)
-    if not args.no_checks:
-        results["correctness"] = run_checks(device, args.quick)
     results["complete"] = True
     return results
 

@@ -38,9 +38,9 @@ def test_quick_times_the_slow_implementations_where_the_docstring_says():
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
     quick = cases.quick_grid()
     timed = {name: [case for case in quick if cases.quick_skip(name, case) is None] for name in IMPLEMENTATIONS}
-    assert timed["reference-compiled"] == [cases.QUICK_COMPILED_REFERENCE]
+    assert timed["reference-compiled"] == [cases.QUICK_COMPILED_REFERENCE] == quick[-1:]  # its compile last
     assert {case.steps for case in timed["normrnn-reference"]} == {100}
-    assert {(case.cell, case.steps) for case in timed["normrnn-graphs"]} == {("lstm", 100)}
+    assert {(case.cell, case.dtype, case.steps) for case in timed["normrnn-graphs"]} == {("lstm", "bfloat16", 100)}
     for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste", "flashrnn"):
         assert timed[name] == quick, name
     def never(case):
@@ -119,7 +119,7 @@ def test_gpu_run_compiles_first_writes_after_every_case_and_ends_complete(tmp_pa
     results = cli.run_gpu(args, device=device, cases=toy)
     assert results["complete"] and results["warmup"]["shapes"] == 3 and not results["warmup"]["failures"]
     per_case = 2 * len(IMPLEMENTATIONS)  # forward and train rows of every implementation
-    assert writes == [(False, per_case, False), (False, 2 * per_case, False)]
+    assert writes == [(False, 0, False), (False, per_case, False), (False, 2 * per_case, False)]  # checks first
     assert [check["relative_error"] < 1e-4 for check in results["correctness"]] == [True]
     skipped = {row["implementation"]: row["skipped"] for row in results["timings"] if "skipped" in row}
     assert "--quick" in skipped["reference-compiled"]
