@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import block_sizes, dot_precision
+from .lstm_forward import NORM_BATCH, block_sizes, dot_precision
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
@@ -73,10 +73,11 @@ def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bia
 
 @triton.jit
 def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, row_mask, unit_mask, active_f,
-                   count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B,
-                   H: tl.constexpr, NORM: tl.constexpr):
-    """From dL/dz of one gate: dwx, dwh (through the batch norms), and this step's partial sums
-    of the bias and gain gradients, stored at partial_ptr[t] as rows (bias, ih gain, hh gain)."""
+                   count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B,
+                   H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr):
+    """From dL/dz of one gate: dwx, dwh (through the batch norms; with ``LOW_GRAD`` also rounded
+    to the weights' dtype into dwh_low, see ``lstm_backward``), and this step's partial sums of the
+    bias and gain gradients, stored at partial_ptr[t] as rows (bias, ih gain, hh gain)."""
     columns = gate * H + units
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
@@ -94,15 +95,17 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
         grad_wh = grad_z
     tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
     tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    if LOW_GRAD:
+        tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
                         lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
@@ -116,8 +119,12 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4, DOT_PRECISION,
-                                       BLOCK_B, BLOCK_H, BLOCK_K)
+        if LOW_GRAD:
+            recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        else:
+            recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     dh_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -169,38 +176,41 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     grad_z_g = grad_c * gate_i * (1.0 - gate_g * gate_g)
     grad_z_o = grad_o * gate_o * (1.0 - gate_o)
     _gate_backward(0, t, grad_z_i, wx_hat_i, wh_hat_i, ih_rstd_i, hh_rstd_i, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
     _gate_backward(1, t, grad_z_f, wx_hat_f, wh_hat_f, ih_rstd_f, hh_rstd_f, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
     _gate_backward(2, t, grad_z_g, wx_hat_g, wh_hat_g, ih_rstd_g, hh_rstd_g, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
     _gate_backward(3, t, grad_z_o, wx_hat_o, wh_hat_o, ih_rstd_o, hh_rstd_o, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial_ptr, B, H, NORM)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                               cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                              grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr,
+                              grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
                               cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                               TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                              LOW_GRAD: tl.constexpr):
     """One timestep of the backward; the launch boundary orders it after step t + 1."""
     _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
-                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
+                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                            LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
                                     hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
-                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
+                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr,
                                     partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                                     NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                                    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                    BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
     """All timesteps, T-1 down to 0, with the forward kernel's grid barrier publishing dwh_t."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0) * tl.num_programs(1)
@@ -208,9 +218,19 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
         t = steps - 1 - step
         _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                             cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, cell_partial_ptr,
-                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
+                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                            LOW_GRAD)
         grid_barrier(barrier_ptr, (step + 1) * programs)
+
+
+def low_precision_gradient(dtype: torch.dtype, norm: int) -> bool:
+    """Whether the backward also stores dL/d(h W_hh^T) rounded to the weights' 16-bit ``dtype``,
+    for the recurrent product dh_{t-1} = dwh_t W_hh that every program computes from all of dwh_t
+    (B x 4H) every step: that product rounds it to ``dtype`` anyway ("native" precision), so the
+    copy halves what each program reads with the same result. Not under batch norm, where the
+    product keeps float32 operands."""
+    return dtype in (torch.bfloat16, torch.float16) and norm != NORM_BATCH
 
 
 def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
@@ -230,6 +250,8 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    low_grad = low_precision_gradient(w_hh.dtype, norm)
+    dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
     partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
     cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
     if norm != 2:
@@ -238,11 +260,11 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
-                 dc_carry, dwx, dwh, partials, cell_partials, lengths_arg, batch)
+                 dc_carry, dwx, dwh, dwh_low, partials, cell_partials, lengths_arg, batch)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k)
+                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
+from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
@@ -86,10 +87,10 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
 
 @triton.jit
 def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
-                           cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                           cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                           cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr,
+                           cell_stats_ptr, cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                            HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
     """Phase 1: dL/dh_t, then the cell norm's partial row sums and parameter partials."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -98,8 +99,12 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4, DOT_PRECISION,
-                                       BLOCK_B, BLOCK_H, BLOCK_K)
+        if LOW_GRAD:  # see low_precision_gradient in lstm_backward.py
+            recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        else:
+            recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
     active_f = active.to(tl.float32)[:, None]
@@ -170,9 +175,11 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
 
 
 @triton.jit
-def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H: tl.constexpr,
-                              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Phase 3: dwh_t through the recurrent layer norm, in place over gamma_hh * dL/dz."""
+def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr, hh_partial_ptr, B,
+                              H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                              LOW_GRAD: tl.constexpr):
+    """Phase 3: dwh_t through the recurrent layer norm, in place over gamma_hh * dL/dz (with
+    ``LOW_GRAD`` also rounded to the weights' dtype into dwh_low)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     sum_grad, sum_grad_hat = _sum_partials(hh_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
@@ -185,44 +192,47 @@ def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, h
         grad_wh_hat = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
         grad_wh = hh_rstd[:, None] * (grad_wh_hat - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None])
         tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+        if LOW_GRAD:
+            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def layer_norm_lstm_backward_phase_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                           cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr,
-                                          dwh_ptr, hh_stats_ptr, cell_stats_ptr, cell_partial_ptr, hh_partial_ptr,
-                                          partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
-                                          HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                                          PHASE: tl.constexpr):
+                                          dwh_ptr, dwh_low_ptr, hh_stats_ptr, cell_stats_ptr, cell_partial_ptr,
+                                          hh_partial_ptr, partial_ptr, cell_param_partial_ptr, lengths_ptr, B,
+                                          H: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                          BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr, PHASE: tl.constexpr):
     """One phase (0, 1, 2) of backward step ``t``; the launch boundary is the exchange."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if PHASE == 0:
         _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
-                               cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, DOT_PRECISION,
-                               BLOCK_B, BLOCK_H, BLOCK_K)
+                               cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr,
+                               cell_stats_ptr, cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS,
+                               DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
     elif PHASE == 1:
         _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
                              c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr,
                              cell_stats_ptr, cell_partial_ptr, hh_partial_ptr, partial_ptr, lengths_ptr, B, H,
                              HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
     else:
-        _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H, BLOCK_B,
-                                  BLOCK_H, BLOCK_P)
+        _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr, hh_partial_ptr, B, H,
+                                  BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr,
                                                cell_weight_ptr, cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr,
-                                               dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                                               cell_partial_ptr, hh_partial_ptr, partial_ptr, cell_param_partial_ptr,
-                                               lengths_ptr, B, H: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                               DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                                               BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                                               dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr,
+                                               cell_stats_ptr, cell_partial_ptr, hh_partial_ptr, partial_ptr,
+                                               cell_param_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                                               HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                               BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr):
     """All timesteps, T-1 down to 0, a grid barrier after each of the three phases."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
@@ -230,17 +240,17 @@ def layer_norm_lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_pt
     for step in range(steps):
         t = steps - 1 - step
         _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
-                               cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, hh_stats_ptr, cell_stats_ptr,
-                               cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS, DOT_PRECISION,
-                               BLOCK_B, BLOCK_H, BLOCK_K)
+                               cell_bias_ptr, c_ptr, grad_out_ptr, dh_carry_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr,
+                               cell_stats_ptr, cell_partial_ptr, cell_param_partial_ptr, lengths_ptr, B, H, HAS_LENGTHS,
+                               DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
         grid_barrier(barrier_ptr, (3 * step + 1) * grid_programs)
         _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
                              c_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, hh_stats_ptr,
                              cell_stats_ptr, cell_partial_ptr, hh_partial_ptr, partial_ptr, lengths_ptr, B, H,
                              HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
         grid_barrier(barrier_ptr, (3 * step + 2) * grid_programs)
-        _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, hh_stats_ptr, hh_partial_ptr, B, H, BLOCK_B,
-                                  BLOCK_H, BLOCK_P)
+        _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh_stats_ptr, hh_partial_ptr, B, H,
+                                  BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
         grid_barrier(barrier_ptr, (3 * step + 3) * grid_programs)
 
 
@@ -262,6 +272,8 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    low_grad = low_precision_gradient(w_hh.dtype, NORM_LAYER)
+    dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
     partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
     partials[:, :, 1].zero_()  # the input projection's norm is differentiated outside the kernel
     cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
@@ -269,11 +281,12 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     hh_partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
-                 grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, saved["hh_stats"], saved["cell_stats"],
-                 cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
+                 grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, dwh_low, saved["hh_stats"],
+                 saved["cell_stats"], cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
-                     BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+                     BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
+                     LOW_GRAD=low_grad)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

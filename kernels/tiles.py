@@ -43,7 +43,8 @@ def row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexp
 def recurrent_gradient(grad_ptr, w_hh_ptr, t, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
                        GATES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dwh_t (T, B, GATES * H) times W_hh (GATES * H, H) for the program's rows and units.
+    """dwh_t (T, B, GATES * H; float32, or already rounded to the weights' dtype) times W_hh
+    (GATES * H, H) for the program's rows and units.
 
     dwh_t was written by every program: it is read past L1, which is not coherent across SMs."""
     result = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -56,7 +57,7 @@ def recurrent_gradient(grad_ptr, w_hh_ptr, t, rows, units, row_mask, unit_mask, 
             w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
                              mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
             if DOT_PRECISION != "native":
-                result += tl.dot(grad_tile, w_tile.to(tl.float32), input_precision=DOT_PRECISION)
+                result += tl.dot(grad_tile.to(tl.float32), w_tile.to(tl.float32), input_precision=DOT_PRECISION)
             else:
                 result += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
     return result
