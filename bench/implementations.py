@@ -157,20 +157,30 @@ def weights_streamed():
         lstm_forward.RESIDENT_OPERAND_BYTES = previous
 
 
+def weights_streamed_anyway(case: Case) -> Optional[str]:
+    """Why normrnn-persistent already streams W_hh at ``case`` (None: it holds it on chip, as the
+    launchers decide with ``resident_weights``), so that streaming it would change nothing."""
+    from normrnn.kernels.lstm_forward import (NORM_LAYER, NORM_NONE, block_sizes, dot_precision, resident_weights,
+                                              state_dtype)
+    if case.cell != "lstm" or case.norm not in (None, "layer"):
+        return "only the persistent LSTM forward without norm or with layer norm holds W_hh on chip"
+    dtype = _dtype(case)
+    norm = NORM_NONE if case.norm is None else NORM_LAYER
+    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
+    if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm),
+                            dot_precision(dtype, norm)):
+        return ("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "
+                "streams it already")
+    return None
+
+
 def normrnn_persistent_streamed(case: Case, device) -> Runner:
     """normrnn-persistent with the LSTM forward's W_hh streamed from memory every step (as where it
     does not fit on chip): beside normrnn-persistent, the measured worth of the resident weights.
     Skipped where normrnn-persistent streams them too."""
-    from normrnn.kernels.lstm_forward import block_sizes, dot_precision, resident_weights, state_dtype
-    if case.cell != "lstm" or case.norm not in (None, "layer"):
-        raise Skip("only the persistent LSTM forward without norm or with layer norm holds W_hh on chip")
-    dtype = _dtype(case)
-    norm_code = 0 if case.norm is None else 1
-    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
-    if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm_code),
-                            dot_precision(dtype, norm_code)):
-        raise Skip("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "
-                   "streams it already")
+    reason = weights_streamed_anyway(case)
+    if reason is not None:
+        raise Skip(reason)
     return _runner_within(weights_streamed, normrnn_persistent(case, device))
 
 

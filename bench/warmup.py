@@ -32,14 +32,16 @@ def shapes_of(cases: Iterable, checks: Iterable[Dict]) -> List[Shape]:
 
 def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tuple[Shape, float, str]:
     """In a worker: the fused layer of ``shape`` forward (training), backward and forward (eval),
-    with per-step launches and, with ``persistent``, the persistent kernels and the persistent LSTM
-    with W_hh streamed. Returns the shape, the seconds it took and the error ("" when none)."""
+    with per-step launches and, with ``persistent``, the persistent kernels and, where they hold
+    W_hh on chip, the persistent LSTM with it streamed (normrnn-persistent-streamed). Returns the
+    shape, the seconds it took and the error ("" when none)."""
     started = time.perf_counter()
     try:
         import torch
 
         import normrnn
-        from normrnn.bench.implementations import persistent_requested, weights_streamed
+        from normrnn.bench.cases import Case
+        from normrnn.bench.implementations import persistent_requested, weights_streamed, weights_streamed_anyway
         cell, norm, dtype_name, batch, hidden = shape
         device = torch.device(device_name)
         dtype = getattr(torch, dtype_name)
@@ -60,7 +62,7 @@ def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tupl
             return shape, time.perf_counter() - started, ""
         with persistent_requested():
             run()
-            if cell == "lstm" and norm in (None, "layer"):
+            if weights_streamed_anyway(Case(cell, norm, dtype_name, batch, hidden, steps=2)) is None:
                 with weights_streamed():
                     run()
         if device.type == "cuda":

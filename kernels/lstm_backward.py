@@ -102,8 +102,8 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
 @triton.jit
 def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
-                        lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                        cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                         HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
@@ -119,12 +119,9 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        if LOW_GRAD:
-            recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
-                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-        else:
-            recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
-                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        # dwh_low is what the product reads: the rounded copy with LOW_GRAD, dwh itself without
+        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     dh_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -176,13 +173,17 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     grad_z_g = grad_c * gate_i * (1.0 - gate_g * gate_g)
     grad_z_o = grad_o * gate_o * (1.0 - gate_o)
     _gate_backward(0, t, grad_z_i, wx_hat_i, wh_hat_i, ih_rstd_i, hh_rstd_i, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                   B, H, NORM, LOW_GRAD)
     _gate_backward(1, t, grad_z_f, wx_hat_f, wh_hat_f, ih_rstd_f, hh_rstd_f, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                   B, H, NORM, LOW_GRAD)
     _gate_backward(2, t, grad_z_g, wx_hat_g, wh_hat_g, ih_rstd_g, hh_rstd_g, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                   B, H, NORM, LOW_GRAD)
     _gate_backward(3, t, grad_z_o, wx_hat_o, wh_hat_o, ih_rstd_o, hh_rstd_o, rows, units, row_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B, H, NORM, LOW_GRAD)
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                   B, H, NORM, LOW_GRAD)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
@@ -197,17 +198,17 @@ def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_w
     """One timestep of the backward; the launch boundary orders it after step t + 1."""
     _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                         cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
-                        lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                            LOW_GRAD)
+                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                        cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
+                        BLOCK_H, BLOCK_K, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
                                     hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
-                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr,
-                                    partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
+                                    dwh_low_ptr, partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                                     NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                                     BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
@@ -218,9 +219,9 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
         t = steps - 1 - step
         _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                             cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr,
-                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                            LOW_GRAD)
+                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                            cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
+                            BLOCK_H, BLOCK_K, LOW_GRAD)
         grid_barrier(barrier_ptr, (step + 1) * programs)
 
 

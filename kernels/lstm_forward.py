@@ -312,6 +312,11 @@ def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
 RESIDENT_OPERAND_BYTES = 128 * 1024
 
 
+def resident_k_tile(hidden_size: int) -> int:
+    """BLOCK_K of a persistent kernel with resident weights: all of K in one tile."""
+    return max(16, triton.next_power_of_2(hidden_size))
+
+
 def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, dtype: torch.dtype,
                      precision: str) -> bool:
     """Whether a persistent kernel keeps the program's ``gates`` x ``block_h`` rows of W_hh on chip
@@ -325,8 +330,8 @@ def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, d
     spilled 5 to 13 KB a thread at H=256; there W_hh is streamed from L2 in K tiles every step."""
     if precision != "native" or block_b % 64 != 0:
         return False
-    k_tile = max(16, triton.next_power_of_2(hidden_size))
-    return (block_b + gates * block_h) * k_tile * (torch.finfo(dtype).bits // 8) <= RESIDENT_OPERAND_BYTES
+    operand_bytes = (block_b + gates * block_h) * resident_k_tile(hidden_size) * (torch.finfo(dtype).bits // 8)
+    return operand_bytes <= RESIDENT_OPERAND_BYTES
 
 
 def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:
@@ -386,7 +391,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
         resident = resident_weights(block_b, block_h, 4, hidden, state_dtype(w_hh.dtype, norm),
                                     constants["DOT_PRECISION"])
         if resident:
-            constants["BLOCK_K"] = max(16, triton.next_power_of_2(hidden))
+            constants["BLOCK_K"] = resident_k_tile(hidden)
         lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:

@@ -99,12 +99,10 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        if LOW_GRAD:  # see low_precision_gradient in lstm_backward.py
-            recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
-                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-        else:
-            recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
-                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        # dwh_low is what the product reads: the rounded copy with LOW_GRAD (low_precision_gradient in
+        # lstm_backward.py), dwh itself without
+        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
     active_f = active.to(tl.float32)[:, None]

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import (NORM_LAYER, _tanh, block_sizes, dot_precision, load_recurrent_weights, recurrent_projection,
-                           resident_weights)
+                           resident_k_tile, resident_weights)
 from .tiles import grid_barrier, program_tile, row_active
 
 
@@ -261,7 +261,7 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         resident = resident_weights(block_b, block_h, 4, hidden, w_hh.dtype, constants["DOT_PRECISION"])
         if resident:
-            constants["BLOCK_K"] = max(16, triton.next_power_of_2(hidden))
+            constants["BLOCK_K"] = resident_k_tile(hidden)
         layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:

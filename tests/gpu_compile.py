@@ -272,6 +272,7 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
 
     import normrnn
     import normrnn.triton_backend  # noqa: F401 - the launchers' modules, for persistent_launches
+    from normrnn.params import CELL_GATES
     import normrnn.triton_gru  # noqa: F401
     import normrnn.triton_rnn  # noqa: F401
 
@@ -302,8 +303,8 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
         ptx = kernel.asm["ptx"]
         on_chip = None
         if constants.get("RESIDENT"):
-            gates = {"lstm": 4, "gru": 3, "rnn": 1}[shape.cell]
-            on_chip = weights_on_chip(kernel.asm["ttgir"], constants["BLOCK_H"], constants["BLOCK_K"], gates)
+            on_chip = weights_on_chip(kernel.asm["ttgir"], constants["BLOCK_H"], constants["BLOCK_K"],
+                                      CELL_GATES[shape.cell])
         results.append(CompiledKernel(name, case.name, kernel.metadata.num_warps, kernel.metadata.shared, registers,
                                       spills, getattr(kernel.metadata, "launch_cooperative_grid", None),
                                       re.search(r"\b(red|atom)\.global\.gpu\.release\.add", ptx) is not None,
