@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -117,24 +118,45 @@ def _builder(name: str, build, device: torch.device, quick: bool, left_out: Opti
     return built
 
 
+def checks_summary(checks: List[Dict]) -> str:
+    """One line per correctness check: passed or FAILED, the worst error against its tolerance."""
+    lines = [f"correctness checks: {sum(bool(check.get('passed')) for check in checks)} of {len(checks)} passed"]
+    for check in checks:
+        shape = (f"{check['cell']} norm={check.get('norm')} {check['dtype']} B={check['batch']} "
+                 f"H={check.get('hidden_size', check.get('hidden'))} T={check['steps']}")
+        if "relative_error" in check:
+            outcome = (f"{check['relative_error']:.2e} ({check['tensor']}) vs {check['tolerance']:.0e}, "
+                       f"{check['launch']} requested, {check['kernels_ran']} ran")
+        else:
+            outcome = f"error: {check.get('error')}"
+        lines.append(f"  {'passed' if check.get('passed') else 'FAILED'}  {check['check']}: {shape}: {outcome}")
+    return "\n".join(lines)
+
+
 def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
     """Kernels compiled in parallel first (``--jobs``), then the correctness checks (quick, and what a
     timing is worth rests on them), then every case timed; the results so far are written after the
     checks and after each case (``complete``: false), so that a run cut short still leaves them.
+    With ``--deadline``, cases not begun within that many seconds of the start are listed as not
+    timed, and the run ends as usual (plots and summary) instead of being cut off.
     ``device`` (default CUDA) and ``cases`` (default the grid ``args`` chooses) are for tests."""
+    started = time.perf_counter()
+    deadline = getattr(args, "deadline", None)
     device = device or torch.device("cuda")
     if cases is None:
         cases = grid.quick_grid() if args.quick else grid.full_grid()
     results = {"section": "cuda", "grid": "quick" if args.quick else "full", "environment": environment(device),
                "complete": False, "timings": [], "correctness": []}
     left_out = {name: "left out of this run (--skip)" for name in args.skip}
+    persistent = not set(PERSISTENT_IMPLEMENTATIONS) <= set(args.skip)
     if args.jobs > 1:
         checks = [] if args.no_checks else [arguments for _, arguments in check_plans(args.quick)]
-        persistent = not set(PERSISTENT_IMPLEMENTATIONS) <= set(args.skip)
         shapes = shapes_of(cases, checks)
         rounds = -(-len(shapes) // args.jobs)  # each worker's shapes one after another
-        warmup = results["warmup"] = warm_kernels(shapes, args.jobs, device.type, persistent,
-                                                  timeout=max(180.0, 90.0 * rounds))
+        timeout = max(180.0, 90.0 * rounds)
+        if deadline is not None:  # the warm-up may take at most half of the run's time
+            timeout = min(timeout, deadline / 2)
+        warmup = results["warmup"] = warm_kernels(shapes, args.jobs, device.type, persistent, timeout=timeout)
         print(f"kernels compiled in {warmup['seconds']} s ({warmup['shapes']} layer shapes, "
               f"{args.jobs} processes; failures: {len(warmup['failures'])})", flush=True)
         hung = [failure for failure in warmup["failures"] if failure["error"].startswith("not done within")]
@@ -143,15 +165,35 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
             reason = (f"left out: the warm-up of {len(hung)} shape(s), e.g. {hung[0]['shape']}, did not finish "
                       "(a persistent grid barrier that never opens?)")
             left_out.update({name: reason for name in PERSISTENT_IMPLEMENTATIONS if name not in left_out})
+            persistent = False
     if not args.no_checks:
-        results["correctness"] = run_checks(device, args.quick)
+        results["correctness"] = run_checks(device, args.quick, persistent=persistent)
         write(results, args.out, plots=False)
-    step, close = _progress(len(cases), "bench (cuda)", args.quiet)
+        print(checks_summary(results["correctness"]), flush=True)
     builders = {name: _builder(name, build, device, args.quick, left_out.get(name))
                 for name, build in IMPLEMENTATIONS.items()}
+    passes = [(case, builders) for case in cases]
+    if args.quick and grid.QUICK_COMPILED_REFERENCE in cases:
+        # the compiled reference of one case after the rest (its compile is the one long step); its
+        # rows replace those of the first pass, which said it comes later
+        name = grid.COMPILED_REFERENCE
+        passes.append((grid.QUICK_COMPILED_REFERENCE,
+                       {name: _builder(name, IMPLEMENTATIONS[name], device, False, left_out.get(name))}))
+    step, close = _progress(len(passes), "bench (cuda)", args.quiet)
     rows = results["timings"]
-    for case in cases:
-        rows += time_case(case, builders, device, repetitions=args.repetitions, max_seconds=args.max_seconds)
+    for index, (case, case_builders) in enumerate(passes):
+        if deadline is not None and time.perf_counter() - started > deadline:
+            results["not_timed"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
+                                    "cases": [later.label() + ("" if later_builders is builders
+                                                               else f" ({', '.join(later_builders)})")
+                                              for later, later_builders in passes[index:]]}
+            print(f"deadline: {len(passes) - index} cases not timed", flush=True)
+            break
+        timed = time_case(case, case_builders, device, repetitions=args.repetitions, max_seconds=args.max_seconds)
+        if case_builders is not builders:
+            rows[:] = [row for row in rows
+                       if not (row["label"] == case.label() and row["implementation"] in case_builders)]
+        rows += timed
         step(case.label())
         add_ratios(rows)
         write(results, args.out, plots=False)
@@ -174,6 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="processes that compile the kernels before timing (1: compile as they launch)")
     parser.add_argument("--no-checks", action="store_true", help="skip the correctness checks at scale")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no further case is begun; the rest are listed as not "
+                             "timed, and the results, plots and summary are written as usual")
     parser.add_argument("--skip", action="append", default=[], choices=sorted(IMPLEMENTATIONS),
                         help="leave this implementation out (repeatable), e.g. the persistent kernels where "
                              "their grid barrier has not been validated on this GPU")
@@ -186,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = run_gpu(args)
         written += write(results, args.out)
         print(summary(results["timings"], "cudnn"))
+        if results["correctness"]:
+            print(checks_summary(results["correctness"]))
     else:
         print("python -m normrnn bench: no CUDA device here, so the GPU suite does not run; the CPU section does.")
     if args.cpu or not torch.cuda.is_available():

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# What a session with a GPU machine runs, through the device tool, from the repository root, in two
-# calls that each end well inside the tool's 10-minute limit (each compiles its own kernels: the
-# machine may be handed back between calls, and its Triton cache with it):
+# What a session with a GPU machine runs, through the device tool, from the repository root, in one
+# call: a session has 15 minutes of device time, a machine's start included, so everything is one
+# command with a budget (default 540 s; the tool's timeout_s a little above it):
 #
-#   bash bench/gpu_session.sh tests   # kernel tests compiled: per-step launches, then persistent kernels
-#   bash bench/gpu_session.sh bench   # python -m normrnn bench --quick (kernels compiled first, in
-#                                     # parallel; results rewritten after every case, so a run cut
-#                                     # short by its limit still brings back what it timed)
+#   bash bench/gpu_session.sh [SECONDS]
 #
-# Everything lands under $OUT: session.log (device, versions, each part's exit status and output)
-# and bench/ (the bench's JSON, markdown and two plots), within the 8 files the tool takes back.
+#   1. the kernel tests compiled for the GPU, with per-step launches and with the persistent
+#      kernels (NORMRNN_PERSISTENT=1), both at once in 8 pytest processes each (at most 150 s);
+#   2. python -m normrnn bench --quick with a deadline for the rest of the budget: kernels compiled
+#      first in parallel, the correctness checks at scale (both launch modes), then the cases in
+#      the order the speed targets need them; results rewritten after every case, and no case
+#      begun past the deadline, so that the run ends with its plots and summary.
+#
+# Everything lands under $OUT, within the 8 files the tool takes back: session.log (device,
+# versions, each part's exit status), tests-per-step.log, tests-persistent.log, and bench/ (the
+# bench's JSON, markdown and two plots). The end of stdout is the summary to read first.
 set -u
 : "${OUT:?set OUT to the folder for the logs}"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+budget=${1:-540}
+tests_limit=150
 log="$OUT/session.log"
 kernel_tests="tests/test_triton_lstm.py tests/test_triton_gru.py tests/test_triton_rnn.py"
 
@@ -23,28 +30,52 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     local start=$SECONDS
     timeout "$seconds" "$@" >>"$log" 2>&1
     local status=$?
-    echo "=== $name: exit $status after $((SECONDS - start))s" | tee -a "$log"
+    echo "=== $name: exit $status after $((SECONDS - start))s" >>"$log"
 }
 
 {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} >>"$log" 2>&1
+} 2>&1 | tee -a "$log"
 
-# the kernel tests compile a few hundred small specializations, one after another in one pytest:
-# bench/parallel_tests.py runs them in 8 pytest processes at once
-case "${1:-}" in
-tests)
-    # a grid barrier that never opens would spin until the timeout: pytest-timeout names the test
-    part "kernel tests, per-step launches" 300 python3 bench/parallel_tests.py --processes 8 $kernel_tests
-    part "kernel tests, persistent kernels" 240 \
-        env NORMRNN_PERSISTENT=1 python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 120
-    ;;
-bench)
-    part "bench --quick" 540 python3 -m normrnn bench --quick --out "$OUT/bench"
-    ;;
-*)
-    echo "usage: bash bench/gpu_session.sh tests|bench" >&2
-    exit 2
-    ;;
-esac
+# Triton compiling a few hundred small specializations bounds the tests: 16 pytest processes on 16
+# cores; a grid barrier that never opens would spin until pytest-timeout names the test
+tests() {
+    python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 100 >"$OUT/tests-per-step.log" 2>&1 &
+    local per_step=$!
+    NORMRNN_PERSISTENT=1 python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 100 \
+        >"$OUT/tests-persistent.log" 2>&1 &
+    local persistent=$!
+    wait $per_step
+    local per_step_status=$?
+    wait $persistent
+    local persistent_status=$?
+    return $((per_step_status > persistent_status ? per_step_status : persistent_status))
+}
+export -f tests
+export OUT kernel_tests
+part "kernel tests, per-step and persistent" "$tests_limit" bash -c tests
+
+# the bench stops beginning cases at its deadline; the hard limit above it leaves time for plots
+left=$((budget - SECONDS))
+deadline=$((left - 45))
+if [ "$deadline" -lt 60 ]; then deadline=60; fi
+part "bench --quick" $((deadline + 40)) python3 -m normrnn bench --quick --out "$OUT/bench" --max-seconds 0.5 \
+    --deadline "$deadline"
+
+echo "=== summary (session took ${SECONDS}s)"
+grep -h "^=== .*: exit" "$log"
+for tests_log in "$OUT"/tests-per-step.log "$OUT"/tests-persistent.log; do
+    echo "--- $(basename "$tests_log")"
+    if grep -q -E "^process [0-9]+:" "$tests_log"; then
+        grep -E "^(FAILED|ERROR) |^process [0-9]+:" "$tests_log" | head -40
+    else  # stopped, or failed before the tests ran
+        tail -n 15 "$tests_log"
+    fi
+done
+# the bench's end: ratios to cuDNN and every correctness check (or, if it was cut off, the checks)
+if grep -q "^ratio to cudnn" "$log"; then
+    awk '/^ratio to cudnn/{found=1} found' "$log"
+else
+    awk '/^correctness checks:/{found=1} found' "$log" | head -60
+fi

@@ -69,8 +69,11 @@ def markdown(results: Dict) -> str:
              "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
     if results.get("complete") is False:
         timed = len({row["label"] for row in results["timings"]})
-        lines[2:2] = [f"**Incomplete**: the run stopped (or is still running) after {timed} cases; no "
-                      "correctness checks yet.", ""]
+        lines[2:2] = [f"**Incomplete**: the run stopped (or is still running) after {timed} cases"
+                      + ("." if results.get("correctness") else "; no correctness checks yet."), ""]
+    not_timed = results.get("not_timed")
+    if not_timed:
+        lines[2:2] = [f"**Not timed** ({not_timed['reason']}): " + "; ".join(not_timed["cases"]) + ".", ""]
     warmup = results.get("warmup")
     if warmup:
         lines[2:2] = [f"Kernels compiled before timing: {warmup['shapes']} layer shapes in {warmup['jobs']} "
@@ -89,14 +92,19 @@ def markdown(results: Dict) -> str:
             lines.append(f"| {label} | {row['mode']} | {row['implementation']} | skipped: {row['skipped']} | | | |"
                          + (" |" if floor else ""))
     if results.get("correctness"):
-        lines += ["", "## Correctness at scale", "", "| check | cell | norm | dtype | B | H | T | worst relative "
-                  "error |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Correctness at scale", "",
+                  "Launch: the kernels requested (one launch per step, or persistent) and, after it, those the "
+                  "launchers ran (persistent ones only where the grid can be resident at once).", "",
+                  "| check | cell | norm | dtype | B | H | T | launch | worst relative error | tolerance | |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for check in results["correctness"]:
             worst = (f"{check['relative_error']:.2e} ({check['tensor']})" if "relative_error" in check
                      else f"error: {check.get('error')}")
+            launch = f"{check['launch']}: {check['kernels_ran']}" if "launch" in check else ""
             lines.append(f"| {check['check']} | {check['cell']} | {check.get('norm')} | {check['dtype']} | "
                          f"{check['batch']} | {check['hidden_size'] if 'hidden_size' in check else check.get('hidden')} "
-                         f"| {check['steps']} | {worst} |")
+                         f"| {check['steps']} | {launch} | {worst} | {check.get('tolerance', '')} | "
+                         f"{'passed' if check.get('passed') else 'FAILED'} |")
     return "\n".join(lines) + "\n"
 
 

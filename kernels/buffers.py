@@ -5,6 +5,7 @@ forgets to write cannot pass a comparison by luck.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -17,6 +18,9 @@ POISON = os.environ.get("NORMRNN_POISON") == "1"
 # one persistent launch per layer and direction with a grid barrier between timesteps.
 STEP_LAUNCHES = "step"
 PERSISTENT = "persistent"
+# every launch_mode decision, counted: what a caller (the bench's correctness checks) reads to know
+# which kernels a layer ran, since a persistent request runs per-step launches where it must
+LAUNCH_MODES_CHOSEN: collections.Counter = collections.Counter()
 
 
 def new_buffer(shape, dtype, device) -> torch.Tensor:
@@ -48,8 +52,13 @@ def launch_mode(programs: int, device: torch.device) -> str:
     holds when there are no more programs than streaming multiprocessors. It is opt-in with
     ``NORMRNN_PERSISTENT=1`` until its barrier has been validated on a GPU; under the interpreter
     programs run one after another, so only a single program can be persistent there."""
-    requested = os.environ.get("NORMRNN_PERSISTENT") == "1"
-    if not requested:
+    mode = _launch_mode(programs, device)
+    LAUNCH_MODES_CHOSEN[mode] += 1
+    return mode
+
+
+def _launch_mode(programs: int, device: torch.device) -> str:
+    if os.environ.get("NORMRNN_PERSISTENT") != "1":
         return STEP_LAUNCHES
     if device.type != "cuda":
         return PERSISTENT if programs == 1 else STEP_LAUNCHES

@@ -38,7 +38,7 @@ def test_quick_times_the_slow_implementations_where_the_docstring_says():
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
     quick = cases.quick_grid()
     timed = {name: [case for case in quick if cases.quick_skip(name, case) is None] for name in IMPLEMENTATIONS}
-    assert timed["reference-compiled"] == [cases.QUICK_COMPILED_REFERENCE] == quick[-1:]  # its compile last
+    assert timed["reference-compiled"] == [] and cases.QUICK_COMPILED_REFERENCE in quick  # a pass of its own
     assert {case.steps for case in timed["normrnn-reference"]} == {100}
     assert {(case.cell, case.dtype, case.steps) for case in timed["normrnn-graphs"]} == {("lstm", "bfloat16", 100)}
     for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste", "flashrnn"):
@@ -120,7 +120,11 @@ def test_gpu_run_compiles_first_writes_after_every_case_and_ends_complete(tmp_pa
     assert results["complete"] and results["warmup"]["shapes"] == 3 and not results["warmup"]["failures"]
     per_case = 2 * len(IMPLEMENTATIONS)  # forward and train rows of every implementation
     assert writes == [(False, 0, False), (False, per_case, False), (False, 2 * per_case, False)]  # checks first
-    assert [check["relative_error"] < 1e-4 for check in results["correctness"]] == [True]
+    # each check with per-step launches and with the persistent kernels (one program under the
+    # interpreter: persistent there), and the record says which kernels ran
+    assert [(check["launch"], check["kernels_ran"], check["relative_error"] < 1e-4, check["passed"])
+            for check in results["correctness"]] == [("per-step", "step", True, True),
+                                                     ("persistent", "persistent", True, True)]
     skipped = {row["implementation"]: row["skipped"] for row in results["timings"] if "skipped" in row}
     assert "--quick" in skipped["reference-compiled"]
     assert skipped["haste"] == "left out of this run (--skip)"
@@ -180,8 +184,9 @@ def test_gpu_section_logic_runs_every_implementation_on_a_tiny_case(tmp_path):
     timed = {row["implementation"] for row in rows if "median_ms" in row}
     assert {"normrnn-triton", "normrnn-reference", "cudnn"} <= timed
     assert all(row["skipped"] for row in rows if "median_ms" not in row)
-    checks = [correctness.against_reference("lstm", "layer", torch.float32, 4, 16, 3, device),
-              correctness.against_cudnn("rnn", torch.float32, 4, 16, 3, device)]
+    checks = (correctness.against_reference("lstm", "layer", torch.float32, 4, 16, 3, device)
+              + correctness.against_cudnn("rnn", torch.float32, 4, 16, 3, device))
+    assert [check["passed"] for check in checks] == [True, True], checks
     assert all(check["relative_error"] < 1e-4 for check in checks), checks
     report.add_ratios(rows)
     results = {"section": "cuda", "environment": report.environment(device), "timings": rows, "correctness": checks}
@@ -226,3 +231,120 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
     monkeypatch.setattr(lstm_forward, "resident_weights", rule)
     with pytest.raises(Skip, match="not held on chip at this shape"):  # float32: streamed anyway
         build(cases.Case("lstm", None, "float32", 64, 512, 100), device)
+
+
+def test_a_deadline_lists_the_cases_not_begun_and_the_run_ends_as_usual(tmp_path, monkeypatch):
+    """Past --deadline no case is begun: the rest are listed with the reason, the run completes
+    (plots and summary follow), and the table says what was not timed."""
+    import argparse
+    import types
+    now = [0.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def ten_seconds(case, builders, device, repetitions, max_seconds):
+        now[0] += 10.0
+        return [{"case": case.as_dict(), "label": case.label(), "implementation": "cudnn", "mode": "train",
+                 "median_ms": 1.0}]
+    monkeypatch.setattr(cli, "time_case", ten_seconds)
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: [])
+    toy = [cases.Case("lstm", None, "float32", 3, 8, steps) for steps in (2, 3, 4, 5)]
+    args = argparse.Namespace(quick=True, jobs=1, no_checks=True, repetitions=2, max_seconds=0.05, quiet=True,
+                              out=str(tmp_path), skip=[], deadline=15.0)
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=toy)
+    assert [row["label"] for row in results["timings"]] == [case.label() for case in toy[:2]]
+    assert results["complete"] and results["not_timed"] == {
+        "reason": "the run's deadline of 15 s had passed", "cases": [case.label() for case in toy[2:]]}
+    text = report.markdown(results)
+    assert f"**Not timed** (the run's deadline of 15 s had passed): {toy[2].label()}; {toy[3].label()}." in text
+    args.deadline = None
+    now[0] = 0.0
+    assert "not_timed" not in cli.run_gpu(args, device=torch.device("cpu"), cases=toy)
+
+
+def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
+    from normrnn.bench import correctness
+    for quick in (True, False):
+        plans = [(kind, arguments["cell"], arguments.get("norm"), str(arguments["dtype"]), arguments["batch"],
+                  arguments["hidden"], arguments["steps"]) for kind, arguments in correctness.check_plans(quick)]
+        for norm in (None, "layer", "batch"):
+            for dtype in ("torch.float32", "torch.bfloat16"):
+                assert ("reference", "lstm", norm, dtype, 64, 512, 100) in plans
+                assert ("reference", "lstm", norm, dtype, 256, 2048, 16) in plans
+            assert ("reference", "lstm", norm, "torch.float32", 16, 64, 10_000) in plans
+        assert {plan[1] for plan in plans if plan[0] == "cudnn"} == {"lstm", "gru", "rnn"}
+        at_scale = {plan[1] for plan in plans if plan[5] == 2048}
+        assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
+    # the headline layers first: a run's first minutes check what its timings rest on
+    assert correctness.check_plans(True)[0] == ("reference", dict(cell="lstm", norm=None, dtype=torch.bfloat16,
+                                                                  batch=64, hidden=512, steps=100))
+
+
+def test_checks_record_which_kernels_ran_and_fail_loudly(monkeypatch):
+    """A persistent request at a grid that cannot be resident runs per-step launches, and the record
+    says so; a check that raises is recorded as failed; without persistent only per-step runs."""
+    import os
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench import correctness
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    launches = (correctness.PER_STEP, correctness.PERSISTENT)
+    # two programs (H=32 in blocks of 16 units): more than the interpreter can run at once
+    records = correctness.against_reference("rnn", "batch", torch.float32, 3, 32, 3, device, launches=launches)
+    expected_ran = "persistent" if torch.cuda.is_available() else "step"
+    assert [(record["launch"], record["kernels_ran"]) for record in records] == [
+        ("per-step", "step"), ("persistent", expected_ran)]
+    assert all(record["passed"] and record["tolerance"] == 1e-4 for record in records), records
+    monkeypatch.setattr(correctness, "check_plans", lambda quick: [
+        ("reference", dict(cell="lstm", norm="layer", dtype=torch.float32, batch=3, hidden=8, steps=2)),
+        ("cudnn", dict(cell="lstm", dtype=torch.float32, batch=3, hidden=-8, steps=2))])
+    results = correctness.run_checks(device, quick=True, persistent=False)
+    assert [record.get("launch") for record in results] == ["per-step", None]
+    assert results[1]["passed"] is False and results[1]["error"]
+    text = cli.checks_summary(results)
+    assert text.startswith("correctness checks: 1 of 2 passed")
+    assert "  passed  fused vs float64 reference: lstm norm=layer float32 B=3 H=8 T=2: " in text
+    assert "  FAILED  cudnn: lstm norm=None float32 B=3 H=-8 T=2: error: " in text
+
+
+def test_quick_grid_times_the_speed_targets_first():
+    """A run stopped by its deadline keeps what it timed first: the bf16 LSTM at T=100 with every
+    norm, then at T=1000; fp32 after the GRU and RNN; the compiled reference last."""
+    quick = cases.quick_grid()
+    assert [(case.cell, case.norm, case.dtype, case.steps) for case in quick[:6]] == [
+        ("lstm", norm, "bfloat16", steps) for steps in (100, 1000) for norm in (None, "layer", "batch")]
+    assert [case.cell for case in quick[6:12]] == ["gru"] * 3 + ["rnn"] * 3
+    assert {case.dtype for case in quick[12:]} == {"float32"} and len(quick) == 18
+
+
+def test_quick_compiles_the_reference_once_after_every_other_case(tmp_path, monkeypatch):
+    """--quick's last pass times the compiled reference of the headline case alone, and its rows
+    replace the first pass's, which said it comes later; the deadline can leave it out too."""
+    import argparse
+    from normrnn.bench.implementations import Skip
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: [])
+    monkeypatch.setattr(cli, "IMPLEMENTATIONS", {"cudnn": lambda case, device: "cudnn runner",
+                                                 cases.COMPILED_REFERENCE: lambda case, device: "compiled runner"})
+    passes = []
+
+    def record(case, builders, device, repetitions, max_seconds):
+        passes.append((case, sorted(builders)))
+        rows = []
+        for name, build in builders.items():
+            try:
+                rows.append({"label": case.label(), "implementation": name, "mode": "train", "built": build(case)})
+            except Skip as skip:
+                rows.append({"label": case.label(), "implementation": name, "mode": "train", "skipped": str(skip)})
+        return rows
+    monkeypatch.setattr(cli, "time_case", record)
+    headline = cases.QUICK_COMPILED_REFERENCE
+    other = cases.Case("lstm", None, "bfloat16", 64, 512, 100)
+    args = argparse.Namespace(quick=True, jobs=1, no_checks=True, repetitions=2, max_seconds=0.05, quiet=True,
+                              out=str(tmp_path), skip=[], deadline=None)
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=[headline, other])
+    assert passes == [(headline, ["cudnn", "reference-compiled"]), (other, ["cudnn", "reference-compiled"]),
+                      (headline, ["reference-compiled"])]
+    compiled = [row for row in results["timings"] if row["implementation"] == "reference-compiled"]
+    assert [(row["label"], row.get("built")) for row in compiled] == [
+        (other.label(), None), (headline.label(), "compiled runner")]
+    assert "after every other case" in compiled[0]["skipped"]
