@@ -348,3 +348,28 @@ def test_quick_compiles_the_reference_once_after_every_other_case(tmp_path, monk
     assert [(row["label"], row.get("built")) for row in compiled] == [
         (other.label(), None), (headline.label(), "compiled runner")]
     assert "after every other case" in compiled[0]["skipped"]
+    # too near the deadline for the compile: not begun, and said so (the plots were written first)
+    import types
+    now = [0.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    writes = []
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: writes.append(plots) or [])
+    args.deadline = cli.LATE_PASS_SECONDS - 1
+    passes.clear()
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=[headline, other])
+    assert [case for case, _ in passes] == [headline, other]
+    assert results["not_timed"]["cases"] == [f"{headline.label()} (reference-compiled)"]
+    assert "compiled reference's pass takes about 120 s" in results["not_timed"]["reason"]
+    assert writes == [False, False, True]
+
+
+def test_fastest_summary_names_the_fastest_fused_layer_per_case_and_mode():
+    case = cases.Case("lstm", "batch", "bfloat16", 64, 512, 100)
+    rows = [{"case": case.as_dict(), "label": case.label(), "implementation": name, "mode": "train", "median_ms": ms}
+            for name, ms in (("normrnn-triton", 8.0), ("normrnn-persistent", 3.0), ("normrnn-reference", 1.0),
+                             ("cudnn", 6.0))]
+    report.add_ratios(rows)
+    text = cli.fastest_summary(rows, "cudnn")
+    assert text.splitlines()[1].split() == case.label().split() + ["train", "0.50x", "3.000", "ms",
+                                                                   "(normrnn-persistent)"]
+    assert len(text.splitlines()) == 2
