@@ -95,8 +95,14 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
 
 
 @triton.jit
-def load_recurrent_weights(w_hh_ptr, units, unit_mask, H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The program's rows of W_hh, all of K in one (BLOCK_H, BLOCK_K) tile per gate (i, f, g, o)."""
+def load_recurrent_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
+    """With ``RESIDENT``: the rows of W_hh of program ``pid``'s units, all of K in one
+    (BLOCK_H, BLOCK_K) tile per gate (i, f, g, o), for a persistent kernel to load before its step
+    loop. Without: four placeholders, as ``recurrent_projection`` then streams W_hh itself."""
+    if not RESIDENT:
+        return 0, 0, 0, 0
+    _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
     ks = tl.arange(0, BLOCK_K)
     w_offsets = units[:, None] * H + ks[None, :]
     w_mask = unit_mask[:, None] & (ks < H)[None, :]
@@ -277,11 +283,7 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
     acquire reads until all programs have arrived (counter = (t + 1) * programs)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0) * tl.num_programs(1)
-    if RESIDENT:
-        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
-        w_i, w_f, w_g, w_o = load_recurrent_weights(w_hh_ptr, units, unit_mask, H, BLOCK_K)
-    else:
-        w_i, w_f, w_g, w_o = 0, 0, 0, 0
+    w_i, w_f, w_g, w_o = load_recurrent_weights(pid, w_hh_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT)
     for t in range(steps):
         _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                            cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,

@@ -206,11 +206,7 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
     pid = tl.program_id(0)
     programs = tl.num_programs(0)  # hidden-unit blocks: the partial statistics to combine
     grid_programs = programs * tl.num_programs(1)
-    if RESIDENT:
-        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
-        w_i, w_f, w_g, w_o = load_recurrent_weights(w_hh_ptr, units, unit_mask, H, BLOCK_K)
-    else:
-        w_i, w_f, w_g, w_o = 0, 0, 0, 0
+    w_i, w_f, w_g, w_o = load_recurrent_weights(pid, w_hh_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT)
     for t in range(steps):
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
                           BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT)
