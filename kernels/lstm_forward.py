@@ -100,16 +100,19 @@ def load_recurrent_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.conste
     """With ``RESIDENT``: the rows of W_hh of program ``pid``'s units, all of K in one
     (BLOCK_H, BLOCK_K) tile per gate (i, f, g, o), for a persistent kernel to load before its step
     loop. Without: four placeholders, as ``recurrent_projection`` then streams W_hh itself."""
-    if not RESIDENT:
-        return 0, 0, 0, 0
-    _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
-    ks = tl.arange(0, BLOCK_K)
-    w_offsets = units[:, None] * H + ks[None, :]
-    w_mask = unit_mask[:, None] & (ks < H)[None, :]
-    w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
-    w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
-    w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
-    w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+    # one return after a constexpr branch: Triton types every return statement of a function,
+    # also one in a branch it does not compile, and an early return of placeholders would clash
+    if RESIDENT:
+        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+        ks = tl.arange(0, BLOCK_K)
+        w_offsets = units[:, None] * H + ks[None, :]
+        w_mask = unit_mask[:, None] & (ks < H)[None, :]
+        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+    else:
+        w_i, w_f, w_g, w_o = 0, 0, 0, 0
     return w_i, w_f, w_g, w_o
 
 
