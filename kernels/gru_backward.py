@@ -13,7 +13,9 @@ gradient of sequences that have ended. With dL/dh_t known, step t computes
 then dwx_t and dwh_t through the normalizations: local under batch norm, and under layer norm a
 second phase after an exchange of per-program row sums (see ``lstm_layer_norm_backward.py``).
 Per-step partial sums of the bias and gain gradients, (T, tiles, 4, 3H) = (b_ih, b_hh, ih gain,
-hh gain), are summed by the caller: no float atomics.
+hh gain), are summed by the caller: no float atomics. In bf16 and fp16 without batch norm dwh_t is
+also stored rounded to the weights' dtype, which the recurrent product rounds it to anyway
+(``low_precision_gradient`` in ``lstm_backward.py``): half the bytes every program reads per step.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import _batch_norm_backward
+from .lstm_backward import _batch_norm_backward, low_precision_gradient
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
@@ -65,8 +67,8 @@ def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rs
 
 @triton.jit
 def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, tile_mask, unit_mask,
-                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B,
-                   H: tl.constexpr, NORM: tl.constexpr):
+                   active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial,
+                   B, H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr):
     """dwx and dwh of one gate (under layer norm, gamma_hh * du for phase 1 to finish) and its
     parameter partials; returns its share of the layer norm's two row sums."""
     columns = gate * H + units
@@ -93,15 +95,19 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
         grad_wh = grad_u
     tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
     tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    if LOW_GRAD:
+        if NORM != 1:  # under layer norm phase 1 finishes dwh, and rounds it there
+            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
     return first, second
 
 
 @triton.jit
 def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
                         hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                        partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                        dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                         TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        LOW_GRAD: tl.constexpr):
     """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -113,8 +119,10 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
 
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        recurrent = recurrent_gradient(dwh_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 3, DOT_PRECISION,
-                                       BLOCK_B, BLOCK_H, BLOCK_K)
+        # dwh_low is what the product reads: the rounded copy with LOW_GRAD (low_precision_gradient in
+        # lstm_backward.py), dwh itself without
+        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 3,
+                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_h_later = tl.where(active_next[:, None], recurrent, 0.0) + carried
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -147,21 +155,23 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
     partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 4, 3H)
     first_r, second_r = _gate_gradient(0, t, grad_r_pre, grad_r_pre, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r, rows,
                                        units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
-                                       hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD)
     first_z, second_z = _gate_gradient(1, t, grad_z_pre, grad_z_pre, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z, rows,
                                        units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
-                                       hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD)
     first_n, second_n = _gate_gradient(2, t, grad_n_pre, grad_n_pre * gate_r, wx_hat_n, wh_hat_n, ih_rstd_n,
                                        hh_rstd_n, rows, units, tile_mask, unit_mask, active_f, count, use_batch,
-                                       ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, partial, B, H, NORM)
+                                       ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM,
+                                       LOW_GRAD)
     if NORM == 1:
         tl.store(row_partial_ptr + pid * 2 * B + rows, first_r + first_z + first_n, mask=row_mask)
         tl.store(row_partial_ptr + pid * 2 * B + B + rows, second_r + second_z + second_n, mask=row_mask)
 
 
 @triton.jit
-def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr, B,
+                             H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                             LOW_GRAD: tl.constexpr):
     """Phase 1 (layer norm): dwh_t = rstd * (g - mean(g) - wh_hat * mean(g * wh_hat)) over 3H, in place."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -173,38 +183,42 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, ro
         offsets = t * B * 3 * H + rows[:, None] * (3 * H) + gate * H + units[None, :]
         wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
         grad = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
-        tl.store(dwh_ptr + offsets, row_rstd[:, None] * (grad - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None]),
-                 mask=tile_mask)
+        grad_wh = row_rstd[:, None] * (grad - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None])
+        tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+        if LOW_GRAD:
+            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
                              hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                             partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
-                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+                             dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                             NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
+                             PHASE: tl.constexpr):
     """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
     pid = tl.program_id(0)
     if PHASE == 0:
         _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
                             hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                            dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING,
+                            HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
     else:
-        _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H,
-                                 BLOCK_B, BLOCK_H, BLOCK_P)
+        _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr,
+                                 B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
                                    ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
-                                   dh_carry_ptr, dwx_ptr, dwh_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
-                                   H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                                   dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
+                                   lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                                    HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                                   LOW_GRAD: tl.constexpr):
     """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -213,12 +227,12 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_
         t = steps - 1 - step
         _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
                             hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                            dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING,
+                            HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
-            _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, row_partial_ptr, B, H, BLOCK_B,
-                                     BLOCK_H, BLOCK_P)
+            _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr, B,
+                                     H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
             grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
         else:
             grid_barrier(barrier_ptr, (step + 1) * grid_programs)
@@ -239,6 +253,8 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    low_grad = low_precision_gradient(w_hh.dtype, norm)
+    dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
     partials = new_buffer((steps, grid[1], 4, gates), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 2].zero_()
@@ -247,12 +263,12 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     row_partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
-                 saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, partials, row_partial, lengths_arg,
-                 batch)
+                 saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, dwh_low, partials, row_partial,
+                 lengths_arg, batch)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         gru_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -12,7 +12,9 @@ Program p owns the same hidden units (and batch tile) as in the forward. Step t,
    g = gamma_hh * dL/dpre and publishes its partial row sums, phase 1 finishes du_t in place.
 
 Per-step partial sums of the bias and gain gradients are written per batch tile, (T, tiles, 3, H),
-and summed by the caller: no float atomics.
+and summed by the caller: no float atomics. In bf16 and fp16 without batch norm du_t is also
+stored rounded to the weights' dtype, which the recurrent product rounds it to anyway
+(``low_precision_gradient`` in ``lstm_backward.py``): half the bytes every program reads per step.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import _batch_norm_backward
+from .lstm_backward import _batch_norm_backward, low_precision_gradient
 from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
@@ -29,10 +31,11 @@ from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 @triton.jit
 def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                        hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr, row_partial_ptr,
-                        lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+                        hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr, partial_ptr,
+                        row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
                         TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        LOW_GRAD: tl.constexpr):
     """Phase 0: dL/dh_t, dL/dpre_t, dwx_t, the parameter partials, and du_t (norm None, batch) or
     gamma_hh * dL/dpre_t with its partial row sums (layer)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
@@ -46,8 +49,9 @@ def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        recurrent = recurrent_gradient(du_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 1, DOT_PRECISION,
-                                       BLOCK_B, BLOCK_H, BLOCK_K)
+        # du_low is what the product reads: the rounded copy with LOW_GRAD, du itself without
+        recurrent = recurrent_gradient(du_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 1,
+                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -90,7 +94,7 @@ def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
         grad_wx = _batch_norm_backward(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
         grad_u = _batch_norm_backward(grad_pre * hh_weight[None, :], u_hat, hh_rstd, active_f, count, use_batch)
         tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
+        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
     elif NORM == 1:
         tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
         grad_u_hat = grad_pre * hh_weight[None, :]
@@ -101,11 +105,14 @@ def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
     else:
         tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
         tl.store(du_ptr + offsets, grad_pre, mask=tile_mask)
+        if LOW_GRAD:
+            tl.store(du_low_ptr + offsets, grad_pre.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_low_ptr, row_partial_ptr, B,
+                             H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                             LOW_GRAD: tl.constexpr):
     """Phase 1 (layer norm): du_t = rstd * (g - mean(g) - u_hat * mean(g * u_hat)), in place over g."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -116,36 +123,39 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_
     grad_u_hat = tl.load(du_ptr + offsets, mask=tile_mask, other=0.0)
     grad_u = row_rstd[:, None] * (grad_u_hat - (sum_grad / H)[:, None] - u_hat * (sum_grad_hat / H)[:, None])
     tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
+    if LOW_GRAD:
+        tl.store(du_low_ptr + offsets, grad_u.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                             hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr, row_partial_ptr,
-                             lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
-                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+                             hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr, partial_ptr,
+                             row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                             ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
+                             PHASE: tl.constexpr):
     """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
     pid = tl.program_id(0)
     if PHASE == 0:
         _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr,
-                            row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
+                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
     else:
-        _rnn_backward_layer_norm(t, pid, tl.num_programs(0), u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H,
-                                 BLOCK_B, BLOCK_H, BLOCK_P)
+        _rnn_backward_layer_norm(t, pid, tl.num_programs(0), u_ptr, hh_stats_ptr, du_ptr, du_low_ptr, row_partial_ptr,
+                                 B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                                   ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr,
+                                   ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
                                    partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                                    ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+                                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr):
     """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -153,13 +163,13 @@ def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, 
     for step in range(steps):
         t = steps - 1 - step
         _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, partial_ptr,
-                            row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
+                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
-            _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, row_partial_ptr, B, H, BLOCK_B,
-                                     BLOCK_H, BLOCK_P)
+            _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_low_ptr, row_partial_ptr, B, H,
+                                     BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
             grid_barrier(barrier_ptr, (2 * step + 2) * grid_programs)
         else:
             grid_barrier(barrier_ptr, (step + 1) * grid_programs)
@@ -179,17 +189,19 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, hidden), torch.float32, device)
     du = new_buffer((steps, batch, hidden), torch.float32, device)
+    low_grad = low_precision_gradient(w_hh.dtype, norm)
+    du_low = new_buffer((steps, batch, hidden), w_hh.dtype, device) if low_grad else du
     partials = new_buffer((steps, grid[1], 3, hidden), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 1:].zero_()
     row_partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
-                 grad_output.contiguous(), dh_carry, dwx, du, partials, row_partial, lengths_arg, batch)
+                 grad_output.contiguous(), dh_carry, dwx, du, du_low, partials, row_partial, lengths_arg, batch)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         rnn_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -21,10 +21,13 @@ if importlib.util.find_spec("triton") is None:
 
 HERE = Path(__file__).resolve().parent
 
-# the largest tiles (batch norm over a whole batch of 512 at H=2048), the persistent kernels (with
-# the layer norm's phases, and without norm) at the shape of the speed targets, float32 recurrent products, lengths at H=2048
+# the largest tiles (batch norm over a whole batch of 512 at H=2048), the persistent kernels at the
+# shape of the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm
+# with it streamed), float32 recurrent products, lengths at H=2048
 CASES = {
     "lstm norm=batch bfloat16 B=512 H=2048": {"lstm_forward_step_kernel", "lstm_backward_step_kernel"},
+    "lstm norm=batch bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
+                                                       "lstm_backward_persistent_kernel"},
     "lstm norm=layer bfloat16 B=64 H=512 persistent": {"layer_norm_lstm_forward_persistent_kernel",
                                                        "layer_norm_lstm_backward_persistent_kernel"},
     "lstm norm=None bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
