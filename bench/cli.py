@@ -24,7 +24,7 @@ from .correctness import check_plans, run_checks
 from .implementations import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS, Runner, Skip, cpu_runner
 from .report import add_ratios, environment, write
 from .timing import measure
-from .warmup import shapes_of, warm_kernels
+from .warmup import NOT_DONE, shapes_of, warm_kernels
 
 DEFAULT_OUT = os.path.join("bench", "results")
 PERSISTENT_IMPLEMENTATIONS = ("normrnn-persistent", "normrnn-persistent-streamed")
@@ -181,7 +181,7 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         warmup = results["warmup"] = warm_kernels(shapes, args.jobs, device.type, persistent, timeout=timeout)
         print(f"kernels compiled in {warmup['seconds']} s ({warmup['shapes']} layer shapes, "
               f"{args.jobs} processes; failures: {len(warmup['failures'])})", flush=True)
-        hung = [failure for failure in warmup["failures"] if failure["error"].startswith("not done within")]
+        hung = [failure for failure in warmup["failures"] if failure["error"].startswith(NOT_DONE)]
         if hung and persistent:
             # the timing process would hang where the warm-up did: a grid barrier that never opens
             reason = (f"left out: the warm-up of {len(hung)} shape(s), e.g. {hung[0]['shape']}, did not finish "

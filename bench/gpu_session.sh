@@ -39,11 +39,13 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
 } 2>&1 | tee -a "$log"
 
 # Triton compiling a few hundred small specializations bounds the tests: 16 pytest processes on 16
-# cores; a grid barrier that never opens would spin until pytest-timeout names the test
+# cores. A grid barrier that never opens would spin until pytest-timeout names the test; its thread
+# method ends the process, since a signal cannot interrupt a wait for the GPU
 tests() {
-    python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 100 >"$OUT/tests-per-step.log" 2>&1 &
+    local timeout_options="--timeout 100 --timeout-method=thread"
+    python3 bench/parallel_tests.py --processes 8 $kernel_tests -- $timeout_options >"$OUT/tests-per-step.log" 2>&1 &
     local per_step=$!
-    NORMRNN_PERSISTENT=1 python3 bench/parallel_tests.py --processes 8 $kernel_tests -- --timeout 100 \
+    NORMRNN_PERSISTENT=1 python3 bench/parallel_tests.py --processes 8 $kernel_tests -- $timeout_options \
         >"$OUT/tests-persistent.log" 2>&1 &
     local persistent=$!
     wait $per_step

@@ -6,8 +6,8 @@ missing peer is never skipped silently.
     normrnn-persistent  the same with the persistent kernels (NORMRNN_PERSISTENT=1: one launch per
                         layer and direction, a grid barrier between steps), where the grid fits
     normrnn-persistent-streamed
-                        the persistent LSTM kernels with W_hh read from L2 every step instead of
-                        held on chip (what keeping it on chip buys; LSTM with norm None or layer)
+                        the persistent kernels with W_hh read from L2 every step instead of held
+                        on chip (what keeping it on chip buys; norm None or layer, every cell)
     normrnn-graphs      normrnn-triton under torch.compile(mode="reduce-overhead"): the per-step
                         launches replayed from CUDA graphs, without Triton's host cost per launch
     normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
@@ -162,12 +162,13 @@ def weights_streamed_anyway(case: Case) -> Optional[str]:
     launchers decide with ``resident_weights``), so that streaming it would change nothing."""
     from normrnn.kernels.lstm_forward import (NORM_LAYER, NORM_NONE, block_sizes, dot_precision, resident_weights,
                                               state_dtype)
-    if case.cell != "lstm" or case.norm not in (None, "layer"):
-        return "only the persistent LSTM forward without norm or with layer norm holds W_hh on chip"
+    if case.norm not in (None, "layer"):
+        return ("only the persistent forward without norm or with layer norm holds W_hh on chip (under batch "
+                "norm h and the product stay float32)")
     dtype = _dtype(case)
     norm = NORM_NONE if case.norm is None else NORM_LAYER
     block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
-    if not resident_weights(block_b, block_h, 4, case.hidden_size, state_dtype(dtype, norm),
+    if not resident_weights(block_b, block_h, CELL_GATES[case.cell], case.hidden_size, state_dtype(dtype, norm),
                             dot_precision(dtype, norm)):
         return ("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "
                 "streams it already")
@@ -175,8 +176,8 @@ def weights_streamed_anyway(case: Case) -> Optional[str]:
 
 
 def normrnn_persistent_streamed(case: Case, device) -> Runner:
-    """normrnn-persistent with the LSTM forward's W_hh streamed from memory every step (as where it
-    does not fit on chip): beside normrnn-persistent, the measured worth of the resident weights.
+    """normrnn-persistent with the forward's W_hh streamed from memory every step (as where it does
+    not fit on chip): beside normrnn-persistent, the measured worth of the resident weights.
     Skipped where normrnn-persistent streams them too."""
     reason = weights_streamed_anyway(case)
     if reason is not None:

@@ -16,6 +16,8 @@ from typing import Dict, Iterable, List, Tuple
 
 # (cell, norm, dtype name, batch, hidden size): what a kernel specialization depends on
 Shape = Tuple[str, object, str, int, int]
+# how the error of a shape not done in time begins (``warm_kernels``), which the bench reads
+NOT_DONE = "not done within"
 
 
 def shapes_of(cases: Iterable, checks: Iterable[Dict]) -> List[Shape]:
@@ -33,7 +35,7 @@ def shapes_of(cases: Iterable, checks: Iterable[Dict]) -> List[Shape]:
 def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tuple[Shape, float, str]:
     """In a worker: the fused layer of ``shape`` forward (training), backward and forward (eval),
     with per-step launches and, with ``persistent``, the persistent kernels and, where they hold
-    W_hh on chip, the persistent LSTM with it streamed (normrnn-persistent-streamed). Returns the
+    W_hh on chip, the persistent layer with it streamed (normrnn-persistent-streamed). Returns the
     shape, the seconds it took and the error ("" when none)."""
     started = time.perf_counter()
     try:
@@ -86,7 +88,7 @@ def warm_kernels(shapes: List[Shape], jobs: int, device: str = "cuda", persisten
             try:
                 done.append(result.get(timeout=max(0.0, started + timeout - time.perf_counter())))
             except multiprocessing.TimeoutError:
-                done.append((shape, timeout, f"not done within the warm-up's {timeout:.0f} s"))
+                done.append((shape, timeout, f"{NOT_DONE} the warm-up's {timeout:.0f} s"))
     # (leaving the pool terminates its workers, a hung one too)
     slowest = max(done, key=lambda item: item[1]) if done else None
     return {"shapes": len(shapes), "jobs": jobs, "seconds": round(time.perf_counter() - started, 1),

@@ -17,8 +17,10 @@ Layer norm exchanges per-program (mean, M2) of the recurrent projection between 
 persistent kernel.
 
 Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 3H) in float32, h
-(T+1, B, H) in float32 (the only state of a GRU: rounding it to bfloat16 at every step compounds), and the statistics: per column (T, 2, 3H) for the batch norms, per row (T, 2, B)
-for the layer norm.
+(T+1, B, H) in float32 (the only state of a GRU: rounding it to bfloat16 at every step
+compounds), and the statistics: per column (T, 2, 3H) for the batch norms, per row (T, 2, B) for
+the layer norm. In bf16 and fp16 without batch norm h is also kept rounded to the weights' dtype
+(``operand_buffer``), which the recurrent product reads: half the bytes of the float32 state.
 """
 from __future__ import annotations
 
@@ -27,41 +29,61 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
+from .lstm_forward import (NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision,
+                           operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
-from .tiles import grid_barrier, program_tile, row_active
+from .tiles import grid_barrier, program_tile, recurrent_product, row_active, weight_rows
 
 
 @triton.jit
-def _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+def _load_gru_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
+    """With ``RESIDENT``: program ``pid``'s rows of W_hh for r, z and n, all of K in one tile each,
+    loaded before the persistent kernel's step loop. Without: placeholders (W_hh is streamed)."""
+    if RESIDENT:
+        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+        w_r = weight_rows(w_hh_ptr, 0, units, unit_mask, H, BLOCK_K)
+        w_z = weight_rows(w_hh_ptr, 1, units, unit_mask, H, BLOCK_K)
+        w_n = weight_rows(w_hh_ptr, 2, units, unit_mask, H, BLOCK_K)
+    else:
+        w_r, w_z, w_n = 0, 0, 0
+    return w_r, w_z, w_n
+
+
+@triton.jit
+def _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, w_r, w_z, w_n, RESIDENT: tl.constexpr):
     """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, stored (the finishing phase and the
-    backward read them) with, under layer norm, their per-row mean and M2."""
+    backward read them) with, under layer norm, their per-row mean and M2. With ``RESIDENT`` from
+    the weight tiles ``w_*`` the persistent kernel loaded once (all of K in one tile), otherwise
+    with W_hh streamed from memory in K tiles. h_{t-1} was written by other programs: it is read
+    past L1, which is not coherent across SMs."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
-    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < H
-        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
-        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-        w_offsets = units[:, None] * H + ks[None, :]
-        w_mask = unit_mask[:, None] & k_mask[None, :]
-        w_r = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
-        w_z = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
-        w_n = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
-        if DOT_PRECISION != "native":
-            acc_r += tl.dot(h_tile.to(tl.float32), tl.trans(w_r).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_z += tl.dot(h_tile.to(tl.float32), tl.trans(w_z).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_n += tl.dot(h_tile.to(tl.float32), tl.trans(w_n).to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            h_low = h_tile.to(w_r.dtype)  # the float32 state, rounded for the matmul only
-            acc_r += tl.dot(h_low, tl.trans(w_r))
-            acc_z += tl.dot(h_low, tl.trans(w_z))
-            acc_n += tl.dot(h_low, tl.trans(w_n))
+    if RESIDENT:
+        ks = tl.arange(0, BLOCK_K)
+        h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+        acc_r = recurrent_product(h_tile, w_r, DOT_PRECISION)
+        acc_z = recurrent_product(h_tile, w_z, DOT_PRECISION)
+        acc_n = recurrent_product(h_tile, w_n, DOT_PRECISION)
+    else:
+        acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+            w_offsets = units[:, None] * H + ks[None, :]
+            w_mask = unit_mask[:, None] & k_mask[None, :]
+            w_r_tile = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
+            w_z_tile = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
+            w_n_tile = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
+            acc_r += recurrent_product(h_tile, w_r_tile, DOT_PRECISION)
+            acc_z += recurrent_product(h_tile, w_z_tile, DOT_PRECISION)
+            acc_n += recurrent_product(h_tile, w_n_tile, DOT_PRECISION)
     step = t if SAVE else 0
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = step * B * 3 * H + rows[:, None] * (3 * H) + units[None, :]
@@ -118,10 +140,10 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
 
 @triton.jit
 def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
-                SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr):
     """The normalizations, the gates and h_t of the program's units."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -160,8 +182,11 @@ def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_w
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
     keep = active[:, None]
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets, tl.where(keep, h_new, h_prev).to(h_ptr.dtype.element_ty),
-             mask=tile_mask)
+    h_next = tl.where(keep, h_new, h_prev)
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    if OPERAND_COPY:
+        tl.store(h_operand_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
+                 mask=tile_mask)
     tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
              mask=tile_mask)
 
@@ -169,50 +194,54 @@ def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_w
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t"])
 def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                            out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                            hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
-                            NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                            h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                            ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                            H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                            OPERAND_COPY: tl.constexpr, PHASE: tl.constexpr):
     """Timestep ``t`` (norm None, batch: phase 0 does it all) or one of its two phases (layer)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if PHASE == 0:
-        _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                        BLOCK_H, BLOCK_K)
+        _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                        BLOCK_H, BLOCK_K, 0, 0, 0, False)
     if (PHASE == 1) or (NORM != 1):
         if NORM != 1:
             tl.debug_barrier()  # this program's wh stores are read back by its other threads
         _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                    out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                    hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
-                    BLOCK_B, BLOCK_H, BLOCK_P)
+                    h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                    hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
+                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                                  hh_weight_ptr, h_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
-                                  ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps,
-                                  momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                                  hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
+                                  hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
+                                  max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                                   SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_P: tl.constexpr):
-    """All timesteps in one launch: one grid barrier a step (two under layer norm)."""
+                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, RESIDENT: tl.constexpr):
+    """All timesteps in one launch: one grid barrier a step (two under layer norm). With
+    ``RESIDENT`` (``resident_weights``) the program's rows of W_hh are loaded once, before the loop,
+    and stay on chip."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     grid_programs = programs * tl.num_programs(1)
+    w_r, w_z, w_n = _load_gru_weights(pid, w_hh_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT)
     for t in range(steps):
-        _gru_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                        BLOCK_H, BLOCK_K)
+        _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
+                        BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
         else:
             tl.debug_barrier()
         _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                    out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                    hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
-                    BLOCK_B, BLOCK_H, BLOCK_P)
+                    h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                    hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
+                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
@@ -232,9 +261,10 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, triton.cdiv(batch, block_b))
-    # h is the GRU's only state: kept in float32 (rounded to the weights' dtype for the matmul)
+    # h is the GRU's only state: kept in float32
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
+    h_operand = operand_buffer(h, w_hh.dtype, norm)  # h as the recurrent product reads it
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     saved_steps = steps if save else 1
     wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
@@ -243,15 +273,19 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
-    arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, output, wh, partial, ih_stats, hh_stats,
-                 *running, lengths_arg, batch, max_steps, momentum, eps)
+    arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, h_operand, output, wh, partial, ih_stats,
+                 hh_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
+                     OPERAND_COPY=h_operand is not h)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        gru_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+        resident = resident_weights(block_b, block_h, 3, hidden, h_operand.dtype, constants["DOT_PRECISION"])
+        if resident:
+            constants["BLOCK_K"] = resident_k_tile(hidden)
+        gru_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
                                             **persistent_launch_options(device.type))
     else:
         phases = 2 if norm == NORM_LAYER else 1

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .tiles import grid_barrier, program_tile, row_active
+from .tiles import grid_barrier, program_tile, recurrent_product, row_active, weight_rows
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -104,13 +104,10 @@ def load_recurrent_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.conste
     # also one in a branch it does not compile, and an early return of placeholders would clash
     if RESIDENT:
         _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
-        ks = tl.arange(0, BLOCK_K)
-        w_offsets = units[:, None] * H + ks[None, :]
-        w_mask = unit_mask[:, None] & (ks < H)[None, :]
-        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
-        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
-        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
-        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
+        w_i = weight_rows(w_hh_ptr, 0, units, unit_mask, H, BLOCK_K)
+        w_f = weight_rows(w_hh_ptr, 1, units, unit_mask, H, BLOCK_K)
+        w_g = weight_rows(w_hh_ptr, 2, units, unit_mask, H, BLOCK_K)
+        w_o = weight_rows(w_hh_ptr, 3, units, unit_mask, H, BLOCK_K)
     else:
         w_i, w_f, w_g, w_o = 0, 0, 0, 0
     return w_i, w_f, w_g, w_o
@@ -126,17 +123,10 @@ def _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H: tl.
     ks = tl.arange(0, BLOCK_K)
     h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
                      mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
-    if DOT_PRECISION != "native":
-        h_wide = h_tile.to(tl.float32)
-        acc_i = tl.dot(h_wide, tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
-        acc_f = tl.dot(h_wide, tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
-        acc_g = tl.dot(h_wide, tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
-        acc_o = tl.dot(h_wide, tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
-    else:
-        acc_i = tl.dot(h_tile, tl.trans(w_i))
-        acc_f = tl.dot(h_tile, tl.trans(w_f))
-        acc_g = tl.dot(h_tile, tl.trans(w_g))
-        acc_o = tl.dot(h_tile, tl.trans(w_o))
+    acc_i = recurrent_product(h_tile, w_i, DOT_PRECISION)
+    acc_f = recurrent_product(h_tile, w_f, DOT_PRECISION)
+    acc_g = recurrent_product(h_tile, w_g, DOT_PRECISION)
+    acc_o = recurrent_product(h_tile, w_o, DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -177,16 +167,10 @@ def _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B
         w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
         w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
         w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
-        if DOT_PRECISION != "native":
-            acc_i += tl.dot(h_tile.to(tl.float32), tl.trans(w_i).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_f += tl.dot(h_tile.to(tl.float32), tl.trans(w_f).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_g += tl.dot(h_tile.to(tl.float32), tl.trans(w_g).to(tl.float32), input_precision=DOT_PRECISION)
-            acc_o += tl.dot(h_tile.to(tl.float32), tl.trans(w_o).to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            acc_i += tl.dot(h_tile, tl.trans(w_i))
-            acc_f += tl.dot(h_tile, tl.trans(w_f))
-            acc_g += tl.dot(h_tile, tl.trans(w_g))
-            acc_o += tl.dot(h_tile, tl.trans(w_o))
+        acc_i += recurrent_product(h_tile, w_i, DOT_PRECISION)
+        acc_f += recurrent_product(h_tile, w_f, DOT_PRECISION)
+        acc_g += recurrent_product(h_tile, w_g, DOT_PRECISION)
+        acc_o += recurrent_product(h_tile, w_o, DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -344,6 +328,20 @@ def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:
     rounding of h to bfloat16 (2.3e-2 relative error at B=16) into the statistics of every step;
     otherwise the weights' dtype, so that the recurrent matmul reads it as it is."""
     return torch.float32 if norm == NORM_BATCH else dtype
+
+
+def operand_buffer(state: torch.Tensor, dtype: torch.dtype, norm: int) -> torch.Tensor:
+    """For a float32 state (the GRU's and RNN's h, (T+1, B, H)) that the recurrent product reads
+    rounded to the weights' 16-bit ``dtype`` (``state_dtype``: not under batch norm), a buffer of
+    its shape in that dtype with step 0 copied in, which the forward kernels fill beside the state:
+    every program reads all of h_{t-1} each step, and reads it in half the bytes. Elsewhere
+    ``state`` itself (the kernels then write no copy)."""
+    operand_dtype = state_dtype(dtype, norm)
+    if operand_dtype == state.dtype:
+        return state
+    operand = new_buffer(state.shape, operand_dtype, state.device)
+    operand[0].copy_(state[0])
+    return operand
 
 
 def dot_precision(dtype: torch.dtype, norm: int) -> str:

@@ -16,7 +16,9 @@ persistent kernel.
 
 Saved for the backward (``SAVE``): u (T, B, H) and h (T+1, B, H) in float32 (h is the only
 state: rounding it to bfloat16 at every step would compound), and the statistics:
-per column (T, 2, H) for the two batch norms, per row (T, 2, B) for the layer norm.
+per column (T, 2, H) for the two batch norms, per row (T, 2, B) for the layer norm. In bf16 and
+fp16 without batch norm h is also kept rounded to the weights' dtype (``operand_buffer``), which
+the recurrent product reads: half the bytes of the float32 state.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision
+from .lstm_forward import (NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision,
+                           operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
-from .tiles import grid_barrier, program_tile, row_active
+from .tiles import grid_barrier, program_tile, recurrent_product, row_active, weight_rows
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -43,24 +46,29 @@ def _activate(pre, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+def _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """u_t for the program's units; under layer norm also stored, with its per-row (mean, M2)."""
+                    BLOCK_K: tl.constexpr, w_rows, RESIDENT: tl.constexpr):
+    """u_t for the program's units; under layer norm also stored, with its per-row (mean, M2).
+    With ``RESIDENT`` from the rows of W_hh ``w_rows`` the persistent kernel loaded once (all of K
+    in one tile), otherwise with W_hh streamed from memory in K tiles. h_{t-1} was written by other
+    programs: it is read past L1, which is not coherent across SMs."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
-    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < H
-        # h_{t-1} was written by other programs: read past L1, which is not coherent across SMs
-        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-        w_tile = tl.load(w_hh_ptr + units[:, None] * H + ks[None, :], mask=unit_mask[:, None] & k_mask[None, :],
-                         other=0.0)
-        if DOT_PRECISION != "native":
-            acc += tl.dot(h_tile.to(tl.float32), tl.trans(w_tile).to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            acc += tl.dot(h_tile.to(w_tile.dtype), tl.trans(w_tile))  # the float32 state, rounded for the matmul
+    if RESIDENT:
+        ks = tl.arange(0, BLOCK_K)
+        h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                         mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+        acc = recurrent_product(h_tile, w_rows, DOT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < H
+            h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+            w_tile = tl.load(w_hh_ptr + units[:, None] * H + ks[None, :], mask=unit_mask[:, None] & k_mask[None, :],
+                             other=0.0)
+            acc += recurrent_product(h_tile, w_tile, DOT_PRECISION)
     if NORM == 1:
         step = t if SAVE else 0
         tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -75,11 +83,11 @@ def _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H: tl.conste
 
 
 @triton.jit
-def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr, partial_ptr,
-                ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
-                max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
+def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
+                u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
                 TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr):
     """The normalizations, the activation and the state update of the program's units. ``u`` is
     u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
@@ -124,61 +132,72 @@ def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_
     h_new = _activate(pre, ACTIVATION)
     keep = active[:, None]
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
-             tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
+    h_next = tl.where(keep, h_new, h_prev.to(tl.float32))
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    if OPERAND_COPY:
+        tl.store(h_operand_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
+                 mask=tile_mask)
     tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
              mask=tile_mask)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t"])
-def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
-                            partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                            lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
+                            u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                            hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
                             ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                            OPERAND_COPY: tl.constexpr, PHASE: tl.constexpr):
     """Timestep ``t`` (norm None, batch) or one of its two phases (layer); the launch boundary
     orders it after the previous one."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if PHASE == 0:
-        u = _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                            BLOCK_H, BLOCK_K)
+        u = _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, 0, False)
         if NORM != 1:
-            _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
-                        partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                        lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS,
-                        BLOCK_B, BLOCK_H, BLOCK_P)
+            _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
+                        out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                        hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE,
+                        HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
     else:
         _rnn_finish(t, pid, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr, ih_weight_ptr,
-                    hh_weight_ptr, h_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                    ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
-                    ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P)
+                    hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                    ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
+                    ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                                  out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                                  hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
-                                  NORM: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
+                                  h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                                  ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                                  H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
                                   SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_P: tl.constexpr):
-    """All timesteps in one launch: one grid barrier a step (two under layer norm)."""
+                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, RESIDENT: tl.constexpr):
+    """All timesteps in one launch: one grid barrier a step (two under layer norm). With
+    ``RESIDENT`` (``resident_weights``) the program's rows of W_hh are loaded once, before the loop,
+    and stay on chip."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     grid_programs = programs * tl.num_programs(1)
+    if RESIDENT:
+        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+        w_rows = weight_rows(w_hh_ptr, 0, units, unit_mask, H, BLOCK_K)
+    else:
+        w_rows = 0
     for t in range(steps):
-        u = _rnn_projection(t, pid, w_hh_ptr, h_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                            BLOCK_H, BLOCK_K)
+        u = _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, w_rows, RESIDENT)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
-        _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, out_ptr, u_ptr,
-                    partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                    lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS,
-                    BLOCK_B, BLOCK_H, BLOCK_P)
+        _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
+                    u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                    lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B,
+                    BLOCK_H, BLOCK_P, OPERAND_COPY)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
@@ -197,9 +216,11 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, triton.cdiv(batch, block_b))
-    # h is the RNN's only state: kept in float32 (rounded to the weights' dtype for the matmul)
+    # h is the RNN's only state: kept in float32, and where the recurrent product rounds it, also as
+    # rounded (operand_buffer)
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
+    h_operand = operand_buffer(h, w_hh.dtype, norm)
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     saved_steps = steps if save else 1
     u = new_buffer((saved_steps, batch, hidden), torch.float32, device)
@@ -209,15 +230,19 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     partial = new_buffer((programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
-    arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, output, u, partial, ih_stats, hh_stats, *running,
+    arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, h_operand, output, u, partial, ih_stats, hh_stats, *running,
                  lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
+                     BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
+                     OPERAND_COPY=h_operand is not h)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        rnn_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants,
+        resident = resident_weights(block_b, block_h, 1, hidden, h_operand.dtype, constants["DOT_PRECISION"])
+        if resident:
+            constants["BLOCK_K"] = resident_k_tile(hidden)
+        rnn_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
                                             **persistent_launch_options(device.type))
     else:
         phases = 2 if norm == NORM_LAYER else 1

@@ -17,6 +17,27 @@ def program_tile(pid, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.con
 
 
 @triton.jit
+def weight_rows(w_hh_ptr, gate, units, unit_mask, H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows gate * H + ``units`` of W_hh (gates * H, H), all of K in one (BLOCK_H, BLOCK_K) tile:
+    what a persistent kernel with resident weights loads once, before its step loop."""
+    ks = tl.arange(0, BLOCK_K)
+    return tl.load(w_hh_ptr + gate * H * H + units[:, None] * H + ks[None, :],
+                   mask=unit_mask[:, None] & (ks < H)[None, :], other=0.0)
+
+
+@triton.jit
+def recurrent_product(h_tile, w_rows, DOT_PRECISION: tl.constexpr):
+    """h_tile (BLOCK_B, K) times ``w_rows`` (BLOCK_H, K, rows of W_hh) transposed, in float32:
+    "native" multiplies in the weights' 16-bit dtype (h rounded to it), "ieee" and "tf32x3" in
+    float32 with that input precision (``dot_precision``)."""
+    if DOT_PRECISION != "native":
+        product = tl.dot(h_tile.to(tl.float32), tl.trans(w_rows).to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        product = tl.dot(h_tile.to(w_rows.dtype), tl.trans(w_rows))
+    return product
+
+
+@triton.jit
 def row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexpr):
     """Which rows run at step t (a sequence of length L runs steps 0..L-1)."""
     active = row_mask

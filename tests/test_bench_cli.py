@@ -202,6 +202,7 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or the Triton interpreter")
+    from normrnn.bench import implementations
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
     from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,10 +225,14 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
         assert chosen == [resident], name
     assert lstm_forward.RESIDENT_OPERAND_BYTES > 0  # restored after the call
     build = IMPLEMENTATIONS["normrnn-persistent-streamed"]
-    with pytest.raises(Skip, match="only the persistent LSTM"):
+    with pytest.raises(Skip, match="only the persistent forward without norm or with layer norm"):
         build(cases.Case("lstm", "batch", "float32", 3, 16, 2), device)
-    with pytest.raises(Skip, match="only the persistent LSTM"):
-        build(cases.Case("gru", None, "float32", 3, 16, 2), device)
+    monkeypatch.setattr(lstm_forward, "resident_weights", rule)
+    monkeypatch.setattr(lstm_forward, "interpreted", lambda: False)  # the products a GPU would run
+    for cell in ("gru", "rnn"):  # their persistent forward holds W_hh on chip too, where it fits
+        assert implementations.weights_streamed_anyway(cases.Case(cell, "layer", "bfloat16", 64, 512, 100)) is None
+        assert "not held on chip" in implementations.weights_streamed_anyway(cases.Case(cell, None, "bfloat16", 64,
+                                                                                        2048, 100))
     monkeypatch.setattr(lstm_forward, "resident_weights", rule)
     with pytest.raises(Skip, match="not held on chip at this shape"):  # float32: streamed anyway
         build(cases.Case("lstm", None, "float32", 64, 512, 100), device)

@@ -51,14 +51,20 @@ def test_two_layers_bidirectional_and_eval(norm):
     assert relative_error(got.cpu(), expected) < 1e-4
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["weights-on-chip", "weights-streamed"])
 @pytest.mark.parametrize("norm", [None, "batch", "layer"])
-def test_persistent_kernel_and_batch_tiles(monkeypatch, norm):
-    """One program (H <= 16) runs the persistent kernel under the interpreter; 70 rows make two
-    batch tiles where the statistics allow it."""
+def test_persistent_kernel_and_batch_tiles(monkeypatch, norm, resident):
+    """One program (H <= 16) runs the persistent kernel under the interpreter, its forward with W_hh
+    loaded once before the loop or streamed every step, whichever ``resident_weights`` would choose
+    on a GPU (forced here); 70 rows make two batch tiles where the statistics allow it."""
+    from normrnn.kernels import rnn_forward
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
+    asked = []
+    monkeypatch.setattr(rnn_forward, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     _compare(reference, fused, torch.randn(4, 4, 3, dtype=torch.float64), None, torch.tensor([4, 4, 2, 3]),
              torch.float32)
+    assert asked  # the persistent launcher asked, and ran the path the answer chose
     monkeypatch.delenv("NORMRNN_PERSISTENT")
     lengths = torch.randint(1, 4, (70,))
     lengths[:8] = 3
