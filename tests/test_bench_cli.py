@@ -277,6 +277,9 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
                 assert ("reference", "lstm", norm, dtype, 256, 2048, 16) in plans
             assert ("reference", "lstm", norm, "torch.float32", 16, 64, 10_000) in plans
         assert {plan[1] for plan in plans if plan[0] == "cudnn"} == {"lstm", "gru", "rnn"}
+        for cell in ("gru", "rnn"):  # their bf16 paths (rounded h, W_hh on chip) at the headline shape
+            for norm in (None, "layer", "batch"):
+                assert ("reference", cell, norm, "torch.bfloat16", 64, 512, 100) in plans
         at_scale = {plan[1] for plan in plans if plan[5] == 2048}
         assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
     # the headline layers first: a run's first minutes check what its timings rest on
