@@ -22,7 +22,7 @@ import torch
 from . import cases as grid
 from .correctness import check_plans, run_checks
 from .implementations import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS, Runner, Skip, cpu_runner
-from .report import add_ratios, environment, write
+from .report import add_ratios, environment, fastest_fused, speed_targets, write
 from .timing import measure
 from .warmup import NOT_DONE, shapes_of, warm_kernels
 
@@ -95,20 +95,11 @@ def summary(rows: List[Dict], bar: str) -> str:
     return "\n".join(lines)
 
 
-FUSED_IMPLEMENTATIONS = ("normrnn-triton", "normrnn-graphs") + PERSISTENT_IMPLEMENTATIONS
-
-
 def fastest_summary(rows: List[Dict], bar: str) -> str:
     """Per case and mode, the fastest fused normrnn implementation and its ratio to ``bar``: the
     numbers the speed targets are read from."""
     lines = [f"fastest fused normrnn per case, ratio to {bar} (below 1 is faster):"]
-    best: Dict = {}
-    for row in rows:
-        if row["implementation"] in FUSED_IMPLEMENTATIONS and f"ratio_to_{bar}" in row:
-            key = (row["label"], row["mode"])
-            if key not in best or row["median_ms"] < best[key]["median_ms"]:
-                best[key] = row
-    for (label, mode), row in best.items():
+    for (label, mode), row in fastest_fused(rows, bar).items():
         lines.append(f"  {label:48s} {mode:8s} {row[f'ratio_to_{bar}']:6.2f}x  {row['median_ms']:9.3f} ms  "
                      f"({row['implementation']})")
     return "\n".join(lines)
@@ -226,6 +217,7 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         write(results, args.out, plots=False)
     close()
     add_ratios(rows)
+    results["speed_targets"] = speed_targets(rows)
     results["complete"] = True
     return results
 

@@ -55,6 +55,70 @@ def add_ratios(rows: List[Dict]) -> None:
                 row[f"ratio_to_{bar}"] = row["median_ms"] / other["median_ms"]
 
 
+# the fused layers' implementations (``implementations.py``): the speed targets take the fastest
+FUSED_IMPLEMENTATIONS = ("normrnn-triton", "normrnn-persistent", "normrnn-persistent-streamed", "normrnn-graphs")
+# Grid barriers a timestep of the persistent kernels waits at, (forward, backward), by norm and
+# cell: the design's floor per step is that many barriers, about 1 us each on an H100 (a probe of
+# ours with 16 to 128 programs)
+BARRIERS_PER_STEP = {None: {"lstm": (1, 1), "gru": (1, 1), "rnn": (1, 1)},
+                     "batch": {"lstm": (1, 1), "gru": (1, 1), "rnn": (1, 1)},
+                     "layer": {"lstm": (3, 3), "gru": (2, 2), "rnn": (2, 2)}}
+BARRIER_MICROSECONDS = 1.0
+# the fused-kernel issue's targets, as ratios to cuDNN's plain LSTM at B=64, I=H=512, bf16:
+# mode -> (at most, aiming for)
+SPEED_TARGETS = {"train": (1.0, 0.5), "forward": (None, 0.33)}
+
+
+def fastest_fused(rows: List[Dict], bar: str) -> Dict:
+    """(label, mode) -> the row of the fastest fused implementation that has a ratio to ``bar``."""
+    best: Dict = {}
+    for row in rows:
+        if row["implementation"] in FUSED_IMPLEMENTATIONS and f"ratio_to_{bar}" in row:
+            key = (row["label"], row["mode"])
+            if key not in best or row["median_ms"] < best[key]["median_ms"]:
+                best[key] = row
+    return best
+
+
+def speed_targets(rows: List[Dict]) -> List[Dict]:
+    """The speed targets' cases (LSTM, B=64, H=512, bf16, every norm and T): for each mode the
+    fastest fused layer against cuDNN, its time per step beside the floor of the design (its grid
+    barriers per step), and whether the target holds."""
+    table = []
+    for (label, mode), row in fastest_fused(rows, "cudnn").items():
+        case = row["case"]
+        if (case["cell"], case["dtype"], case["batch"], case["hidden_size"]) != ("lstm", "bfloat16", 64, 512):
+            continue
+        forward, backward = BARRIERS_PER_STEP[case["norm"]][case["cell"]]
+        barriers = forward + (backward if mode == "train" else 0)
+        at_most, aim = SPEED_TARGETS[mode]
+        ratio = row["ratio_to_cudnn"]
+        table.append({"label": label, "mode": mode, "implementation": row["implementation"],
+                      "median_ms": row["median_ms"], "cudnn_ms": row["median_ms"] / ratio, "ratio_to_cudnn": ratio,
+                      "microseconds_per_step": 1e3 * row["median_ms"] / case["steps"],
+                      "barrier_floor_microseconds_per_step": barriers * BARRIER_MICROSECONDS,
+                      "target": " ".join(filter(None, [at_most and f"<= {at_most}x", f"aim {aim}x"])),
+                      "met": (ratio <= at_most if at_most else None), "aim_met": ratio <= aim})
+    return table
+
+
+def _speed_target_lines(results: Dict) -> List[str]:
+    table = speed_targets(results["timings"])
+    if not table:
+        return []
+    lines = ["## Speed targets: LSTM, B=64, I=H=512, bf16, against cuDNN's plain LSTM", "",
+             "The fastest fused implementation per case and mode; per step: its time over T, beside the floor of "
+             f"the design, its grid barriers per step at about {BARRIER_MICROSECONDS:g} us each.", "",
+             "| case | mode | fastest fused | ms | cuDNN ms | ratio | target | met | us per step | barrier floor us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in table:
+        met = {True: "yes", False: "no", None: "-"}[entry["met"]] + (", aim met" if entry["aim_met"] else "")
+        lines.append(f"| {entry['label']} | {entry['mode']} | {entry['implementation']} | {entry['median_ms']:.3f} | "
+                     f"{entry['cudnn_ms']:.3f} | {entry['ratio_to_cudnn']:.2f}x | {entry['target']} | {met} | "
+                     f"{entry['microseconds_per_step']:.1f} | {entry['barrier_floor_microseconds_per_step']:g} |")
+    return lines + ["", "## Every timing", ""]
+
+
 def markdown(results: Dict) -> str:
     env = results["environment"]
     floor = any("ratio_to_gemm-floor" in row for row in results["timings"])
@@ -78,6 +142,8 @@ def markdown(results: Dict) -> str:
     if warmup:
         lines[2:2] = [f"Kernels compiled before timing: {warmup['shapes']} layer shapes in {warmup['jobs']} "
                       f"processes, {warmup['seconds']} s; failures: {len(warmup['failures'])}.", ""]
+    if results.get("section") != "cpu":
+        lines[-2:-2] = _speed_target_lines(results)
     for row in results["timings"]:
         label = row["label"]
         if "median_ms" in row:

@@ -381,3 +381,41 @@ def test_fastest_summary_names_the_fastest_fused_layer_per_case_and_mode():
     assert text.splitlines()[1].split() == case.label().split() + ["train", "0.50x", "3.000", "ms",
                                                                    "(normrnn-persistent)"]
     assert len(text.splitlines()) == 2
+
+
+def test_speed_targets_take_the_fastest_fused_layer_and_the_barrier_floor():
+    """The speed-target table: per LSTM case at B=64, H=512, bf16 and mode, the fastest fused layer
+    against cuDNN, the target it meets or not, and per step its time beside its grid barriers'."""
+    rows = []
+    for norm, steps in ((None, 100), ("layer", 1000)):
+        case = cases.Case("lstm", norm, "bfloat16", 64, 512, steps)
+        for name, train, forward in (("cudnn", 5.0, 2.0), ("normrnn-triton", 6.0, 3.0),
+                                     ("normrnn-persistent", 2.0 if norm else 6.0, 1.0), ("normrnn-reference", 0.1, 0.1)):
+            for mode, ms in (("train", train), ("forward", forward)):
+                rows.append({"case": case.as_dict(), "label": case.label(), "implementation": name, "mode": mode,
+                             "median_ms": ms})
+    other = cases.Case("gru", None, "bfloat16", 64, 512, 100)  # not a target case
+    rows += [{"case": other.as_dict(), "label": other.label(), "implementation": name, "mode": "train",
+              "median_ms": 1.0} for name in ("cudnn", "normrnn-triton")]
+    report.add_ratios(rows)
+    table = {(entry["label"].split()[1], entry["mode"]): entry for entry in report.speed_targets(rows)}
+    assert set(table) == {("norm=none", "train"), ("norm=none", "forward"), ("norm=layer", "train"),
+                          ("norm=layer", "forward")}
+    slow = table["norm=none", "train"]  # the eager reference's 0.1 ms does not count: not fused
+    assert (slow["implementation"], slow["ratio_to_cudnn"], slow["met"], slow["aim_met"]) == (
+        "normrnn-triton", 1.2, False, False)
+    fast = table["norm=layer", "train"]
+    assert (fast["implementation"], fast["ratio_to_cudnn"], fast["met"], fast["aim_met"]) == (
+        "normrnn-persistent", 0.4, True, True)
+    assert fast["microseconds_per_step"] == 2.0 and fast["barrier_floor_microseconds_per_step"] == 6
+    assert fast["cudnn_ms"] == 5.0 and fast["target"] == "<= 1.0x aim 0.5x"
+    forward = table["norm=layer", "forward"]
+    assert (forward["ratio_to_cudnn"], forward["met"], forward["aim_met"], forward["target"]) == (
+        0.5, None, False, "aim 0.33x")
+    assert forward["barrier_floor_microseconds_per_step"] == 3  # the forward's barriers alone
+    results = {"section": "cuda", "environment": report.environment(torch.device("cpu")), "timings": rows}
+    text = report.markdown(results)
+    assert "## Speed targets: LSTM, B=64, I=H=512, bf16" in text and "## Every timing" in text
+    assert f"| {cases.Case('lstm', 'layer', 'bfloat16', 64, 512, 1000).label()} | train | normrnn-persistent | " \
+           "2.000 | 5.000 | 0.40x | <= 1.0x aim 0.5x | yes, aim met | 2.0 | 6 |" in text
+    assert text.index("## Speed targets") < text.index("| case | mode | implementation |")
