@@ -289,8 +289,13 @@ def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
     block_b = max(16, block_b)
     block_h = 16
     # the h tile (BLOCK_B x BLOCK_K) is staged in shared memory: at most 8192 elements, so that a
-    # whole batch of 512 under batch norm still fits (K tiles of 16 there)
-    block_k = max(16, min(64, triton.next_power_of_2(hidden_size), 8192 // block_b))
+    # whole batch of 512 under batch norm still fits (K tiles of 16 there); under batch norm K tiles
+    # of at most 32, as the whole batch and products on float32 operands (tf32x3, split three ways)
+    # hold many registers: with 64 the persistent LSTM and GRU at B=64, H=512 spilled 16 to 116
+    # bytes a thread (sm_90, Triton 3.6 and 3.9), with 32 none, and the per-step LSTM forward went
+    # from 238 to 132 registers
+    widest = 32 if whole_batch else 64
+    block_k = max(16, min(widest, triton.next_power_of_2(hidden_size), 8192 // block_b))
     return block_b, block_h, block_k
 
 
