@@ -2,8 +2,8 @@
 
 On a CUDA machine: the correctness checks at scale, then every case of the grid (``--quick``: the
 documented subset, a few minutes on an H100), each implementation timed in one process and
-interleaved (eval-mode forward under no_grad, and a training step: forward + backward), then a
-summary of ratios to cuDNN. Without CUDA it says so and runs the CPU section only (the C++
+interleaved (eval-mode forward under no_grad, and a training step: forward + backward), then the
+checks over 10,000 steps, then a summary of ratios to cuDNN. Without CUDA it says so and runs the CPU section only (the C++
 backend and the reference against torch's CPU modules), which also runs anywhere with ``--cpu``.
 Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots,
 rewritten after every case. The kernels are compiled first in ``--jobs`` processes (``warmup.py``);
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import cases as grid
-from .correctness import check_plans, run_checks
+from .correctness import after_timings, check_plans, run_checks
 from .implementations import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS, Runner, Skip, cpu_runner
 from .report import add_ratios, environment, fastest_fused, speed_targets, write
 from .timing import measure
@@ -147,11 +147,13 @@ def checks_summary(checks: List[Dict]) -> str:
 
 
 def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
-    """Kernels compiled in parallel first (``--jobs``), then the correctness checks (quick, and what a
-    timing is worth rests on them), then every case timed; the results so far are written after the
-    checks and after each case (``complete``: false), so that a run cut short still leaves them.
-    With ``--deadline``, cases not begun within that many seconds of the start are listed as not
-    timed, and the run ends as usual (plots and summary) instead of being cut off.
+    """Kernels compiled in parallel first (``--jobs``), then the correctness checks (what a timing
+    is worth rests on them), then every case timed, then the long-sequence checks
+    (``correctness.after_timings``: slow, and no timing rests on them); the results so far are
+    written after the checks and after each case (``complete``: false), so that a run cut short
+    still leaves them. With ``--deadline``, cases and long checks not begun within that many seconds
+    of the start are listed as not run, and the run ends as usual (plots and summary) instead of
+    being cut off.
     ``device`` (default CUDA) and ``cases`` (default the grid ``args`` chooses) are for tests."""
     started = time.perf_counter()
     deadline = getattr(args, "deadline", None)
@@ -162,9 +164,9 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
                "complete": False, "timings": [], "correctness": []}
     left_out = {name: "left out of this run (--skip)" for name in args.skip}
     persistent = not set(PERSISTENT_IMPLEMENTATIONS) <= set(args.skip)
+    plans = [] if args.no_checks else check_plans(args.quick)
     if args.jobs > 1:
-        checks = [] if args.no_checks else [arguments for _, arguments in check_plans(args.quick)]
-        shapes = shapes_of(cases, checks)
+        shapes = shapes_of(cases, [arguments for _, arguments in plans])
         rounds = -(-len(shapes) // args.jobs)  # each worker's shapes one after another
         timeout = max(180.0, 90.0 * rounds)
         if deadline is not None:  # the warm-up may take at most half of the run's time
@@ -179,8 +181,8 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
                       "(a persistent grid barrier that never opens?)")
             left_out.update({name: reason for name in PERSISTENT_IMPLEMENTATIONS if name not in left_out})
             persistent = False
-    if not args.no_checks:
-        results["correctness"] = run_checks(device, args.quick, persistent=persistent)
+    if plans:
+        results["correctness"] = run_checks(device, [plan for plan in plans if not after_timings(plan)], persistent)
         write(results, args.out, plots=False)
         print(checks_summary(results["correctness"]), flush=True)
     builders = {name: _builder(name, build, device, args.quick, left_out.get(name))
@@ -218,6 +220,16 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
     close()
     add_ratios(rows)
     results["speed_targets"] = speed_targets(rows)
+    later = [plan for plan in plans if after_timings(plan)]
+    for index, plan in enumerate(later):
+        if deadline is not None and time.perf_counter() - started > deadline:
+            results["checks_not_run"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
+                                         "checks": [arguments for _, arguments in later[index:]]}
+            break
+        results["correctness"] += run_checks(device, [plan], persistent)
+        write(results, args.out, plots=False)
+    if later:
+        print(checks_summary(results["correctness"]), flush=True)
     results["complete"] = True
     return results
 

@@ -135,6 +135,10 @@ def markdown(results: Dict) -> str:
         timed = len({row["label"] for row in results["timings"]})
         lines[2:2] = [f"**Incomplete**: the run stopped (or is still running) after {timed} cases"
                       + ("." if results.get("correctness") else "; no correctness checks yet."), ""]
+    not_run = results.get("checks_not_run")
+    if not_run:
+        lines[2:2] = [f"**Checks not run** ({not_run['reason']}): "
+                      + "; ".join(f"{c['cell']} norm={c.get('norm')} T={c['steps']}" for c in not_run["checks"]) + ".", ""]
     not_timed = results.get("not_timed")
     if not_timed:
         lines[2:2] = [f"**Not timed** ({not_timed['reason']}): " + "; ".join(not_timed["cases"]) + ".", ""]

@@ -287,6 +287,42 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
                                                                   batch=64, hidden=512, steps=100))
 
 
+def test_long_sequence_checks_run_after_the_timings_and_not_past_the_deadline(tmp_path, monkeypatch):
+    """The 10,000-step checks (slow, and no timing rests on them) run after the cases; past the
+    deadline they are listed as not run; the others run before the timings."""
+    import argparse
+    import types
+    from normrnn.bench import correctness
+    now = [0.0]
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    events = []
+    plans = [("reference", dict(cell="lstm", norm=None, dtype=torch.float32, batch=3, hidden=8, steps=5)),
+             ("reference", dict(cell="lstm", norm="layer", dtype=torch.float32, batch=3, hidden=8,
+                                steps=correctness.LONG_SEQUENCE_STEPS)),
+             ("reference", dict(cell="lstm", norm="batch", dtype=torch.float32, batch=3, hidden=8,
+                                steps=correctness.LONG_SEQUENCE_STEPS))]
+    monkeypatch.setattr(cli, "check_plans", lambda quick: plans)
+
+    def checks(device, chosen, persistent):
+        events.append(("checks", [arguments["steps"] for _, arguments in chosen]))
+        now[0] += 10.0
+        return [{"check": "reference", "passed": True, **arguments} for _, arguments in chosen]
+
+    def timing(case, builders, device, repetitions, max_seconds):
+        events.append(("case", case.steps))
+        return []
+    monkeypatch.setattr(cli, "run_checks", checks)
+    monkeypatch.setattr(cli, "time_case", timing)
+    monkeypatch.setattr(cli, "write", lambda results, out, plots=True: [])
+    args = argparse.Namespace(quick=True, jobs=1, no_checks=False, repetitions=2, max_seconds=0.05, quiet=True,
+                              out=str(tmp_path), skip=[], deadline=15.0)
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=[cases.Case("lstm", None, "float32", 3, 8, 2)])
+    assert events == [("checks", [5]), ("case", 2), ("checks", [10_000])]  # the second long one: past 15 s
+    assert results["checks_not_run"]["checks"] == [plans[2][1]]
+    assert "**Checks not run** (the run's deadline of 15 s had passed): lstm norm=batch T=10000." in \
+        report.markdown(results)
+
+
 def test_checks_record_which_kernels_ran_and_fail_loudly(monkeypatch):
     """A persistent request at a grid that cannot be resident runs per-step launches, and the record
     says so; a check that raises is recorded as failed; without persistent only per-step runs."""
@@ -303,10 +339,9 @@ def test_checks_record_which_kernels_ran_and_fail_loudly(monkeypatch):
     assert [(record["launch"], record["kernels_ran"]) for record in records] == [
         ("per-step", "step"), ("persistent", expected_ran)]
     assert all(record["passed"] and record["tolerance"] == 1e-4 for record in records), records
-    monkeypatch.setattr(correctness, "check_plans", lambda quick: [
+    results = correctness.run_checks(device, [
         ("reference", dict(cell="lstm", norm="layer", dtype=torch.float32, batch=3, hidden=8, steps=2)),
-        ("cudnn", dict(cell="lstm", dtype=torch.float32, batch=3, hidden=-8, steps=2))])
-    results = correctness.run_checks(device, quick=True, persistent=False)
+        ("cudnn", dict(cell="lstm", dtype=torch.float32, batch=3, hidden=-8, steps=2))], persistent=False)
     assert [record.get("launch") for record in results] == ["per-step", None]
     assert results[1]["passed"] is False and results[1]["error"]
     text = cli.checks_summary(results)
