@@ -60,10 +60,14 @@ def launch_mode(programs: int, device: torch.device) -> str:
 def _launch_mode(programs: int, device: torch.device) -> str:
     if os.environ.get("NORMRNN_PERSISTENT") != "1":
         return STEP_LAUNCHES
-    if device.type != "cuda":
-        return PERSISTENT if programs == 1 else STEP_LAUNCHES
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return PERSISTENT if programs <= sm_count else STEP_LAUNCHES
+    resident = 1 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    if programs <= resident:
+        return PERSISTENT
+    from normrnn.dispatch import warn_once
+    where = "on this GPU" if device.type == "cuda" else "under the Triton interpreter"
+    warn_once(f"NORMRNN_PERSISTENT=1: a grid of {programs} programs cannot be resident at once {where} (at most "
+              f"{resident}), so these kernels run one launch per step")
+    return STEP_LAUNCHES
 
 
 @functools.lru_cache(maxsize=None)

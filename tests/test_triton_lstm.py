@@ -110,6 +110,26 @@ def test_persistent_kernel_with_grid_barrier(monkeypatch, norm, resident):
     assert asked  # the persistent launcher asked, and ran the path the answer chose
 
 
+def test_a_persistent_request_that_cannot_hold_says_so_once(monkeypatch):
+    """NORMRNN_PERSISTENT=1 with a grid that cannot be resident at once (here two programs under the
+    interpreter) runs per-step launches and warns once, naming the grid; without the request there
+    is nothing to say."""
+    import warnings
+    from normrnn.kernels.buffers import PERSISTENT, STEP_LAUNCHES, launch_mode
+    device = torch.device(DEVICE)
+    too_many = 1 if DEVICE == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
+    too_many += 7  # a count no other test uses: the warning is once per process and message
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert launch_mode(too_many, device) == STEP_LAUNCHES
+        monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
+        assert launch_mode(too_many, device) == STEP_LAUNCHES
+        assert launch_mode(too_many, device) == STEP_LAUNCHES
+        assert launch_mode(1, device) == PERSISTENT
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1 and f"a grid of {too_many} programs cannot be resident at once" in messages[0]
+
+
 def test_weights_stay_on_chip_only_where_the_compile_report_showed_it_pays():
     """On warpgroup tensor cores (16-bit operands, 64-row tiles) with W_hh's rows and the h tile
     within the budget: B=64, H=512 in bf16 yes; H=1024, a 16-row tile, float32 products, or the
