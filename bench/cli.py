@@ -149,7 +149,8 @@ def checks_summary(checks: List[Dict]) -> str:
 def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
     """Kernels compiled in parallel first (``--jobs``), then the correctness checks (what a timing
     is worth rests on them), then every case timed, then the long-sequence checks
-    (``correctness.after_timings``: slow, and no timing rests on them); the results so far are
+    (``correctness.after_timings``: slow, and no timing rests on them), then in ``--quick`` the
+    compiled reference's pass; the results so far are
     written after the checks and after each case (``complete``: false), so that a run cut short
     still leaves them. With ``--deadline``, cases and long checks not begun within that many seconds
     of the start are listed as not run, and the run ends as usual (plots and summary) instead of
@@ -194,11 +195,27 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         name = grid.COMPILED_REFERENCE
         passes.append((grid.QUICK_COMPILED_REFERENCE,
                        {name: _builder(name, IMPLEMENTATIONS[name], device, False, left_out.get(name))}))
+    later_checks = [plan for plan in plans if after_timings(plan)]
+
+    def run_later_checks() -> None:
+        """The long-sequence checks, once: after the cases, before the compiled reference's pass."""
+        for index, plan in enumerate(later_checks):
+            if deadline is not None and time.perf_counter() - started > deadline:
+                results["checks_not_run"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
+                                             "checks": [arguments for _, arguments in later_checks[index:]]}
+                break
+            results["correctness"] += run_checks(device, [plan], persistent)
+            write(results, args.out, plots=False)
+        if later_checks:
+            print(checks_summary(results["correctness"]), flush=True)
+        later_checks.clear()
+
     step, close = _progress(len(passes), "bench (cuda)", args.quiet)
     rows = results["timings"]
     for index, (case, case_builders) in enumerate(passes):
         late = case_builders is not builders
         if late:  # plots of what was timed before the long step, in case the run's time limit cuts it
+            run_later_checks()
             write(results, args.out)
         if deadline is not None and time.perf_counter() - started + (LATE_PASS_SECONDS if late else 0) > deadline:
             reason = (f"the compiled reference's pass takes about {LATE_PASS_SECONDS:.0f} s, and the run's deadline "
@@ -218,18 +235,9 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         add_ratios(rows)
         write(results, args.out, plots=False)
     close()
+    run_later_checks()
     add_ratios(rows)
     results["speed_targets"] = speed_targets(rows)
-    later = [plan for plan in plans if after_timings(plan)]
-    for index, plan in enumerate(later):
-        if deadline is not None and time.perf_counter() - started > deadline:
-            results["checks_not_run"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
-                                         "checks": [arguments for _, arguments in later[index:]]}
-            break
-        results["correctness"] += run_checks(device, [plan], persistent)
-        write(results, args.out, plots=False)
-    if later:
-        print(checks_summary(results["correctness"]), flush=True)
     results["complete"] = True
     return results
 

@@ -282,9 +282,9 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
 
 def block_sizes(batch: int, hidden_size: int, whole_batch: bool):
     """(BLOCK_B, BLOCK_H, BLOCK_K): 16 hidden units per program and K tiles of up to 64; the whole
-    batch in one tile where batch statistics must stay local to a program (``whole_batch``),
-    else tiles of up to 64 rows on grid axis 1; at least 16 everywhere: Triton 3.6 needs K >= 16
-    in tl.dot, and the tensor cores would pad a smaller M or N anyway."""
+    batch in one tile, and K tiles of up to 32, where batch statistics must stay local to a
+    program (``whole_batch``), else tiles of up to 64 rows on grid axis 1; at least 16 everywhere:
+    Triton 3.6 needs K >= 16 in tl.dot, and the tensor cores would pad a smaller M or N anyway."""
     block_b = triton.next_power_of_2(batch) if whole_batch else min(64, triton.next_power_of_2(batch))
     block_b = max(16, block_b)
     block_h = 16

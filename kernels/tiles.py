@@ -1,5 +1,6 @@
 """Pieces of the step functions that every fused cell shares: which rows and hidden units a
-program owns, which rows are still running, the backward's one cross-program read,
+program owns, the rows of W_hh a persistent kernel keeps on chip and the recurrent product in the
+precision the cell chose, which rows are still running, the backward's one cross-program read,
 dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], and the grid barrier of
 the persistent kernels."""
 from __future__ import annotations

@@ -321,6 +321,13 @@ def test_long_sequence_checks_run_after_the_timings_and_not_past_the_deadline(tm
     assert results["checks_not_run"]["checks"] == [plans[2][1]]
     assert "**Checks not run** (the run's deadline of 15 s had passed): lstm norm=batch T=10000." in \
         report.markdown(results)
+    # in --quick they come before the compiled reference's pass, which needs minutes of its own
+    events.clear()
+    now[0] = 0.0
+    args.deadline = 1000.0
+    results = cli.run_gpu(args, device=torch.device("cpu"), cases=[cases.QUICK_COMPILED_REFERENCE])
+    assert events == [("checks", [5]), ("case", 100), ("checks", [10_000]), ("checks", [10_000]), ("case", 100)]
+    assert "checks_not_run" not in results
 
 
 def test_checks_record_which_kernels_ran_and_fail_loudly(monkeypatch):
