@@ -31,6 +31,8 @@ PERSISTENT_IMPLEMENTATIONS = ("normrnn-persistent", "normrnn-persistent-streamed
 # what the compiled reference's pass may take (its compile): it is begun only this long before the
 # deadline, since a pass begun later would run past the deadline by about this much
 LATE_PASS_SECONDS = 120.0
+# likewise what one long-sequence check may take (its float64 reference, 10,000 eager steps)
+LONG_CHECK_SECONDS = 30.0
 
 
 def _progress(total: int, description: str, quiet: bool):
@@ -198,10 +200,15 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
     later_checks = [plan for plan in plans if after_timings(plan)]
 
     def run_later_checks() -> None:
-        """The long-sequence checks, once: after the cases, before the compiled reference's pass."""
+        """The long-sequence checks, once: after the cases, before the compiled reference's pass;
+        the plots of the timings first, in case the run's time limit cuts a check."""
+        if later_checks:
+            write(results, args.out)
         for index, plan in enumerate(later_checks):
-            if deadline is not None and time.perf_counter() - started > deadline:
-                results["checks_not_run"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
+            if deadline is not None and time.perf_counter() - started + LONG_CHECK_SECONDS > deadline:
+                results["checks_not_run"] = {"reason": f"a check over {plan[1]['steps']} steps takes about "
+                                                       f"{LONG_CHECK_SECONDS:.0f} s, and the run's deadline of "
+                                                       f"{deadline:.0f} s was nearer",
                                              "checks": [arguments for _, arguments in later_checks[index:]]}
                 break
             results["correctness"] += run_checks(device, [plan], persistent)
