@@ -23,8 +23,13 @@ HERE = Path(__file__).resolve().parent
 
 # the largest tiles (batch norm over a whole batch of 512 at H=2048), the persistent kernels at the
 # shape of the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm
-# with it streamed), float32 recurrent products, lengths at H=2048
+# with it streamed; the GRU's and RNN's with W_hh on chip), float32 recurrent products, lengths at
+# H=2048
 CASES = {
+    "gru norm=layer bfloat16 B=64 H=512 persistent": {"gru_forward_persistent_kernel",
+                                                      "gru_backward_persistent_kernel"},
+    "rnn norm=None bfloat16 B=64 H=512 persistent": {"rnn_forward_persistent_kernel",
+                                                     "rnn_backward_persistent_kernel"},
     "lstm norm=batch bfloat16 B=512 H=2048": {"lstm_forward_step_kernel", "lstm_backward_step_kernel"},
     "lstm norm=batch bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
                                                        "lstm_backward_persistent_kernel"},
@@ -120,13 +125,14 @@ def test_the_l1_check_flags_a_cached_load_of_a_cg_line(tmp_path):
 
 
 def test_persistent_forward_keeps_its_weights_on_chip(report):
-    """At the speed targets' shape (B=64, H=512, bf16) the persistent LSTM forward kernels load
-    their W_hh rows once (``RESIDENT``) and Triton keeps them in shared memory for the whole launch:
+    """At the speed targets' shape (B=64, H=512, bf16) the persistent forward kernels of every cell
+    load their W_hh rows once (``RESIDENT``) and Triton keeps them in shared memory for the whole launch:
     no copy of a weight tile is redone inside the step loop. Any kernel compiled with RESIDENT
     must show the same."""
     data, _ = report
     resident = [row for row in data["kernels"] if row["constants"].get("RESIDENT")]
-    expected = {"layer_norm_lstm_forward_persistent_kernel", "lstm_forward_persistent_kernel"}
+    expected = {"layer_norm_lstm_forward_persistent_kernel", "lstm_forward_persistent_kernel",
+                "gru_forward_persistent_kernel", "rnn_forward_persistent_kernel"}
     assert expected <= {row["kernel"] for row in resident}
     for row in resident:
         assert row["weights_on_chip"] is True, row
