@@ -3,8 +3,9 @@
 On a CUDA machine: the correctness checks at scale, then every case of the grid (``--quick``: the
 documented subset, a few minutes on an H100), each implementation timed in one process and
 interleaved (eval-mode forward under no_grad, and a training step: forward + backward), then the
-checks over 10,000 steps, then a summary of ratios to cuDNN. Without CUDA it says so and runs the CPU section only (the C++
-backend and the reference against torch's CPU modules), which also runs anywhere with ``--cpu``.
+checks over 10,000 steps, then a summary of ratios to cuDNN. Without CUDA it says so and runs the
+CPU section only (the C++ backend and the reference against torch's CPU modules), which also runs
+anywhere with ``--cpu``.
 Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots,
 rewritten after every case. The kernels are compiled first in ``--jobs`` processes (``warmup.py``);
 ``--skip`` leaves implementations out; what ``--quick`` leaves out is ``cases.quick_skip``.
@@ -138,7 +139,7 @@ def checks_summary(checks: List[Dict]) -> str:
     lines = [f"correctness checks: {sum(bool(check.get('passed')) for check in checks)} of {len(checks)} passed"]
     for check in checks:
         shape = (f"{check['cell']} norm={check.get('norm')} {check['dtype']} B={check['batch']} "
-                 f"H={check.get('hidden_size', check.get('hidden'))} T={check['steps']}")
+                 f"H={check['hidden_size']} T={check['steps']}")
         if "relative_error" in check:
             outcome = (f"{check['relative_error']:.2e} ({check['tensor']}) vs {check['tolerance']:.0e}, "
                        f"{check['launch']} requested, {check['kernels_ran']} ran")
@@ -190,59 +191,59 @@ def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[gr
         print(checks_summary(results["correctness"]), flush=True)
     builders = {name: _builder(name, build, device, args.quick, left_out.get(name))
                 for name, build in IMPLEMENTATIONS.items()}
-    passes = [(case, builders) for case in cases]
+    # --quick: the compiled reference of one case after the rest (its compile is the one long step);
+    # its rows replace those of the first pass, which said it comes later
+    compiled = None
     if args.quick and grid.QUICK_COMPILED_REFERENCE in cases:
-        # the compiled reference of one case after the rest (its compile is the one long step); its
-        # rows replace those of the first pass, which said it comes later
         name = grid.COMPILED_REFERENCE
-        passes.append((grid.QUICK_COMPILED_REFERENCE,
-                       {name: _builder(name, IMPLEMENTATIONS[name], device, False, left_out.get(name))}))
+        compiled = {name: _builder(name, IMPLEMENTATIONS[name], device, False, left_out.get(name))}
+    compiled_label = f"{grid.QUICK_COMPILED_REFERENCE.label()} ({grid.COMPILED_REFERENCE})"
     later_checks = [plan for plan in plans if after_timings(plan)]
 
-    def run_later_checks() -> None:
-        """The long-sequence checks, once: after the cases, before the compiled reference's pass;
-        the plots of the timings first, in case the run's time limit cuts a check."""
-        if later_checks:
-            write(results, args.out)
-        for index, plan in enumerate(later_checks):
-            if deadline is not None and time.perf_counter() - started + LONG_CHECK_SECONDS > deadline:
-                results["checks_not_run"] = {"reason": f"a check over {plan[1]['steps']} steps takes about "
-                                                       f"{LONG_CHECK_SECONDS:.0f} s, and the run's deadline of "
-                                                       f"{deadline:.0f} s was nearer",
-                                             "checks": [arguments for _, arguments in later_checks[index:]]}
-                break
-            results["correctness"] += run_checks(device, [plan], persistent)
-            write(results, args.out, plots=False)
-        if later_checks:
-            print(checks_summary(results["correctness"]), flush=True)
-        later_checks.clear()
+    def nearer_than(seconds: float) -> bool:
+        """Whether the deadline is less than ``seconds`` away (or past)."""
+        return deadline is not None and time.perf_counter() - started + seconds > deadline
 
-    step, close = _progress(len(passes), "bench (cuda)", args.quiet)
-    rows = results["timings"]
-    for index, (case, case_builders) in enumerate(passes):
-        late = case_builders is not builders
-        if late:  # plots of what was timed before the long step, in case the run's time limit cuts it
-            run_later_checks()
-            write(results, args.out)
-        if deadline is not None and time.perf_counter() - started + (LATE_PASS_SECONDS if late else 0) > deadline:
-            reason = (f"the compiled reference's pass takes about {LATE_PASS_SECONDS:.0f} s, and the run's deadline "
-                      f"of {deadline:.0f} s was nearer" if late else f"the run's deadline of {deadline:.0f} s had passed")
-            results["not_timed"] = {"reason": reason,
-                                    "cases": [later.label() + ("" if later_builders is builders
-                                                               else f" ({', '.join(later_builders)})")
-                                              for later, later_builders in passes[index:]]}
-            print(f"deadline: {len(passes) - index} cases not timed", flush=True)
-            break
+    def time_into_rows(case: grid.Case, case_builders: Dict) -> None:
         timed = time_case(case, case_builders, device, repetitions=args.repetitions, max_seconds=args.max_seconds)
-        if late:
-            rows[:] = [row for row in rows
-                       if not (row["label"] == case.label() and row["implementation"] in case_builders)]
-        rows += timed
+        rows[:] = [row for row in rows if not (row["label"] == case.label() and row["implementation"] in case_builders)]
+        rows.extend(timed)
         step(case.label())
         add_ratios(rows)
         write(results, args.out, plots=False)
+
+    step, close = _progress(len(cases) + (compiled is not None), "bench (cuda)", args.quiet)
+    rows = results["timings"]
+    for index, case in enumerate(cases):
+        if nearer_than(0):
+            results["not_timed"] = {"reason": f"the run's deadline of {deadline:.0f} s had passed",
+                                    "cases": [later.label() for later in cases[index:]]
+                                    + ([compiled_label] if compiled else [])}
+            print(f"deadline: {len(results['not_timed']['cases'])} cases not timed", flush=True)
+            compiled = None
+            break
+        time_into_rows(case, builders)
+    if later_checks or compiled:  # plots of the timings before the long steps, in case a time limit cuts them
+        write(results, args.out)
+    for index, plan in enumerate(later_checks):  # after the cases, before the compiled reference
+        if nearer_than(LONG_CHECK_SECONDS):
+            results["checks_not_run"] = {"reason": f"a check over {plan[1]['steps']} steps takes about "
+                                                   f"{LONG_CHECK_SECONDS:.0f} s, and the run's deadline of "
+                                                   f"{deadline:.0f} s was nearer",
+                                         "checks": [arguments for _, arguments in later_checks[index:]]}
+            break
+        results["correctness"] += run_checks(device, [plan], persistent)
+        write(results, args.out, plots=False)
+    if later_checks:
+        print(checks_summary(results["correctness"]), flush=True)
+    if compiled and nearer_than(LATE_PASS_SECONDS):
+        results["not_timed"] = {"reason": f"the compiled reference's pass takes about {LATE_PASS_SECONDS:.0f} s, "
+                                          f"and the run's deadline of {deadline:.0f} s was nearer",
+                                "cases": [compiled_label]}
+        print("deadline: the compiled reference not timed", flush=True)
+    elif compiled:
+        time_into_rows(grid.QUICK_COMPILED_REFERENCE, compiled)
     close()
-    run_later_checks()
     add_ratios(rows)
     results["speed_targets"] = speed_targets(rows)
     results["complete"] = True

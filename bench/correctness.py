@@ -67,6 +67,12 @@ def _fused(module: nn.Module, x: torch.Tensor, launch: str) -> Tuple[Dict[str, t
     return got, "+".join(sorted(buffers.LAUNCH_MODES_CHOSEN))
 
 
+def _record(check: str, cell: str, norm, dtype: torch.dtype, batch: int, hidden: int, steps: int) -> Dict:
+    """What every record of a check starts with: what was checked, at which shape."""
+    return {"check": check, "cell": cell, "norm": norm, "dtype": str(dtype).split(".")[-1], "batch": batch,
+            "hidden_size": hidden, "steps": steps}
+
+
 def _records(base: Dict, dtype: torch.dtype, expected: Dict[str, torch.Tensor], module: nn.Module, x: torch.Tensor,
              launches: Sequence[str]) -> List[Dict]:
     records = []
@@ -91,8 +97,7 @@ def against_reference(cell: str, norm, dtype: torch.dtype, batch: int, hidden: i
     x = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64).to(dtype)
     expected = _outputs_and_grads(reference, x.double())
     del reference
-    base = {"check": "fused vs float64 reference", "cell": cell, "norm": norm, "dtype": str(dtype).split(".")[-1],
-            "batch": batch, "hidden_size": hidden, "steps": steps}
+    base = _record("fused vs float64 reference", cell, norm, dtype, batch, hidden, steps)
     return _records(base, dtype, expected, fused, x, launches)
 
 
@@ -108,8 +113,7 @@ def against_cudnn(cell: str, dtype: torch.dtype, batch: int, hidden: int, steps:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         expected = _outputs_and_grads(theirs, x)
-        base = {"check": "fused vs cuDNN (norm=None)", "cell": cell, "norm": None,
-                "dtype": str(dtype).split(".")[-1], "batch": batch, "hidden_size": hidden, "steps": steps}
+        base = _record("fused vs cuDNN (norm=None)", cell, None, dtype, batch, hidden, steps)
         return _records(base, dtype, expected, ours, x, launches)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
@@ -164,8 +168,8 @@ def run_checks(device, plans: List[Tuple[str, Dict]], persistent: bool = True) -
             check = against_reference if kind == "reference" else against_cudnn
             results += check(device=device, launches=launches, **arguments)
         except Exception as error:  # recorded, and the suite goes on
-            results.append({"check": kind, "norm": None, **arguments, "dtype": str(arguments["dtype"]).split(".")[-1],
-                            "error": f"{type(error).__name__}: {error}", "passed": False})
+            results.append({**_record(kind, **{"norm": None, **arguments}), "error": f"{type(error).__name__}: {error}",
+                            "passed": False})
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -138,7 +138,8 @@ def markdown(results: Dict) -> str:
     not_run = results.get("checks_not_run")
     if not_run:
         lines[2:2] = [f"**Checks not run** ({not_run['reason']}): "
-                      + "; ".join(f"{c['cell']} norm={c.get('norm')} T={c['steps']}" for c in not_run["checks"]) + ".", ""]
+                      + "; ".join(f"{check['cell']} norm={check.get('norm')} T={check['steps']}"
+                                  for check in not_run["checks"]) + ".", ""]
     not_timed = results.get("not_timed")
     if not_timed:
         lines[2:2] = [f"**Not timed** ({not_timed['reason']}): " + "; ".join(not_timed["cases"]) + ".", ""]
@@ -172,7 +173,7 @@ def markdown(results: Dict) -> str:
                      else f"error: {check.get('error')}")
             launch = f"{check['launch']}: {check['kernels_ran']}" if "launch" in check else ""
             lines.append(f"| {check['check']} | {check['cell']} | {check.get('norm')} | {check['dtype']} | "
-                         f"{check['batch']} | {check['hidden_size'] if 'hidden_size' in check else check.get('hidden')} "
+                         f"{check['batch']} | {check['hidden_size']} "
                          f"| {check['steps']} | {launch} | {worst} | {check.get('tolerance', '')} | "
                          f"{'passed' if check.get('passed') else 'FAILED'} |")
     return "\n".join(lines) + "\n"

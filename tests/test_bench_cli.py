@@ -306,7 +306,8 @@ def test_long_sequence_checks_run_after_the_timings_and_not_past_the_deadline(tm
     def checks(device, chosen, persistent):
         events.append(("checks", [arguments["steps"] for _, arguments in chosen]))
         now[0] += 10.0
-        return [{"check": "reference", "passed": True, **arguments} for _, arguments in chosen]
+        return [{"check": "reference", "passed": True, "hidden_size": arguments["hidden"], **arguments}
+                for _, arguments in chosen]
 
     def timing(case, builders, device, repetitions, max_seconds):
         events.append(("case", case.steps))
