@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .tiles import grid_barrier, program_tile, recurrent_product, row_active, weight_rows
+from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -120,9 +120,7 @@ def _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H: tl.
     Loaded before the persistent kernel's loop, they are loop-invariant: Triton 3.6 and 3.9 hoist
     their copy into shared memory out of the loop (see the compile report), so W_hh is read from
     global memory once per launch instead of once per step."""
-    ks = tl.arange(0, BLOCK_K)
-    h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                     mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+    h_tile = state_columns(h_ptr, t, rows, row_mask, B, H, 0, BLOCK_K)
     acc_i = recurrent_product(h_tile, w_i, DOT_PRECISION)
     acc_f = recurrent_product(h_tile, w_f, DOT_PRECISION)
     acc_g = recurrent_product(h_tile, w_g, DOT_PRECISION)
@@ -159,8 +157,7 @@ def _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < H
-        h_tile = tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        h_tile = state_columns(h_ptr, t, rows, row_mask, B, H, k0, BLOCK_K)
         w_offsets = units[:, None] * H + ks[None, :]
         w_mask = unit_mask[:, None] & k_mask[None, :]
         w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)

@@ -30,7 +30,7 @@ from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persis
 from .lstm_forward import (NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
-from .tiles import grid_barrier, program_tile, recurrent_product, row_active, weight_rows
+from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -55,17 +55,14 @@ def _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: t
     programs: it is read past L1, which is not coherent across SMs."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     if RESIDENT:
-        ks = tl.arange(0, BLOCK_K)
-        h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                         mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+        h_tile = state_columns(h_operand_ptr, t, rows, row_mask, B, H, 0, BLOCK_K)
         acc = recurrent_product(h_tile, w_rows, DOT_PRECISION)
     else:
         acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
-            h_tile = tl.load(h_operand_ptr + t * B * H + rows[:, None] * H + ks[None, :],
-                             mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+            h_tile = state_columns(h_operand_ptr, t, rows, row_mask, B, H, k0, BLOCK_K)
             w_tile = tl.load(w_hh_ptr + units[:, None] * H + ks[None, :], mask=unit_mask[:, None] & k_mask[None, :],
                              other=0.0)
             acc += recurrent_product(h_tile, w_tile, DOT_PRECISION)

@@ -27,6 +27,16 @@ def weight_rows(w_hh_ptr, gate, units, unit_mask, H: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
+def state_columns(h_ptr, t, rows, row_mask, B, H: tl.constexpr, k0, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of h_{t-1} (row t of h, (T+1, B, H)) for the program's rows, the
+    operand of the recurrent product. Other programs wrote it: it is read past L1, which is not
+    coherent across SMs."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+                   mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
 def recurrent_product(h_tile, w_rows, DOT_PRECISION: tl.constexpr):
     """h_tile (BLOCK_B, K) times ``w_rows`` (BLOCK_H, K, rows of W_hh) transposed, in float32:
     "native" multiplies in the weights' 16-bit dtype (h rounded to it), "ieee" and "tf32x3" in
