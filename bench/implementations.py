@@ -118,13 +118,12 @@ def persistent_requested():
 def normrnn_persistent(case: Case, device) -> Runner:
     """The fused layer with its persistent kernels; skipped, with the reason, where the launchers
     would fall back to per-step launches because the grid cannot be resident at once."""
-    import triton
-
     from normrnn.kernels.buffers import PERSISTENT, launch_mode
-    from normrnn.kernels.lstm_forward import block_sizes
+    from normrnn.kernels.lstm_forward import grid_programs
     runner = normrnn_triton(case, device)
-    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=case.norm == "batch")
-    programs = triton.cdiv(case.hidden_size, block_h) * triton.cdiv(case.batch, block_b)
+    # the training step's grid and the evaluation's (batch norm tiles the batch only there)
+    programs = max(grid_programs(case.batch, case.hidden_size, case.norm == "batch", training)
+                   for training in (True, False))
     with persistent_requested():
         mode = launch_mode(programs, device)
     if mode != PERSISTENT:
@@ -167,7 +166,7 @@ def weights_streamed_anyway(case: Case) -> Optional[str]:
                 "norm h and the product stay float32)")
     dtype = _dtype(case)
     norm = NORM_NONE if case.norm is None else NORM_LAYER
-    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, whole_batch=False)
+    block_b, block_h, _ = block_sizes(case.batch, case.hidden_size, batch_norm=False)
     if not resident_weights(block_b, block_h, CELL_GATES[case.cell], case.hidden_size, state_dtype(dtype, norm),
                             dot_precision(dtype, norm)):
         return ("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "

@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import _batch_norm_backward, low_precision_gradient
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, block_sizes, dot_precision
+from .lstm_backward import low_precision_gradient
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
@@ -68,9 +69,10 @@ def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rs
 @triton.jit
 def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, tile_mask, unit_mask,
                    active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial,
-                   B, H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr):
-    """dwx and dwh of one gate (under layer norm, gamma_hh * du for phase 1 to finish) and its
-    parameter partials; returns its share of the layer norm's two row sums."""
+                   B, H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
+    """dwx and dwh of one gate (under layer norm, gamma_hh * du for phase 1 to finish; under batch
+    norm with ``CHUNKED``, da and du for ``_gru_batch_norm_backward`` to finish) and its parameter
+    partials; returns its share of the layer norm's two row sums."""
     columns = gate * H + units
     offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -82,8 +84,12 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         tl.store(partial + 6 * H + columns, tl.sum(grad_a * wx_hat, axis=0), mask=unit_mask)
         tl.store(partial + 9 * H + columns, tl.sum(grad_u * wh_hat, axis=0), mask=unit_mask)
-        grad_wx = _batch_norm_backward(grad_a * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
-        grad_wh = _batch_norm_backward(grad_u * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
+        if CHUNKED:
+            grad_wx = grad_a
+            grad_wh = grad_u
+        else:
+            grad_wx = batch_norm_backward(grad_a * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+            grad_wh = batch_norm_backward(grad_u * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
     elif NORM == 1:
         tl.store(partial + 9 * H + columns, tl.sum(grad_u * wh_hat, axis=0), mask=unit_mask)
         grad_wx = grad_a
@@ -96,20 +102,25 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
     tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
     tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
     if LOW_GRAD:
-        if NORM != 1:  # under layer norm phase 1 finishes dwh, and rounds it there
+        if (NORM == 0) or ((NORM == 2) and not CHUNKED):  # elsewhere the finishing pass rounds dwh
             tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
     return first, second
 
 
 @triton.jit
-def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                        hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                        dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
-                        TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                        LOW_GRAD: tl.constexpr):
-    """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm)."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr,
+                        bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+                        dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
+                        H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
+    """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm
+    and, with ``CHUNKED``, batch norm). Its rows: grid axis 1 tiles the batch, or, where a program
+    walks the batch in chunks, the chunk from ``first_row``; ``tile`` of ``tiles``: where its
+    parameter partials go."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
     active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
@@ -152,17 +163,19 @@ def _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
     grad_n_pre = grad_h * (1.0 - gate_z) * (1.0 - candidate * candidate)
     grad_r_pre = grad_n_pre * u_n * gate_r * (1.0 - gate_r)
     grad_z_pre = grad_h * (h_prev - candidate) * gate_z * (1.0 - gate_z)
-    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 4, 3H)
+    partial = partial_ptr + (t * tiles + tile) * 12 * H  # (T, batch tiles, 4, 3H)
     first_r, second_r = _gate_gradient(0, t, grad_r_pre, grad_r_pre, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r, rows,
                                        units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
-                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD)
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD,
+                                       CHUNKED)
     first_z, second_z = _gate_gradient(1, t, grad_z_pre, grad_z_pre, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z, rows,
                                        units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
-                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD)
+                                       hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD,
+                                       CHUNKED)
     first_n, second_n = _gate_gradient(2, t, grad_n_pre, grad_n_pre * gate_r, wx_hat_n, wh_hat_n, ih_rstd_n,
                                        hh_rstd_n, rows, units, tile_mask, unit_mask, active_f, count, use_batch,
                                        ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM,
-                                       LOW_GRAD)
+                                       LOW_GRAD, CHUNKED)
     if NORM == 1:
         tl.store(row_partial_ptr + pid * 2 * B + rows, first_r + first_z + first_n, mask=row_mask)
         tl.store(row_partial_ptr + pid * 2 * B + B + rows, second_r + second_z + second_n, mask=row_mask)
@@ -189,6 +202,81 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
             tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _gru_batch_norm_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                             dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
+                             BLOCK_H: tl.constexpr, LOW_GRAD: tl.constexpr):
+    """Under batch norm for a batch walked in chunks (``batch_norm.py``), the second pass: dwx_t and
+    dwh_t through the batch norms from da and du (stored in them by the first pass) and the column
+    sums over the whole batch, added up from the first pass's per-chunk partials in chunk order."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    tiles = tl.cdiv(B, BLOCK_B)
+    count = tl.sum(tl.zeros((BLOCK_H,), dtype=tl.float32), axis=0)
+    for first_row in range(0, B, BLOCK_B):
+        _, _, _, _, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        count += chunk_count
+    use_batch = TRAINING & (count >= 2.0)
+    for gate in range(3):
+        columns = gate * H + units
+        grad_a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        grad_u_sum = grad_a_sum
+        grad_a_hat_sum = grad_a_sum
+        grad_u_hat_sum = grad_a_sum
+        for tile in range(tiles):
+            partial = partial_ptr + (t * tiles + tile) * 12 * H + columns
+            grad_a_sum += tl.load(partial, mask=unit_mask, other=0.0)
+            grad_u_sum += tl.load(partial + 3 * H, mask=unit_mask, other=0.0)
+            grad_a_hat_sum += tl.load(partial + 6 * H, mask=unit_mask, other=0.0)
+            grad_u_hat_sum += tl.load(partial + 9 * H, mask=unit_mask, other=0.0)
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+        ih_mean = tl.load(ih_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
+        ih_rstd = tl.load(ih_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        hh_mean = tl.load(hh_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
+        hh_rstd = tl.load(hh_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        for first_row in range(0, B, BLOCK_B):
+            rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+            tile_mask = row_mask[:, None] & unit_mask[None, :]
+            offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
+            wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+                      - ih_mean[None, :]) * ih_rstd[None, :]
+            wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
+            grad_a = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
+            grad_u = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
+            grad_wx = batch_norm_backward_from_sums(grad_a * ih_weight[None, :], wx_hat, ih_rstd,
+                                                    ih_weight * grad_a_sum, ih_weight * grad_a_hat_sum, count,
+                                                    active_f, use_batch)
+            grad_wh = batch_norm_backward_from_sums(grad_u * hh_weight[None, :], wh_hat, hh_rstd,
+                                                    hh_weight * grad_u_sum, hh_weight * grad_u_hat_sum, count,
+                                                    active_f, use_batch)
+            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+            tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+            if LOW_GRAD:
+                tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                          dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                          TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
+    """Backward step t under batch norm in training for a batch of more than one tile: the local
+    backward of each chunk of BLOCK_B rows, then the batch norms' backward over all of them."""
+    tiles = tl.cdiv(B, BLOCK_B)
+    for tile in range(tiles):
+        _gru_backward_local(t, steps, pid, tile * BLOCK_B, tile, tiles, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr,
+                            bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+                            dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
+                            H, 2, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, True)
+    tl.debug_barrier()  # the second pass reads back what other threads of this program stored
+    _gru_batch_norm_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                             dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS, BLOCK_B,
+                             BLOCK_H, LOW_GRAD)
+
+
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
@@ -197,14 +285,21 @@ def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
                              NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
-                             PHASE: tl.constexpr):
-    """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
+                             CHUNKED: tl.constexpr, PHASE: tl.constexpr):
+    """Backward step ``t`` (norm None, batch) or one of its two phases (layer). ``CHUNKED``: the
+    batch norm's batch walked in chunks (``batch_norm.py``)."""
     pid = tl.program_id(0)
-    if PHASE == 0:
-        _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                            hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                            dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING,
-                            HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+    if CHUNKED:
+        _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                              hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
+                              dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS,
+                              DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+    elif PHASE == 0:
+        _gru_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, wh_ptr, h_ptr, w_hh_ptr,
+                            bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                            grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
+                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                            LOW_GRAD, False)
     else:
         _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr,
                                  B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
@@ -218,17 +313,24 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_
                                    lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                                    HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                                   LOW_GRAD: tl.constexpr):
+                                   LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     grid_programs = programs * tl.num_programs(1)
     for step in range(steps):
         t = steps - 1 - step
-        _gru_backward_local(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                            hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                            dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING,
-                            HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        if CHUNKED:
+            _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                  ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
+                                  dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H,
+                                  TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        else:
+            _gru_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, wh_ptr, h_ptr,
+                                w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                                row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION,
+                                BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
             _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr, B,
@@ -247,15 +349,19 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     steps, batch, gates = wx.shape
     hidden = gates // 3
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
+    column_statistics = norm == NORM_BATCH and training
+    chunks = chunked(batch, column_statistics)
     programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    grid = (programs, batch_tiles(batch, block_b, column_statistics))
+    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
+    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
-    partials = new_buffer((steps, grid[1], 4, gates), torch.float32, device)
+    partials = new_buffer((steps, tiles, 4, gates), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 2].zero_()
     if norm == 0:
@@ -268,7 +374,7 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad)
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad, CHUNKED=chunks)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         gru_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -11,7 +11,8 @@ pre-activations of a sample (N_ih, which needs no recurrence, is applied to ``wx
 loop, as is sequence-wise batch norm).
 
 Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H) of the three gates; under batch
-norm for the whole batch (one phase a step), otherwise for a tile of up to 64 rows (grid axis 1).
+norm in training for the whole batch (one phase a step; a batch of more than one 64-row tile
+walked in chunks: ``batch_norm.py``), otherwise for a tile of up to 64 rows (grid axis 1).
 Layer norm exchanges per-program (mean, M2) of the recurrent projection between two phases
 (see ``lstm_layer_norm_forward.py``); phases are launches, or separated by a grid barrier in the
 persistent kernel.
@@ -28,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm import chunk_moments, chunk_rows, chunked, merge_pair_moments, pair_statistics
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import (NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision,
+from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
@@ -51,15 +53,18 @@ def _load_gru_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.constexpr, 
 
 
 @triton.jit
-def _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
-                    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_K: tl.constexpr, w_r, w_z, w_n, RESIDENT: tl.constexpr):
+def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr,
+                    NORM: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_r, w_z, w_n, RESIDENT: tl.constexpr):
     """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, stored (the finishing phase and the
     backward read them) with, under layer norm, their per-row mean and M2. With ``RESIDENT`` from
     the weight tiles ``w_*`` the persistent kernel loaded once (all of K in one tile), otherwise
     with W_hh streamed from memory in K tiles. h_{t-1} was written by other programs: it is read
-    past L1, which is not coherent across SMs."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+    past L1, which is not coherent across SMs. ``first_row``: where a program walks the batch in
+    chunks, the first row of this one (grid axis 1 tiles the batch otherwise)."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     if RESIDENT:
         h_tile = state_columns(h_operand_ptr, t, rows, row_mask, B, H, 0, BLOCK_K)
         acc_r = recurrent_product(h_tile, w_r, DOT_PRECISION)
@@ -101,11 +106,68 @@ def _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H: 
 
 
 @triton.jit
+def _gru_chunk_moments(gate, t, step, rows, units, tile_mask, active_f, chunk_count, count, ih_mean, ih_m2, hh_mean,
+                       hh_m2, wx_ptr, wh_ptr, B, H: tl.constexpr):
+    """One gate's moments of wx and wh over the rows so far merged with those of a chunk of rows."""
+    columns = gate * H + units
+    wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
+                 other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + step * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask, other=0.0)
+    return merge_pair_moments(wx, wh, active_f, chunk_count, count, ih_mean, ih_m2, hh_mean, hh_m2)
+
+
+@triton.jit
+def _gru_batch_statistics(t, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                          TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Under batch norm for a batch walked in chunks (``batch_norm.py``): the statistics of the
+    program's columns of wx_t and wh_t (stored by the projection) over the whole batch, with the
+    running statistics updated, stored in ih_stats and hh_stats at ``step`` (t, or 0 when
+    nothing is saved) for the finishing pass to read."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    step = t if SAVE else 0
+    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    count = tl.sum(zero, axis=0)
+    ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r = zero, zero, zero, zero
+    ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z = zero, zero, zero, zero
+    ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n = zero, zero, zero, zero
+    for first_row in range(0, B, BLOCK_B):
+        rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r = _gru_chunk_moments(0, t, step, rows, units, tile_mask, active_f,
+                                                                    chunk_count, count, ih_mean_r, ih_m2_r, hh_mean_r,
+                                                                    hh_m2_r, wx_ptr, wh_ptr, B, H)
+        ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z = _gru_chunk_moments(1, t, step, rows, units, tile_mask, active_f,
+                                                                    chunk_count, count, ih_mean_z, ih_m2_z, hh_mean_z,
+                                                                    hh_m2_z, wx_ptr, wh_ptr, B, H)
+        ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n = _gru_chunk_moments(2, t, step, rows, units, tile_mask, active_f,
+                                                                    chunk_count, count, ih_mean_n, ih_m2_n, hh_mean_n,
+                                                                    hh_m2_n, wx_ptr, wh_ptr, B, H)
+        count += chunk_count
+    use_batch = TRAINING & (count >= 2.0)
+    slot = tl.minimum(t, max_steps - 1)
+    pair_statistics(ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r, count, use_batch, slot, step, units, unit_mask,
+                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
+                    TRAINING, True)
+    pair_statistics(ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z, count, use_batch, slot, step, H + units, unit_mask,
+                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
+                    TRAINING, True)
+    pair_statistics(ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n, count, use_batch, slot, step, 2 * H + units, unit_mask,
+                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
+                    TRAINING, True)
+
+
+@triton.jit
 def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count, use_batch, slot,
                      row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
                      ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, B, momentum, eps,
-                     H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr):
-    """a and u of one gate for the program's columns gate * H + units."""
+                     H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                     CHUNKED: tl.constexpr):
+    """a and u of one gate for the program's columns gate * H + units. Under batch norm with
+    ``CHUNKED`` the statistics are those ``_gru_batch_statistics`` stored at ``step``; otherwise the
+    rows are the whole batch, and the statistics are computed here."""
     columns = gate * H + units
     wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
                  other=0.0).to(tl.float32)
@@ -114,15 +176,18 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
     bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
     if NORM == 2:
-        ih_mean, ih_rstd = _batch_statistics(wx, active_f, count, use_batch, ih_mean_ptr + slot * 3 * H,
-                                             ih_var_ptr + slot * 3 * H, columns, unit_mask, momentum, eps, TRAINING)
-        hh_mean, hh_rstd = _batch_statistics(wh, active_f, count, use_batch, hh_mean_ptr + slot * 3 * H,
-                                             hh_var_ptr + slot * 3 * H, columns, unit_mask, momentum, eps, TRAINING)
-        if SAVE:
-            tl.store(ih_stats_ptr + t * 6 * H + columns, ih_mean, mask=unit_mask)
-            tl.store(ih_stats_ptr + t * 6 * H + 3 * H + columns, ih_rstd, mask=unit_mask)
-            tl.store(hh_stats_ptr + t * 6 * H + columns, hh_mean, mask=unit_mask)
-            tl.store(hh_stats_ptr + t * 6 * H + 3 * H + columns, hh_rstd, mask=unit_mask)
+        if CHUNKED:
+            ih_mean = tl.load(ih_stats_ptr + step * 6 * H + columns, mask=unit_mask, other=0.0)
+            ih_rstd = tl.load(ih_stats_ptr + step * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+            hh_mean = tl.load(hh_stats_ptr + step * 6 * H + columns, mask=unit_mask, other=0.0)
+            hh_rstd = tl.load(hh_stats_ptr + step * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        else:
+            ih_mean, ih_m2 = chunk_moments(wx, active_f, count)
+            hh_mean, hh_m2 = chunk_moments(wh, active_f, count)
+            ih_mean, ih_rstd, hh_mean, hh_rstd = pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch,
+                                                                 slot, t, columns, unit_mask, ih_stats_ptr,
+                                                                 hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                                                                 hh_var_ptr, momentum, eps, 3 * H, TRAINING, SAVE)
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         a = (wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :] + bias_ih[None, :]
         u = (wh - hh_mean[None, :]) * (hh_rstd * hh_weight)[None, :] + bias_hh[None, :]
@@ -136,13 +201,16 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
 
 
 @triton.jit
-def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
                 TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr):
-    """The normalizations, the gates and h_t of the program's units."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr):
+    """The normalizations, the gates and h_t of the program's units (``first_row``: see
+    ``_gru_projection``)."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     active_f = active.to(tl.float32)[:, None]
@@ -163,15 +231,15 @@ def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_w
     a_r, u_r = _gru_gate_inputs(0, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
                                 use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     a_z, u_z = _gru_gate_inputs(1, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
                                 use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     a_n, u_n = _gru_gate_inputs(2, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
                                 use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE)
+                                hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     gate_r = tl.sigmoid(a_r + u_r)
     gate_z = tl.sigmoid(a_z + u_z)
     candidate = _tanh(a_n + gate_r * u_n)
@@ -188,6 +256,32 @@ def _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_w
              mask=tile_mask)
 
 
+@triton.jit
+def _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                         h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                         ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                         H: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, w_r, w_z, w_n,
+                         RESIDENT: tl.constexpr):
+    """Timestep ``t`` under batch norm in training for a batch of more than one tile, walked in
+    chunks of BLOCK_B rows three times (see ``batch_norm.py``): the recurrent projection of each
+    chunk, stored; the statistics of the whole batch; the gates and h_t of each chunk."""
+    for first_row in range(0, B, BLOCK_B):
+        _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, 2, SAVE, DOT_PRECISION,
+                        BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
+    tl.debug_barrier()  # this program's wh stores are read back by its other threads
+    _gru_batch_statistics(t, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS,
+                          BLOCK_B, BLOCK_H)
+    tl.debug_barrier()  # and so are the statistics
+    for first_row in range(0, B, BLOCK_B):
+        _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                    hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                    ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 2,
+                    TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
+
+
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t"])
 def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
@@ -196,20 +290,28 @@ def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_we
                             H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                            OPERAND_COPY: tl.constexpr, PHASE: tl.constexpr):
-    """Timestep ``t`` (norm None, batch: phase 0 does it all) or one of its two phases (layer)."""
+                            OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr, PHASE: tl.constexpr):
+    """Timestep ``t`` (norm None, batch: phase 0 does it all) or one of its two phases (layer).
+    ``CHUNKED``: the batch norm's batch walked in chunks (``batch_norm.py``)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    if PHASE == 0:
-        _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                        BLOCK_H, BLOCK_K, 0, 0, 0, False)
-    if (PHASE == 1) or (NORM != 1):
-        if NORM != 1:
-            tl.debug_barrier()  # this program's wh stores are read back by its other threads
-        _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                    h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                    hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
-                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
+    if CHUNKED:
+        _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                             hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
+                             hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps,
+                             momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                             BLOCK_P, OPERAND_COPY, 0, 0, 0, False)
+    else:
+        if PHASE == 0:
+            _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, False)
+        if (PHASE == 1) or (NORM != 1):
+            if NORM != 1:
+                tl.debug_barrier()  # this program's wh stores are read back by its other threads
+            _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                        h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                        ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
+                        TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -220,7 +322,8 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
                                   max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                                   SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, RESIDENT: tl.constexpr):
+                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr,
+                                  RESIDENT: tl.constexpr):
     """All timesteps in one launch: one grid barrier a step (two under layer norm). With
     ``RESIDENT`` (``resident_weights``) the program's rows of W_hh are loaded once, before the loop,
     and stay on chip."""
@@ -229,16 +332,23 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
     grid_programs = programs * tl.num_programs(1)
     w_r, w_z, w_n = _load_gru_weights(pid, w_hh_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT)
     for t in range(steps):
-        _gru_projection(t, pid, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION, BLOCK_B,
-                        BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
-        if NORM == 1:
-            grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+        if CHUNKED:
+            _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                                 hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
+                                 hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
+                                 max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
+                                 BLOCK_H, BLOCK_K, BLOCK_P, OPERAND_COPY, w_r, w_z, w_n, RESIDENT)
         else:
-            tl.debug_barrier()
-        _gru_finish(t, pid, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                    h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                    hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
-                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
+            _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
+            if NORM == 1:
+                grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+            else:
+                tl.debug_barrier()
+            _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                        h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                        ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
+                        TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
@@ -255,9 +365,10 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     steps, batch, gates = wx.shape
     hidden = gates // 3
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
+    column_statistics = norm == NORM_BATCH and training
     programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    grid = (programs, batch_tiles(batch, block_b, column_statistics))
     # h is the GRU's only state: kept in float32
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
@@ -276,7 +387,7 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
                      BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
-                     OPERAND_COPY=h_operand is not h)
+                     OPERAND_COPY=h_operand is not h, CHUNKED=chunked(batch, column_statistics))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         resident = resident_weights(block_b, block_h, 3, hidden, h_operand.dtype, constants["DOT_PRECISION"])

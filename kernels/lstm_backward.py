@@ -20,26 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_BATCH, block_sizes, dot_precision
+from .lstm_forward import NORM_BATCH, batch_tiles, block_sizes, dot_precision
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _batch_norm_backward(grad_normalized, normalized, rstd, active_f, count, use_batch):
-    """dL/dv of v_hat = (v - mean) * rstd given dL/dv_hat, with batch statistics over the active
-    rows (mean and variance depend on v) or fixed running statistics."""
-    safe_count = tl.maximum(count, 1.0)
-    mean_grad = tl.sum(grad_normalized * active_f, axis=0) / safe_count
-    mean_grad_x = tl.sum(grad_normalized * normalized * active_f, axis=0) / safe_count
-    batch = rstd[None, :] * (grad_normalized - mean_grad[None, :] - normalized * mean_grad_x[None, :])
-    fixed = grad_normalized * rstd[None, :]
-    return tl.where(use_batch, batch, fixed) * active_f
 
 
 @triton.jit
@@ -72,6 +61,15 @@ def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bia
 
 
 @triton.jit
+def _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD: tl.constexpr):
+    """dwx and dwh of one gate's tile; with ``LOW_GRAD`` dwh also rounded to the weights' dtype."""
+    tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    if LOW_GRAD:
+        tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
 def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, row_mask, unit_mask, active_f,
                    count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B,
                    H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr):
@@ -88,15 +86,34 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
         hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
         tl.store(partial + 4 * H + columns, tl.sum(grad_z * wx_hat, axis=0), mask=unit_mask)
         tl.store(partial + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
-        grad_wx = _batch_norm_backward(grad_z * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
-        grad_wh = _batch_norm_backward(grad_z * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
+        grad_wx = batch_norm_backward(grad_z * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+        grad_wh = batch_norm_backward(grad_z * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
     else:
         grad_wx = grad_z
         grad_wh = grad_z
-    tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
-    if LOW_GRAD:
-        tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+    _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD)
+
+
+@triton.jit
+def _hidden_gradient(t, steps, rows, units, row_mask, unit_mask, active_next, active_f, grad_out_ptr, dh_carry_ptr,
+                     dwh_low_ptr, w_hh_ptr, B, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/dh_t of the rows, zero where they do not run at t: the output's gradient plus, through
+    step t+1's recurrent projection for rows still running there (a read of every program's
+    dwh_{t+1}, past L1), else the gradient carried past the sequence's end; the latter part is
+    stored as the new carry."""
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    state_offsets = rows[:, None] * H + units[None, :]
+    carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+    recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if t + 1 < steps:
+        # dwh_low is what the product reads: the rounded copy with LOW_GRAD, dwh itself without
+        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
+                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    dh_next = tl.where(active_next[:, None], recurrent, carried)
+    tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
+    return (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            + dh_next) * active_f
 
 
 @triton.jit
@@ -114,18 +131,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     count = tl.sum(active.to(tl.float32), axis=0)
     use_batch = TRAINING & (count >= 2.0)
 
-    # dL/dh_t: through step t+1's recurrent projection for rows still running there (a read of
-    # every program's dwh_{t+1}, past L1), else the gradient carried past the sequence's end.
-    carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
-    recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if t + 1 < steps:
-        # dwh_low is what the product reads: the rounded copy with LOW_GRAD, dwh itself without
-        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 4,
-                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-    dh_next = tl.where(active_next[:, None], recurrent, carried)
-    tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
-    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-              + dh_next) * active_f
+    grad_h = _hidden_gradient(t, steps, rows, units, row_mask, unit_mask, active_next, active_f, grad_out_ptr,
+                              dh_carry_ptr, dwh_low_ptr, w_hh_ptr, B, H, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
 
     z_i, wx_hat_i, wh_hat_i, ih_rstd_i, hh_rstd_i = _gate_forward(0, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
                                                                   bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
@@ -160,8 +167,8 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     if NORM == 2:
         tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
         tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
-        grad_c_from_h = _batch_norm_backward(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd, active_f,
-                                             count, use_batch)
+        grad_c_from_h = batch_norm_backward(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd, active_f,
+                                            count, use_batch)
     else:
         grad_c_from_h = grad_c_normalized
     dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
@@ -186,6 +193,177 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                    B, H, NORM, LOW_GRAD)
 
 
+@triton.jit
+def _cell_output(t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                 cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_mean, cell_rstd, B,
+                 H: tl.constexpr):
+    """Recomputes, under batch norm, the gates of step t for some rows, c_{t-1}, c_t normalized
+    (c_hat) and tanh(gamma_c c_hat + beta_c)."""
+    z_i, _, _, _, _ = _gate_forward(0, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
+    z_f, _, _, _, _ = _gate_forward(1, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
+    z_g, _, _, _, _ = _gate_forward(2, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
+    z_o, _, _, _, _ = _gate_forward(3, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
+    gate_i = tl.sigmoid(z_i)
+    gate_f = tl.sigmoid(z_f)
+    gate_g = _tanh(z_g)
+    gate_o = tl.sigmoid(z_o)
+    state_offsets = rows[:, None] * H + units[None, :]
+    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
+    c_hat = (gate_f * c_prev + gate_i * gate_g - cell_mean[None, :]) * cell_rstd[None, :]
+    cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
+    cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
+    tanh_c = _tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
+    return gate_i, gate_f, gate_g, gate_o, c_prev, c_hat, tanh_c
+
+
+@triton.jit
+def _chunk_gate_sums(gate, t, grad_z, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                     hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H: tl.constexpr):
+    """Second pass, one gate of a chunk of rows: stores dL/dz in dwx (the third pass reads it
+    back) and returns its column sums of dL/dz, dL/dz wx_hat and dL/dz wh_hat."""
+    _, wx_hat, wh_hat, _, _ = _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr,
+                                            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
+    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + (gate * H + units)[None, :]
+    tl.store(dwx_ptr + offsets, grad_z, mask=row_mask[:, None] & unit_mask[None, :])
+    return tl.sum(grad_z, axis=0), tl.sum(grad_z * wx_hat, axis=0), tl.sum(grad_z * wh_hat, axis=0)
+
+
+@triton.jit
+def _store_gate_sums(gate, t, grad_sum, wx_sum, wh_sum, units, unit_mask, partial_ptr, H: tl.constexpr):
+    """One gate's bias, ih gain and hh gain gradients of step t (one program row: the whole batch)."""
+    partial = partial_ptr + t * 12 * H + gate * H + units
+    tl.store(partial, grad_sum, mask=unit_mask)
+    tl.store(partial + 4 * H, wx_sum, mask=unit_mask)
+    tl.store(partial + 8 * H, wh_sum, mask=unit_mask)
+
+
+@triton.jit
+def _chunk_gate_backward(gate, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum, wx_sum,
+                         wh_sum, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                         dwx_ptr, dwh_ptr, dwh_low_ptr, B, H: tl.constexpr, LOW_GRAD: tl.constexpr):
+    """Third pass, one gate of a chunk of rows: dwx and dwh through the batch norms, from dL/dz
+    (in dwx since the second pass) and the column sums over the whole batch."""
+    _, wx_hat, wh_hat, ih_rstd, hh_rstd = _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
+                                                        bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                                                        hh_stats_ptr, B, H, 2)
+    columns = gate * H + units
+    tile_mask = row_mask[:, None] & unit_mask[None, :]
+    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
+    grad_z = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
+    ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+    hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+    grad_wx = batch_norm_backward_from_sums(grad_z * ih_weight[None, :], wx_hat, ih_rstd, ih_weight * grad_sum,
+                                            ih_weight * wx_sum, count, active_f, use_batch)
+    grad_wh = batch_norm_backward_from_sums(grad_z * hh_weight[None, :], wh_hat, hh_rstd, hh_weight * grad_sum,
+                                            hh_weight * wh_sum, count, active_f, use_batch)
+    _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD)
+
+
+@triton.jit
+def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                                cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                                grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                                cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, TRAINING: tl.constexpr,
+                                HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
+    """Step t of the backward under batch norm in training for a batch of more than one tile,
+    walked in chunks of BLOCK_B rows three times (see ``batch_norm.py``). 1: dL/dh_t of each chunk
+    (stored as the carry) and the column sums of the cell norm's backward; 2: dL/dc_t, the carried
+    cell gradient and dL/dz of each chunk (stored in dwx) with their column sums; 3: dwx and dwh
+    through the batch norms of the gates."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    cell_mean = tl.load(cell_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+    cell_rstd = tl.load(cell_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    count = tl.sum(zero, axis=0)
+    cell_shift_sum = zero  # column sums of dL/d(normalized c) and of it times c_hat
+    cell_gain_sum = zero
+    for first_row in range(0, B, BLOCK_B):
+        rows = first_row + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
+        active_f = active.to(tl.float32)[:, None]
+        count += tl.sum(active.to(tl.float32), axis=0)
+        grad_h = _hidden_gradient(t, steps, rows, units, row_mask, unit_mask, active_next, active_f, grad_out_ptr,
+                                  dh_carry_ptr, dwh_low_ptr, w_hh_ptr, B, H, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        _, _, _, gate_o, _, c_hat, tanh_c = _cell_output(t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr,
+                                                         ih_weight_ptr, hh_weight_ptr, cell_weight_ptr, cell_bias_ptr,
+                                                         c_ptr, ih_stats_ptr, hh_stats_ptr, cell_mean, cell_rstd, B, H)
+        grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
+        cell_shift_sum += tl.sum(grad_c_normalized, axis=0)
+        cell_gain_sum += tl.sum(grad_c_normalized * c_hat, axis=0)
+    use_batch = TRAINING & (count >= 2.0)
+    tl.store(cell_partial_ptr + t * 2 * H + units, cell_gain_sum, mask=unit_mask)
+    tl.store(cell_partial_ptr + t * 2 * H + H + units, cell_shift_sum, mask=unit_mask)
+    cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
+    tl.debug_barrier()  # pass 2 reads back the dL/dh_t that other threads of this program stored
+
+    grad_sum_i, wx_sum_i, wh_sum_i = zero, zero, zero
+    grad_sum_f, wx_sum_f, wh_sum_f = zero, zero, zero
+    grad_sum_g, wx_sum_g, wh_sum_g = zero, zero, zero
+    grad_sum_o, wx_sum_o, wh_sum_o = zero, zero, zero
+    for first_row in range(0, B, BLOCK_B):
+        rows, row_mask, active, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        state_offsets = rows[:, None] * H + units[None, :]
+        grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+                  + tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)) * active_f
+        gate_i, gate_f, gate_g, gate_o, c_prev, c_hat, tanh_c = _cell_output(t, rows, units, row_mask, unit_mask,
+                                                                             wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                                                             hh_weight_ptr, cell_weight_ptr,
+                                                                             cell_bias_ptr, c_ptr, ih_stats_ptr,
+                                                                             hh_stats_ptr, cell_mean, cell_rstd, B, H)
+        grad_o = grad_h * tanh_c
+        grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
+        grad_c_from_h = batch_norm_backward_from_sums(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd,
+                                                      cell_weight * cell_shift_sum, cell_weight * cell_gain_sum, count,
+                                                      active_f, use_batch)
+        dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
+        grad_c = (dc_next + grad_c_from_h) * active_f
+        tl.store(dc_carry_ptr + state_offsets, tl.where(active[:, None], grad_c * gate_f, dc_next), mask=tile_mask)
+        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(0, t, grad_c * gate_g * gate_i * (1.0 - gate_i), rows, units,
+                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
+        grad_sum_i, wx_sum_i, wh_sum_i = grad_sum_i + chunk_grad, wx_sum_i + chunk_wx, wh_sum_i + chunk_wh
+        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(1, t, grad_c * c_prev * gate_f * (1.0 - gate_f), rows, units,
+                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
+        grad_sum_f, wx_sum_f, wh_sum_f = grad_sum_f + chunk_grad, wx_sum_f + chunk_wx, wh_sum_f + chunk_wh
+        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(2, t, grad_c * gate_i * (1.0 - gate_g * gate_g), rows, units,
+                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
+        grad_sum_g, wx_sum_g, wh_sum_g = grad_sum_g + chunk_grad, wx_sum_g + chunk_wx, wh_sum_g + chunk_wh
+        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(3, t, grad_o * gate_o * (1.0 - gate_o), rows, units,
+                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
+                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
+        grad_sum_o, wx_sum_o, wh_sum_o = grad_sum_o + chunk_grad, wx_sum_o + chunk_wx, wh_sum_o + chunk_wh
+    _store_gate_sums(0, t, grad_sum_i, wx_sum_i, wh_sum_i, units, unit_mask, partial_ptr, H)
+    _store_gate_sums(1, t, grad_sum_f, wx_sum_f, wh_sum_f, units, unit_mask, partial_ptr, H)
+    _store_gate_sums(2, t, grad_sum_g, wx_sum_g, wh_sum_g, units, unit_mask, partial_ptr, H)
+    _store_gate_sums(3, t, grad_sum_o, wx_sum_o, wh_sum_o, units, unit_mask, partial_ptr, H)
+    tl.debug_barrier()  # pass 3 reads back the dL/dz that other threads of this program stored
+
+    for first_row in range(0, B, BLOCK_B):
+        rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        _chunk_gate_backward(0, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_i, wx_sum_i,
+                             wh_sum_i, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
+        _chunk_gate_backward(1, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_f, wx_sum_f,
+                             wh_sum_f, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
+        _chunk_gate_backward(2, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_g, wx_sum_g,
+                             wh_sum_g, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
+        _chunk_gate_backward(3, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_o, wx_sum_o,
+                             wh_sum_o, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
+
+
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
@@ -194,13 +372,21 @@ def lstm_backward_step_kernel(t, steps, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_w
                               cell_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                               TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                              LOW_GRAD: tl.constexpr):
-    """One timestep of the backward; the launch boundary orders it after step t + 1."""
-    _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                        cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                        grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
-                        cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
-                        BLOCK_H, BLOCK_K, LOW_GRAD)
+                              LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
+    """One timestep of the backward; the launch boundary orders it after step t + 1. ``CHUNKED``:
+    the batch norm's batch walked in chunks (``batch_norm.py``)."""
+    if CHUNKED:
+        _lstm_backward_step_chunked(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
+                                    hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
+                                    cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr,
+                                    dwh_low_ptr, partial_ptr, cell_partial_ptr, lengths_ptr, B, H, TRAINING,
+                                    HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+    else:
+        _lstm_backward_step(t, steps, tl.program_id(0), wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
+                            hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr,
+                            cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr,
+                            partial_ptr, cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
+                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -211,17 +397,24 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
                                     dwh_low_ptr, partial_ptr, cell_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                                     NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                                    BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
+                                    BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """All timesteps, T-1 down to 0, with the forward kernel's grid barrier publishing dwh_t."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0) * tl.num_programs(1)
     for step in range(steps):
         t = steps - 1 - step
-        _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                            cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
-                            grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
-                            cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
-                            BLOCK_H, BLOCK_K, LOW_GRAD)
+        if CHUNKED:
+            _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
+                                        hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr,
+                                        hh_stats_ptr, cell_stats_ptr, grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr,
+                                        dwh_ptr, dwh_low_ptr, partial_ptr, cell_partial_ptr, lengths_ptr, B, H,
+                                        TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        else:
+            _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                                cell_weight_ptr, cell_bias_ptr, c_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
+                                grad_out_ptr, dh_carry_ptr, dc_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
+                                cell_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION,
+                                BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
         grid_barrier(barrier_ptr, (step + 1) * programs)
 
 
@@ -244,9 +437,10 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == 2)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
+    column_statistics = norm == NORM_BATCH and training
     programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    grid = (programs, batch_tiles(batch, block_b, column_statistics))
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
@@ -265,7 +459,7 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad)
+                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad, CHUNKED=chunked(batch, column_statistics))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -263,7 +263,7 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=False)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=False)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, triton.cdiv(batch, block_b))
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()

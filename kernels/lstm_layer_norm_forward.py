@@ -231,7 +231,7 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=False)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=False)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, triton.cdiv(batch, block_b))
     h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)

@@ -22,23 +22,29 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import _batch_norm_backward, low_precision_gradient
-from .lstm_forward import NORM_BATCH, _tanh, block_sizes, dot_precision
+from .lstm_backward import low_precision_gradient
+from .lstm_forward import NORM_BATCH, _tanh, batch_tiles, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
-def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                        hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr, partial_ptr,
-                        row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
-                        TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                        LOW_GRAD: tl.constexpr):
+def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr,
+                        hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr,
+                        du_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
+                        ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """Phase 0: dL/dh_t, dL/dpre_t, dwx_t, the parameter partials, and du_t (norm None, batch) or
-    gamma_hh * dL/dpre_t with its partial row sums (layer)."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+    gamma_hh * dL/dpre_t with its partial row sums (layer); under batch norm with ``CHUNKED``,
+    dL/dpre_t in dwx and du for ``_rnn_batch_norm_backward`` to finish. Its rows: grid axis 1
+    tiles the batch, or, where a program walks the batch in chunks, the chunk from ``first_row``;
+    ``tile`` of ``tiles``: where its parameter partials go."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
     active, active_next = row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS)
@@ -86,15 +92,18 @@ def _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
     else:
         grad_pre = grad_h
 
-    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 3 * H  # (T, batch tiles, 3, H)
+    partial = partial_ptr + (t * tiles + tile) * 3 * H  # (T, batch tiles, 3, H)
     tl.store(partial + units, tl.sum(grad_pre, axis=0), mask=unit_mask)
     if NORM == 2:
         tl.store(partial + H + units, tl.sum(grad_pre * wx_hat, axis=0), mask=unit_mask)
         tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
-        grad_wx = _batch_norm_backward(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
-        grad_u = _batch_norm_backward(grad_pre * hh_weight[None, :], u_hat, hh_rstd, active_f, count, use_batch)
-        tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
+        if CHUNKED:
+            tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
+        else:
+            grad_wx = batch_norm_backward(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
+            grad_u = batch_norm_backward(grad_pre * hh_weight[None, :], u_hat, hh_rstd, active_f, count, use_batch)
+            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+            tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
     elif NORM == 1:
         tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
         grad_u_hat = grad_pre * hh_weight[None, :]
@@ -127,6 +136,71 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_l
         tl.store(du_low_ptr + offsets, grad_u.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _rnn_batch_norm_backward(t, pid, wx_ptr, u_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                             du_ptr, partial_ptr, lengths_ptr, B, H: tl.constexpr, TRAINING: tl.constexpr,
+                             HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Under batch norm for a batch walked in chunks (``batch_norm.py``), the second pass: dwx_t and
+    du_t through the batch norms from dL/dpre_t (stored in dwx by the first pass) and the column
+    sums over the whole batch, added up from the first pass's per-chunk partials in chunk order."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    tiles = tl.cdiv(B, BLOCK_B)
+    count = tl.sum(tl.zeros((BLOCK_H,), dtype=tl.float32), axis=0)
+    grad_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    grad_wx_hat_sum = grad_sum
+    grad_u_hat_sum = grad_sum
+    for tile in range(tiles):
+        _, _, _, _, chunk_count = chunk_rows(tile * BLOCK_B, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        count += chunk_count
+        partial = partial_ptr + (t * tiles + tile) * 3 * H + units
+        grad_sum += tl.load(partial, mask=unit_mask, other=0.0)
+        grad_wx_hat_sum += tl.load(partial + H, mask=unit_mask, other=0.0)
+        grad_u_hat_sum += tl.load(partial + 2 * H, mask=unit_mask, other=0.0)
+    use_batch = TRAINING & (count >= 2.0)
+    ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
+    hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
+    ih_mean = tl.load(ih_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+    ih_rstd = tl.load(ih_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+    hh_mean = tl.load(hh_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
+    hh_rstd = tl.load(hh_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+    for first_row in range(0, B, BLOCK_B):
+        rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        offsets = t * B * H + rows[:, None] * H + units[None, :]
+        wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+                  - ih_mean[None, :]) * ih_rstd[None, :]
+        u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
+        grad_pre = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
+        grad_wx = batch_norm_backward_from_sums(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, ih_weight * grad_sum,
+                                                ih_weight * grad_wx_hat_sum, count, active_f, use_batch)
+        grad_u = batch_norm_backward_from_sums(grad_pre * hh_weight[None, :], u_hat, hh_rstd, hh_weight * grad_sum,
+                                               hh_weight * grad_u_hat_sum, count, active_f, use_batch)
+        tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
+
+
+@triton.jit
+def _rnn_backward_chunked(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                          ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
+                          partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, ACTIVATION: tl.constexpr,
+                          TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                          LOW_GRAD: tl.constexpr):
+    """Backward step t under batch norm in training for a batch of more than one tile: the local
+    backward of each chunk of BLOCK_B rows, then the batch norms' backward over all of them."""
+    tiles = tl.cdiv(B, BLOCK_B)
+    for tile in range(tiles):
+        _rnn_backward_local(t, steps, pid, tile * BLOCK_B, tile, tiles, wx_ptr, u_ptr, w_hh_ptr, bias_ptr,
+                            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
+                            dwx_ptr, du_ptr, du_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, 2,
+                            ACTIVATION, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD,
+                            True)
+    tl.debug_barrier()  # the second pass reads back what other threads of this program stored
+    _rnn_batch_norm_backward(t, pid, wx_ptr, u_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                             du_ptr, partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
+
+
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
 def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
@@ -135,14 +209,21 @@ def rnn_backward_step_kernel(t, steps, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_wei
                              ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
-                             PHASE: tl.constexpr):
-    """Backward step ``t`` (norm None, batch) or one of its two phases (layer)."""
+                             CHUNKED: tl.constexpr, PHASE: tl.constexpr):
+    """Backward step ``t`` (norm None, batch) or one of its two phases (layer). ``CHUNKED``: the
+    batch norm's batch walked in chunks (``batch_norm.py``)."""
     pid = tl.program_id(0)
-    if PHASE == 0:
-        _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
-                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+    if CHUNKED:
+        _rnn_backward_chunked(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                              ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
+                              partial_ptr, row_partial_ptr, lengths_ptr, B, H, ACTIVATION, TRAINING, HAS_LENGTHS,
+                              DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+    elif PHASE == 0:
+        _rnn_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, u_ptr, w_hh_ptr, bias_ptr,
+                            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
+                            dwx_ptr, du_ptr, du_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM,
+                            ACTIVATION, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD,
+                            False)
     else:
         _rnn_backward_layer_norm(t, pid, tl.num_programs(0), u_ptr, hh_stats_ptr, du_ptr, du_low_ptr, row_partial_ptr,
                                  B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
@@ -155,17 +236,25 @@ def rnn_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, u_ptr, w_hh_ptr, 
                                    partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
                                    ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr):
+                                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
+                                   CHUNKED: tl.constexpr):
     """All timesteps, T-1 down to 0: one grid barrier a step (two under layer norm)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     grid_programs = programs * tl.num_programs(1)
     for step in range(steps):
         t = steps - 1 - step
-        _rnn_backward_local(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
-                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
-                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS,
-                            DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        if CHUNKED:
+            _rnn_backward_chunked(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
+                                  ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
+                                  partial_ptr, row_partial_ptr, lengths_ptr, B, H, ACTIVATION, TRAINING, HAS_LENGTHS,
+                                  DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        else:
+            _rnn_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, u_ptr, w_hh_ptr,
+                                bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+                                dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
+                                H, NORM, ACTIVATION, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                                LOW_GRAD, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
             _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_low_ptr, row_partial_ptr, B, H,
@@ -183,15 +272,19 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     ``partials`` (T, 3, H) = (bias, ih gain, hh gain)."""
     steps, batch, hidden = wx.shape
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
+    column_statistics = norm == NORM_BATCH and training
+    chunks = chunked(batch, column_statistics)
     programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    grid = (programs, batch_tiles(batch, block_b, column_statistics))
+    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
+    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, hidden), torch.float32, device)
     du = new_buffer((steps, batch, hidden), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     du_low = new_buffer((steps, batch, hidden), w_hh.dtype, device) if low_grad else du
-    partials = new_buffer((steps, grid[1], 3, hidden), torch.float32, device)
+    partials = new_buffer((steps, tiles, 3, hidden), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 1:].zero_()
     row_partial = new_buffer((programs, 2, batch), torch.float32, device)
@@ -201,7 +294,7 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad)
+                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad, CHUNKED=chunks)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         rnn_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -7,9 +7,10 @@ statistics over the active rows of the step, running statistics updated in the k
 "layer": N_hh is a layer norm over the H units of a sample (N_ih, which needs no recurrence, is
 applied to ``wx`` before the loop, as is sequence-wise batch norm).
 
-Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H): under batch norm for the whole
-batch (its column statistics stay local, one phase a step); otherwise for a tile of up to 64 rows
-(grid axis 1). Layer norm needs row statistics across programs: phase 0 computes u_t and
+Program p owns hidden units [p * BLOCK_H, (p + 1) * BLOCK_H): under batch norm in training for
+the whole batch (its column statistics stay local, one phase a step; a batch of more than one
+64-row tile walked in chunks: ``batch_norm.py``); otherwise for a tile of up to 64 rows (grid
+axis 1). Layer norm needs row statistics across programs: phase 0 computes u_t and
 publishes per-program (mean, M2), phase 1 combines them in a fixed order and finishes the step
 (see ``lstm_layer_norm_forward.py``). Phases are launches, or separated by a grid barrier in the
 persistent kernel.
@@ -26,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .batch_norm import chunk_moments, chunk_rows, chunked, merge_pair_moments, pair_statistics
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import (NORM_BATCH, NORM_LAYER, _batch_statistics, _tanh, block_sizes, dot_precision,
+from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
@@ -46,14 +48,19 @@ def _activate(pre, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: tl.constexpr, NORM: tl.constexpr,
-                    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_K: tl.constexpr, w_rows, RESIDENT: tl.constexpr):
-    """u_t for the program's units; under layer norm also stored, with its per-row (mean, M2).
-    With ``RESIDENT`` from the rows of W_hh ``w_rows`` the persistent kernel loaded once (all of K
-    in one tile), otherwise with W_hh streamed from memory in K tiles. h_{t-1} was written by other
-    programs: it is read past L1, which is not coherent across SMs."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+def _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: tl.constexpr,
+                    NORM: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_rows, RESIDENT: tl.constexpr,
+                    CHUNKED: tl.constexpr):
+    """u_t for the program's units; under layer norm, and batch norm with ``CHUNKED``, also stored
+    (with, under layer norm, its per-row (mean, M2)). With ``RESIDENT`` from the rows of W_hh
+    ``w_rows`` the persistent kernel loaded once (all of K in one tile), otherwise with W_hh
+    streamed from memory in K tiles. h_{t-1} was written by other programs: it is read past L1,
+    which is not coherent across SMs. Its rows: grid axis 1 tiles the batch, or, where a program
+    walks the batch in chunks, the chunk from ``first_row``."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     if RESIDENT:
         h_tile = state_columns(h_operand_ptr, t, rows, row_mask, B, H, 0, BLOCK_K)
         acc = recurrent_product(h_tile, w_rows, DOT_PRECISION)
@@ -66,10 +73,11 @@ def _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: t
             w_tile = tl.load(w_hh_ptr + units[:, None] * H + ks[None, :], mask=unit_mask[:, None] & k_mask[None, :],
                              other=0.0)
             acc += recurrent_product(h_tile, w_tile, DOT_PRECISION)
-    if NORM == 1:
+    if (NORM == 1) or CHUNKED:
         step = t if SAVE else 0
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         tl.store(u_ptr + step * B * H + rows[:, None] * H + units[None, :], acc, mask=tile_mask)
+    if NORM == 1:
         valid_f = unit_mask.to(tl.float32)[None, :]
         owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
         mean = tl.sum(acc * valid_f, axis=1) / owned
@@ -80,34 +88,75 @@ def _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H: t
 
 
 @triton.jit
-def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
-                u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr,
-                TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr):
+def _rnn_batch_statistics(t, pid, wx_ptr, u_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                          TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Under batch norm for a batch walked in chunks (``batch_norm.py``): the statistics of the
+    program's columns of wx_t and u_t (stored by the projection) over the whole batch, with the
+    running statistics updated, stored in ih_stats and hh_stats at t (0 when nothing is saved)
+    for the finishing pass to read."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    step = t if SAVE else 0
+    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    count = tl.sum(zero, axis=0)
+    ih_mean, ih_m2, hh_mean, hh_m2 = zero, zero, zero, zero
+    for first_row in range(0, B, BLOCK_B):
+        rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        offsets = rows[:, None] * H + units[None, :]
+        wx = tl.load(wx_ptr + t * B * H + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + step * B * H + offsets, mask=tile_mask, other=0.0)
+        ih_mean, ih_m2, hh_mean, hh_m2 = merge_pair_moments(wx, u, active_f, chunk_count, count, ih_mean, ih_m2,
+                                                            hh_mean, hh_m2)
+        count += chunk_count
+    use_batch = TRAINING & (count >= 2.0)
+    pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch, tl.minimum(t, max_steps - 1), step, units,
+                    unit_mask, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum,
+                    eps, H, TRAINING, True)
+
+
+@triton.jit
+def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
+                out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr,
+                CHUNKED: tl.constexpr):
     """The normalizations, the activation and the state update of the program's units. ``u`` is
-    u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1)."""
-    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
+    u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1), and so
+    it is under batch norm with ``CHUNKED``, with the statistics ``_rnn_batch_statistics`` stored
+    (``first_row``: see ``_rnn_projection``)."""
+    rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
+    rows += first_row
+    row_mask = rows < B
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     wx = tl.load(wx_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
     if NORM == 2:
-        active_f = active.to(tl.float32)[:, None]
-        count = tl.sum(active.to(tl.float32), axis=0)
-        use_batch = TRAINING & (count >= 2.0)
-        slot = tl.minimum(t, max_steps - 1)
-        ih_mean, ih_rstd = _batch_statistics(wx, active_f, count, use_batch, ih_mean_ptr + slot * H,
-                                             ih_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
-        hh_mean, hh_rstd = _batch_statistics(u, active_f, count, use_batch, hh_mean_ptr + slot * H,
-                                             hh_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
-        if SAVE:
-            tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
-            tl.store(ih_stats_ptr + t * 2 * H + units, ih_mean, mask=unit_mask)
-            tl.store(ih_stats_ptr + t * 2 * H + H + units, ih_rstd, mask=unit_mask)
-            tl.store(hh_stats_ptr + t * 2 * H + units, hh_mean, mask=unit_mask)
-            tl.store(hh_stats_ptr + t * 2 * H + H + units, hh_rstd, mask=unit_mask)
+        if CHUNKED:
+            step = t if SAVE else 0
+            u = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
+            ih_mean = tl.load(ih_stats_ptr + step * 2 * H + units, mask=unit_mask, other=0.0)
+            ih_rstd = tl.load(ih_stats_ptr + step * 2 * H + H + units, mask=unit_mask, other=0.0)
+            hh_mean = tl.load(hh_stats_ptr + step * 2 * H + units, mask=unit_mask, other=0.0)
+            hh_rstd = tl.load(hh_stats_ptr + step * 2 * H + H + units, mask=unit_mask, other=0.0)
+        else:
+            active_f = active.to(tl.float32)[:, None]
+            count = tl.sum(active.to(tl.float32), axis=0)
+            ih_mean, ih_m2 = chunk_moments(wx, active_f, count)
+            hh_mean, hh_m2 = chunk_moments(u, active_f, count)
+            ih_mean, ih_rstd, hh_mean, hh_rstd = pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count,
+                                                                 TRAINING & (count >= 2.0),
+                                                                 tl.minimum(t, max_steps - 1), t, units, unit_mask,
+                                                                 ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                                                                 hh_mean_ptr, hh_var_ptr, momentum, eps, H, TRAINING,
+                                                                 SAVE)
+            if SAVE:
+                tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
         ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
         hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
         pre = ((wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :]
@@ -138,6 +187,32 @@ def _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_
              mask=tile_mask)
 
 
+@triton.jit
+def _rnn_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                         h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                         ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                         H: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                         HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                         OPERAND_COPY: tl.constexpr, w_rows, RESIDENT: tl.constexpr):
+    """Timestep ``t`` under batch norm in training for a batch of more than one tile, walked in
+    chunks of BLOCK_B rows three times (see ``batch_norm.py``): u_t of each chunk, stored; the
+    statistics of the whole batch; the activation and h_t of each chunk."""
+    for first_row in range(0, B, BLOCK_B):
+        _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, 2, SAVE, DOT_PRECISION,
+                        BLOCK_B, BLOCK_H, BLOCK_K, w_rows, RESIDENT, True)
+    tl.debug_barrier()  # this program's u stores are read back by its other threads
+    _rnn_batch_statistics(t, pid, wx_ptr, u_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS,
+                          BLOCK_B, BLOCK_H)
+    tl.debug_barrier()  # and so are the statistics
+    for first_row in range(0, B, BLOCK_B):
+        _rnn_finish(t, pid, first_row, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr,
+                    ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr,
+                    hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum,
+                    eps, H, 2, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
+
+
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t"])
 def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
@@ -146,24 +221,32 @@ def rnn_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                             ACTIVATION: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                            OPERAND_COPY: tl.constexpr, PHASE: tl.constexpr):
+                            OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr, PHASE: tl.constexpr):
     """Timestep ``t`` (norm None, batch) or one of its two phases (layer); the launch boundary
-    orders it after the previous one."""
+    orders it after the previous one. ``CHUNKED``: the batch norm's batch walked in chunks
+    (``batch_norm.py``)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    if PHASE == 0:
-        u = _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
-                            BLOCK_B, BLOCK_H, BLOCK_K, 0, False)
+    if CHUNKED:
+        _rnn_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                             h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                             ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
+                             ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                             BLOCK_P, OPERAND_COPY, 0, False)
+    elif PHASE == 0:
+        u = _rnn_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, 0, False, False)
         if NORM != 1:
-            _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
+            _rnn_finish(t, pid, 0, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
                         out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
                         hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE,
-                        HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
+                        HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
     else:
-        _rnn_finish(t, pid, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr, ih_weight_ptr,
-                    hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
-                    ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
-                    ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY)
+        _rnn_finish(t, pid, 0, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr,
+                    ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr,
+                    hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum,
+                    eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY,
+                    False)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -174,7 +257,8 @@ def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr
                                   H: tl.constexpr, NORM: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
                                   SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, RESIDENT: tl.constexpr):
+                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr,
+                                  RESIDENT: tl.constexpr):
     """All timesteps in one launch: one grid barrier a step (two under layer norm). With
     ``RESIDENT`` (``resident_weights``) the program's rows of W_hh are loaded once, before the loop,
     and stay on chip."""
@@ -187,14 +271,21 @@ def rnn_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr
     else:
         w_rows = 0
     for t in range(steps):
-        u = _rnn_projection(t, pid, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
-                            BLOCK_B, BLOCK_H, BLOCK_K, w_rows, RESIDENT)
-        if NORM == 1:
-            grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
-        _rnn_finish(t, pid, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr,
-                    u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                    lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B,
-                    BLOCK_H, BLOCK_P, OPERAND_COPY)
+        if CHUNKED:
+            _rnn_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
+                                 h_operand_ptr, out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                                 ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
+                                 ACTIVATION, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                                 BLOCK_P, OPERAND_COPY, w_rows, RESIDENT)
+        else:
+            u = _rnn_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, NORM, SAVE,
+                                DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_rows, RESIDENT, False)
+            if NORM == 1:
+                grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
+            _rnn_finish(t, pid, 0, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
+                        out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
+                        hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, ACTIVATION, TRAINING, SAVE,
+                        HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
@@ -210,9 +301,10 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm)."""
     steps, batch, hidden = wx.shape
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, whole_batch=norm == NORM_BATCH)
+    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
+    column_statistics = norm == NORM_BATCH and training
     programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    grid = (programs, batch_tiles(batch, block_b, column_statistics))
     # h is the RNN's only state: kept in float32, and where the recurrent product rounds it, also as
     # rounded (operand_buffer)
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
@@ -233,7 +325,7 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
                      BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
-                     OPERAND_COPY=h_operand is not h)
+                     OPERAND_COPY=h_operand is not h, CHUNKED=chunked(batch, column_statistics))
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         resident = resident_weights(block_b, block_h, 1, hidden, h_operand.dtype, constants["DOT_PRECISION"])

@@ -53,7 +53,8 @@ def test_two_layers_bidirectional_and_eval(norm):
 def test_persistent_kernel_and_batch_tiles(monkeypatch, norm, resident):
     """One program (H <= 16) runs the persistent kernel under the interpreter, its forward with W_hh
     loaded once before the loop or streamed every step, whichever ``resident_weights`` would choose
-    on a GPU (forced here); 70 rows make two batch tiles where the statistics allow it."""
+    on a GPU (forced here); 70 rows make two batch tiles, or under batch norm two chunks that one
+    program walks (more in ``test_batch_norm_chunks.py``)."""
     from normrnn.kernels import gru_forward
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     asked = []

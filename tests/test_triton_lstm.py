@@ -168,8 +168,9 @@ def test_auto_uses_the_kernels_and_warns_for_what_they_do_not_cover():
 
 @pytest.mark.parametrize("norm", [None, "layer", "batch"])
 def test_batch_larger_than_one_tile(norm):
-    """70 sequences: two batch tiles of 64 rows on grid axis 1 (None, layer), or one 128-row tile
-    where batch statistics must stay in one program (batch)."""
+    """70 sequences: two batch tiles of 64 rows on grid axis 1 (None, layer), or one program that
+    walks them in two chunks where batch statistics must stay in it (batch: more in
+    ``test_batch_norm_chunks.py``)."""
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=19)
     lengths = torch.randint(1, 4, (70,))
     lengths[:8] = 3
