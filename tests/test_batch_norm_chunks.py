@@ -56,6 +56,16 @@ def test_training_walks_the_batch_in_chunks(monkeypatch, cell, persistent):
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
+def test_chunks_without_a_running_row(cell):
+    """Sequences sorted by length: after the first step only the first chunk has running rows, and
+    the chunks of none must add nothing to the statistics (nor divide by their count of zero)."""
+    reference, fused = make_pair(getattr(normrnn, cell), "batch", torch.float32, input_size=3, hidden_size=19)
+    lengths = torch.ones(140, dtype=torch.int64)
+    lengths[:9] = 3
+    compare(reference, fused, torch.randn(3, 140, 3, dtype=torch.float64), None, lengths, torch.float32)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
 def test_bfloat16_three_chunks(cell):
     reference, fused = make_pair(getattr(normrnn, cell), "batch", torch.bfloat16, input_size=3, hidden_size=19)
     compare(reference, fused, torch.randn(3, 150, 3, dtype=torch.float64), None, _lengths(150), torch.bfloat16)
