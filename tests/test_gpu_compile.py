@@ -21,10 +21,10 @@ if importlib.util.find_spec("triton") is None:
 
 HERE = Path(__file__).resolve().parent
 
-# batch norm over a batch of 512 at H=2048 (walked in chunks), the persistent kernels at the
-# shape of the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm
-# with it streamed; the GRU's and RNN's with W_hh on chip), float32 recurrent products, lengths at
-# H=2048
+# batch norm over a batch of 512 at H=2048 (walked in chunks); the persistent kernels at the shape of
+# the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm with it
+# streamed; the GRU's and RNN's with W_hh on chip) and the LSTM's under batch norm walking a batch
+# of 256 in chunks; float32 recurrent products; lengths at H=2048
 CASES = {
     "gru norm=layer bfloat16 B=64 H=512 persistent": {"gru_forward_persistent_kernel",
                                                       "gru_backward_persistent_kernel"},
@@ -33,6 +33,8 @@ CASES = {
     "lstm norm=batch bfloat16 B=512 H=2048": {"lstm_forward_step_kernel", "lstm_backward_step_kernel"},
     "lstm norm=batch bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
                                                        "lstm_backward_persistent_kernel"},
+    "lstm norm=batch bfloat16 B=256 H=512 persistent": {"lstm_forward_persistent_kernel",
+                                                        "lstm_backward_persistent_kernel"},
     "lstm norm=layer bfloat16 B=64 H=512 persistent": {"layer_norm_lstm_forward_persistent_kernel",
                                                        "layer_norm_lstm_backward_persistent_kernel"},
     "lstm norm=None bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
