@@ -9,7 +9,7 @@ columns never leave it. Over the active rows of step t (n of them), per column v
 
 A batch of at most ``ROWS_PER_TILE`` rows is one tile a program holds at once: one pass
 (``batch_statistics``, ``batch_norm_backward``). A larger one does not fit in registers (at B=512,
-H=2048 the LSTM's kernels spilled 1.4 to 5 KB a thread on sm_90, the GRU's up to 3.6 KB), so
+H=2048 the LSTM's kernels spilled 1.4 to 5 KB a thread on sm_90 with Triton 3.9, 9 KB with 3.6), so
 the program walks it in chunks of that many rows, in several passes a step: the moments of each
 chunk (its mean and M2) merged in chunk order with Chan, Golub and LeVeque's pairwise update
 (``merge_moments``: exact in exact arithmetic, and the same order every run), and the backward's
