@@ -152,3 +152,99 @@ def batch_norm_backward(grad_normalized, normalized, rstd, active_f, count, use_
     grad_normalized_sum = tl.sum(grad_normalized * normalized * active_f, axis=0)
     return batch_norm_backward_from_sums(grad_normalized, normalized, rstd, grad_sum, grad_normalized_sum, count,
                                          active_f, use_batch)
+
+
+@triton.jit
+def stored_pair_statistics(t, step, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
+                           hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                           GATES: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """For a batch walked in chunks, once the program has stored its recurrent projection of
+    step t at ``step`` of ``wh`` (T or 1, B, GATES * H): the statistics of its columns
+    gate * H + units of each gate, of wx_t (T, B, GATES * H) and of that projection, over the whole
+    batch (``merge_pair_moments``, then ``pair_statistics`` with the running statistics updated),
+    stored at ``step`` of ih_stats and hh_stats for the finishing pass to read."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    slot = tl.minimum(t, max_steps - 1)
+    for gate in tl.static_range(GATES):
+        columns = gate * H + units
+        ih_mean = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        ih_m2 = ih_mean
+        hh_mean = ih_mean
+        hh_m2 = ih_mean
+        count = tl.sum(ih_mean, axis=0)
+        for first_row in range(0, B, BLOCK_B):
+            rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+            tile_mask = row_mask[:, None] & unit_mask[None, :]
+            offsets = rows[:, None] * (GATES * H) + columns[None, :]
+            wx = tl.load(wx_ptr + t * B * GATES * H + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            wh = tl.load(wh_ptr + step * B * GATES * H + offsets, mask=tile_mask, other=0.0)
+            ih_mean, ih_m2, hh_mean, hh_m2 = merge_pair_moments(wx, wh, active_f, chunk_count, count, ih_mean, ih_m2,
+                                                                hh_mean, hh_m2)
+            count += chunk_count
+        pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, TRAINING & (count >= 2.0), slot, step, columns,
+                        unit_mask, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                        momentum, eps, GATES * H, TRAINING, True)
+
+
+@triton.jit
+def chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                          grad_u_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H: tl.constexpr,
+                          GATES: tl.constexpr, PARTIAL_ROWS: tl.constexpr, U_SUM_ROW: tl.constexpr,
+                          A_HAT_ROW: tl.constexpr, U_HAT_ROW: tl.constexpr, TRAINING: tl.constexpr,
+                          HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                          LOW_GRAD: tl.constexpr):
+    """For a batch walked in chunks, the backward's last pass: with a = gamma_ih wx_hat + ... and
+    u = gamma_hh wh_hat + ... (one gate's columns gate * H + units of GATES), dwx_t and dwh_t
+    through the two batch norms from da (in dwx) and du (in ``grad_u_ptr``: dwh, or dwx where
+    a and u share one gradient) as the first pass stored them, and the column sums over the whole
+    batch, added up in chunk order from the first pass's partials (T, chunks, PARTIAL_ROWS,
+    GATES * H): row 0 sum da, ``U_SUM_ROW`` sum du, ``A_HAT_ROW`` sum da wx_hat, ``U_HAT_ROW``
+    sum du wh_hat."""
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
+    unit_mask = units < H
+    features = GATES * H
+    tiles = tl.cdiv(B, BLOCK_B)
+    count = tl.sum(tl.zeros((BLOCK_H,), dtype=tl.float32), axis=0)
+    for first_row in range(0, B, BLOCK_B):
+        _, _, _, _, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+        count += chunk_count
+    use_batch = TRAINING & (count >= 2.0)
+    for gate in tl.static_range(GATES):
+        columns = gate * H + units
+        grad_a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        grad_u_sum = grad_a_sum
+        grad_a_hat_sum = grad_a_sum
+        grad_u_hat_sum = grad_a_sum
+        for tile in range(tiles):
+            partial = partial_ptr + (t * tiles + tile) * PARTIAL_ROWS * features + columns
+            grad_a_sum += tl.load(partial, mask=unit_mask, other=0.0)
+            grad_u_sum += tl.load(partial + U_SUM_ROW * features, mask=unit_mask, other=0.0)
+            grad_a_hat_sum += tl.load(partial + A_HAT_ROW * features, mask=unit_mask, other=0.0)
+            grad_u_hat_sum += tl.load(partial + U_HAT_ROW * features, mask=unit_mask, other=0.0)
+        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
+        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
+        ih_mean = tl.load(ih_stats_ptr + t * 2 * features + columns, mask=unit_mask, other=0.0)
+        ih_rstd = tl.load(ih_stats_ptr + t * 2 * features + features + columns, mask=unit_mask, other=0.0)
+        hh_mean = tl.load(hh_stats_ptr + t * 2 * features + columns, mask=unit_mask, other=0.0)
+        hh_rstd = tl.load(hh_stats_ptr + t * 2 * features + features + columns, mask=unit_mask, other=0.0)
+        for first_row in range(0, B, BLOCK_B):
+            rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+            tile_mask = row_mask[:, None] & unit_mask[None, :]
+            offsets = t * B * features + rows[:, None] * features + columns[None, :]
+            wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+                      - ih_mean[None, :]) * ih_rstd[None, :]
+            wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
+            grad_a = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
+            grad_u = tl.load(grad_u_ptr + offsets, mask=tile_mask, other=0.0)
+            grad_wx = batch_norm_backward_from_sums(grad_a * ih_weight[None, :], wx_hat, ih_rstd,
+                                                    ih_weight * grad_a_sum, ih_weight * grad_a_hat_sum, count,
+                                                    active_f, use_batch)
+            grad_wh = batch_norm_backward_from_sums(grad_u * hh_weight[None, :], wh_hat, hh_rstd,
+                                                    hh_weight * grad_u_sum, hh_weight * grad_u_hat_sum, count,
+                                                    active_f, use_batch)
+            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
+            tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+            if LOW_GRAD:
+                tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
+from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
@@ -71,7 +71,7 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
                    active_f, count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial,
                    B, H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """dwx and dwh of one gate (under layer norm, gamma_hh * du for phase 1 to finish; under batch
-    norm with ``CHUNKED``, da and du for ``_gru_batch_norm_backward`` to finish) and its parameter
+    norm with ``CHUNKED``, da and du for ``chunked_pair_backward`` to finish) and its parameter
     partials; returns its share of the layer norm's two row sums."""
     columns = gate * H + units
     offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
@@ -203,61 +203,6 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
 
 
 @triton.jit
-def _gru_batch_norm_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
-                             dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H: tl.constexpr,
-                             TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
-                             BLOCK_H: tl.constexpr, LOW_GRAD: tl.constexpr):
-    """Under batch norm for a batch walked in chunks (``batch_norm.py``), the second pass: dwx_t and
-    dwh_t through the batch norms from da and du (stored in them by the first pass) and the column
-    sums over the whole batch, added up from the first pass's per-chunk partials in chunk order."""
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_mask = units < H
-    tiles = tl.cdiv(B, BLOCK_B)
-    count = tl.sum(tl.zeros((BLOCK_H,), dtype=tl.float32), axis=0)
-    for first_row in range(0, B, BLOCK_B):
-        _, _, _, _, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        count += chunk_count
-    use_batch = TRAINING & (count >= 2.0)
-    for gate in range(3):
-        columns = gate * H + units
-        grad_a_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        grad_u_sum = grad_a_sum
-        grad_a_hat_sum = grad_a_sum
-        grad_u_hat_sum = grad_a_sum
-        for tile in range(tiles):
-            partial = partial_ptr + (t * tiles + tile) * 12 * H + columns
-            grad_a_sum += tl.load(partial, mask=unit_mask, other=0.0)
-            grad_u_sum += tl.load(partial + 3 * H, mask=unit_mask, other=0.0)
-            grad_a_hat_sum += tl.load(partial + 6 * H, mask=unit_mask, other=0.0)
-            grad_u_hat_sum += tl.load(partial + 9 * H, mask=unit_mask, other=0.0)
-        ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
-        hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
-        ih_mean = tl.load(ih_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
-        ih_rstd = tl.load(ih_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
-        hh_mean = tl.load(hh_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
-        hh_rstd = tl.load(hh_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
-        for first_row in range(0, B, BLOCK_B):
-            rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-            tile_mask = row_mask[:, None] & unit_mask[None, :]
-            offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
-            wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-                      - ih_mean[None, :]) * ih_rstd[None, :]
-            wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
-            grad_a = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
-            grad_u = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
-            grad_wx = batch_norm_backward_from_sums(grad_a * ih_weight[None, :], wx_hat, ih_rstd,
-                                                    ih_weight * grad_a_sum, ih_weight * grad_a_hat_sum, count,
-                                                    active_f, use_batch)
-            grad_wh = batch_norm_backward_from_sums(grad_u * hh_weight[None, :], wh_hat, hh_rstd,
-                                                    hh_weight * grad_u_sum, hh_weight * grad_u_hat_sum, count,
-                                                    active_f, use_batch)
-            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-            tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
-            if LOW_GRAD:
-                tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
-
-
-@triton.jit
 def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
                           hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
                           dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
@@ -272,9 +217,10 @@ def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_i
                             dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
                             H, 2, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, True)
     tl.debug_barrier()  # the second pass reads back what other threads of this program stored
-    _gru_batch_norm_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
-                             dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS, BLOCK_B,
-                             BLOCK_H, LOW_GRAD)
+    # partials per chunk: (b_ih, b_hh, ih gain, hh gain) = (sum da, sum du, sum da wx_hat, sum du wh_hat)
+    chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwh_ptr,
+                          dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H, 3, 4, 1, 2, 3, TRAINING,
+                          HAS_LENGTHS, BLOCK_B, BLOCK_H, LOW_GRAD)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import chunk_moments, chunk_rows, chunked, merge_pair_moments, pair_statistics
+from .batch_norm import chunk_moments, chunked, pair_statistics, stored_pair_statistics
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
@@ -106,67 +106,13 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
 
 
 @triton.jit
-def _gru_chunk_moments(gate, t, step, rows, units, tile_mask, active_f, chunk_count, count, ih_mean, ih_m2, hh_mean,
-                       hh_m2, wx_ptr, wh_ptr, B, H: tl.constexpr):
-    """One gate's moments of wx and wh over the rows so far merged with those of a chunk of rows."""
-    columns = gate * H + units
-    wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
-                 other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + step * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask, other=0.0)
-    return merge_pair_moments(wx, wh, active_f, chunk_count, count, ih_mean, ih_m2, hh_mean, hh_m2)
-
-
-@triton.jit
-def _gru_batch_statistics(t, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
-                          TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Under batch norm for a batch walked in chunks (``batch_norm.py``): the statistics of the
-    program's columns of wx_t and wh_t (stored by the projection) over the whole batch, with the
-    running statistics updated, stored in ih_stats and hh_stats at ``step`` (t, or 0 when
-    nothing is saved) for the finishing pass to read."""
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_mask = units < H
-    step = t if SAVE else 0
-    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    count = tl.sum(zero, axis=0)
-    ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r = zero, zero, zero, zero
-    ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z = zero, zero, zero, zero
-    ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n = zero, zero, zero, zero
-    for first_row in range(0, B, BLOCK_B):
-        rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        tile_mask = row_mask[:, None] & unit_mask[None, :]
-        ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r = _gru_chunk_moments(0, t, step, rows, units, tile_mask, active_f,
-                                                                    chunk_count, count, ih_mean_r, ih_m2_r, hh_mean_r,
-                                                                    hh_m2_r, wx_ptr, wh_ptr, B, H)
-        ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z = _gru_chunk_moments(1, t, step, rows, units, tile_mask, active_f,
-                                                                    chunk_count, count, ih_mean_z, ih_m2_z, hh_mean_z,
-                                                                    hh_m2_z, wx_ptr, wh_ptr, B, H)
-        ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n = _gru_chunk_moments(2, t, step, rows, units, tile_mask, active_f,
-                                                                    chunk_count, count, ih_mean_n, ih_m2_n, hh_mean_n,
-                                                                    hh_m2_n, wx_ptr, wh_ptr, B, H)
-        count += chunk_count
-    use_batch = TRAINING & (count >= 2.0)
-    slot = tl.minimum(t, max_steps - 1)
-    pair_statistics(ih_mean_r, ih_m2_r, hh_mean_r, hh_m2_r, count, use_batch, slot, step, units, unit_mask,
-                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
-                    TRAINING, True)
-    pair_statistics(ih_mean_z, ih_m2_z, hh_mean_z, hh_m2_z, count, use_batch, slot, step, H + units, unit_mask,
-                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
-                    TRAINING, True)
-    pair_statistics(ih_mean_n, ih_m2_n, hh_mean_n, hh_m2_n, count, use_batch, slot, step, 2 * H + units, unit_mask,
-                    ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum, eps, 3 * H,
-                    TRAINING, True)
-
-
-@triton.jit
 def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count, use_batch, slot,
                      row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
                      ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, B, momentum, eps,
                      H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                      CHUNKED: tl.constexpr):
     """a and u of one gate for the program's columns gate * H + units. Under batch norm with
-    ``CHUNKED`` the statistics are those ``_gru_batch_statistics`` stored at ``step``; otherwise the
+    ``CHUNKED`` the statistics are those ``stored_pair_statistics`` stored at ``step``; otherwise the
     rows are the whole batch, and the statistics are computed here."""
     columns = gate * H + units
     wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
@@ -271,9 +217,9 @@ def _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_h
         _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, 2, SAVE, DOT_PRECISION,
                         BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
     tl.debug_barrier()  # this program's wh stores are read back by its other threads
-    _gru_batch_statistics(t, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS,
-                          BLOCK_B, BLOCK_H)
+    stored_pair_statistics(t, t if SAVE else 0, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                           ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 3,
+                           TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
     tl.debug_barrier()  # and so are the statistics
     for first_row in range(0, B, BLOCK_B):
         _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
+from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, batch_tiles, block_sizes, dot_precision
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
@@ -70,6 +70,17 @@ def _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh
 
 
 @triton.jit
+def _store_gate_partials(partial, grad_z, wx_hat, wh_hat, unit_mask, H: tl.constexpr, NORM: tl.constexpr):
+    """One gate's column sums of dL/dz and, under batch norm, of dL/dz wx_hat and dL/dz wh_hat:
+    its bias, ih gain and hh gain gradients over some rows, at ``partial`` (its columns in row 0
+    of the (3, 4H) partials of those rows)."""
+    tl.store(partial, tl.sum(grad_z, axis=0), mask=unit_mask)
+    if NORM == 2:
+        tl.store(partial + 4 * H, tl.sum(grad_z * wx_hat, axis=0), mask=unit_mask)
+        tl.store(partial + 8 * H, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
+
+
+@triton.jit
 def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, units, row_mask, unit_mask, active_f,
                    count, use_batch, ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, B,
                    H: tl.constexpr, NORM: tl.constexpr, LOW_GRAD: tl.constexpr):
@@ -80,12 +91,10 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
     partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 3, 4H)
-    tl.store(partial + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
+    _store_gate_partials(partial + columns, grad_z, wx_hat, wh_hat, unit_mask, H, NORM)
     if NORM == 2:
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
-        tl.store(partial + 4 * H + columns, tl.sum(grad_z * wx_hat, axis=0), mask=unit_mask)
-        tl.store(partial + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
         grad_wx = batch_norm_backward(grad_z * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
         grad_wh = batch_norm_backward(grad_z * hh_weight[None, :], wh_hat, hh_rstd, active_f, count, use_batch)
     else:
@@ -221,46 +230,17 @@ def _cell_output(t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, 
 
 
 @triton.jit
-def _chunk_gate_sums(gate, t, grad_z, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
-                     hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H: tl.constexpr):
-    """Second pass, one gate of a chunk of rows: stores dL/dz in dwx (the third pass reads it
-    back) and returns its column sums of dL/dz, dL/dz wx_hat and dL/dz wh_hat."""
+def _chunk_gate_partials(gate, t, tile, tiles, grad_z, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr,
+                         ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, partial_ptr, dwx_ptr, B,
+                         H: tl.constexpr):
+    """Second pass, one gate of chunk ``tile`` of ``tiles``: stores dL/dz in dwx and its partial
+    sums in the chunk's row of the partials (T, chunks, 3, 4H), for ``chunked_pair_backward``."""
     _, wx_hat, wh_hat, _, _ = _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr,
                                             ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + (gate * H + units)[None, :]
-    tl.store(dwx_ptr + offsets, grad_z, mask=row_mask[:, None] & unit_mask[None, :])
-    return tl.sum(grad_z, axis=0), tl.sum(grad_z * wx_hat, axis=0), tl.sum(grad_z * wh_hat, axis=0)
-
-
-@triton.jit
-def _store_gate_sums(gate, t, grad_sum, wx_sum, wh_sum, units, unit_mask, partial_ptr, H: tl.constexpr):
-    """One gate's bias, ih gain and hh gain gradients of step t (one program row: the whole batch)."""
-    partial = partial_ptr + t * 12 * H + gate * H + units
-    tl.store(partial, grad_sum, mask=unit_mask)
-    tl.store(partial + 4 * H, wx_sum, mask=unit_mask)
-    tl.store(partial + 8 * H, wh_sum, mask=unit_mask)
-
-
-@triton.jit
-def _chunk_gate_backward(gate, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum, wx_sum,
-                         wh_sum, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
-                         dwx_ptr, dwh_ptr, dwh_low_ptr, B, H: tl.constexpr, LOW_GRAD: tl.constexpr):
-    """Third pass, one gate of a chunk of rows: dwx and dwh through the batch norms, from dL/dz
-    (in dwx since the second pass) and the column sums over the whole batch."""
-    _, wx_hat, wh_hat, ih_rstd, hh_rstd = _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr,
-                                                        bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                                                        hh_stats_ptr, B, H, 2)
     columns = gate * H + units
-    tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    grad_z = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
-    ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
-    hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
-    grad_wx = batch_norm_backward_from_sums(grad_z * ih_weight[None, :], wx_hat, ih_rstd, ih_weight * grad_sum,
-                                            ih_weight * wx_sum, count, active_f, use_batch)
-    grad_wh = batch_norm_backward_from_sums(grad_z * hh_weight[None, :], wh_hat, hh_rstd, hh_weight * grad_sum,
-                                            hh_weight * wh_sum, count, active_f, use_batch)
-    _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD)
+    tl.store(dwx_ptr + offsets, grad_z, mask=row_mask[:, None] & unit_mask[None, :])
+    _store_gate_partials(partial_ptr + (t * tiles + tile) * 12 * H + columns, grad_z, wx_hat, wh_hat, unit_mask, H, 2)
 
 
 @triton.jit
@@ -273,8 +253,8 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
     """Step t of the backward under batch norm in training for a batch of more than one tile,
     walked in chunks of BLOCK_B rows three times (see ``batch_norm.py``). 1: dL/dh_t of each chunk
     (stored as the carry) and the column sums of the cell norm's backward; 2: dL/dc_t, the carried
-    cell gradient and dL/dz of each chunk (stored in dwx) with their column sums; 3: dwx and dwh
-    through the batch norms of the gates."""
+    cell gradient and dL/dz of each chunk (stored in dwx) with its partial sums; 3: dwx and dwh
+    through the batch norms of the gates (``chunked_pair_backward``)."""
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     unit_mask = units < H
     cell_mean = tl.load(cell_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
@@ -303,12 +283,9 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     tl.debug_barrier()  # pass 2 reads back the dL/dh_t that other threads of this program stored
 
-    grad_sum_i, wx_sum_i, wh_sum_i = zero, zero, zero
-    grad_sum_f, wx_sum_f, wh_sum_f = zero, zero, zero
-    grad_sum_g, wx_sum_g, wh_sum_g = zero, zero, zero
-    grad_sum_o, wx_sum_o, wh_sum_o = zero, zero, zero
-    for first_row in range(0, B, BLOCK_B):
-        rows, row_mask, active, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
+    tiles = tl.cdiv(B, BLOCK_B)
+    for tile in range(tiles):
+        rows, row_mask, active, active_f, _ = chunk_rows(tile * BLOCK_B, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
         grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -326,42 +303,23 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
         dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
         grad_c = (dc_next + grad_c_from_h) * active_f
         tl.store(dc_carry_ptr + state_offsets, tl.where(active[:, None], grad_c * gate_f, dc_next), mask=tile_mask)
-        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(0, t, grad_c * gate_g * gate_i * (1.0 - gate_i), rows, units,
-                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
-                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
-        grad_sum_i, wx_sum_i, wh_sum_i = grad_sum_i + chunk_grad, wx_sum_i + chunk_wx, wh_sum_i + chunk_wh
-        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(1, t, grad_c * c_prev * gate_f * (1.0 - gate_f), rows, units,
-                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
-                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
-        grad_sum_f, wx_sum_f, wh_sum_f = grad_sum_f + chunk_grad, wx_sum_f + chunk_wx, wh_sum_f + chunk_wh
-        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(2, t, grad_c * gate_i * (1.0 - gate_g * gate_g), rows, units,
-                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
-                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
-        grad_sum_g, wx_sum_g, wh_sum_g = grad_sum_g + chunk_grad, wx_sum_g + chunk_wx, wh_sum_g + chunk_wh
-        chunk_grad, chunk_wx, chunk_wh = _chunk_gate_sums(3, t, grad_o * gate_o * (1.0 - gate_o), rows, units,
-                                                          row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,
-                                                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr, B, H)
-        grad_sum_o, wx_sum_o, wh_sum_o = grad_sum_o + chunk_grad, wx_sum_o + chunk_wx, wh_sum_o + chunk_wh
-    _store_gate_sums(0, t, grad_sum_i, wx_sum_i, wh_sum_i, units, unit_mask, partial_ptr, H)
-    _store_gate_sums(1, t, grad_sum_f, wx_sum_f, wh_sum_f, units, unit_mask, partial_ptr, H)
-    _store_gate_sums(2, t, grad_sum_g, wx_sum_g, wh_sum_g, units, unit_mask, partial_ptr, H)
-    _store_gate_sums(3, t, grad_sum_o, wx_sum_o, wh_sum_o, units, unit_mask, partial_ptr, H)
+        _chunk_gate_partials(0, t, tile, tiles, grad_c * gate_g * gate_i * (1.0 - gate_i), rows, units, row_mask,
+                             unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, partial_ptr, dwx_ptr, B, H)
+        _chunk_gate_partials(1, t, tile, tiles, grad_c * c_prev * gate_f * (1.0 - gate_f), rows, units, row_mask,
+                             unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, partial_ptr, dwx_ptr, B, H)
+        _chunk_gate_partials(2, t, tile, tiles, grad_c * gate_i * (1.0 - gate_g * gate_g), rows, units, row_mask,
+                             unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
+                             hh_stats_ptr, partial_ptr, dwx_ptr, B, H)
+        _chunk_gate_partials(3, t, tile, tiles, grad_o * gate_o * (1.0 - gate_o), rows, units, row_mask, unit_mask,
+                             wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                             partial_ptr, dwx_ptr, B, H)
     tl.debug_barrier()  # pass 3 reads back the dL/dz that other threads of this program stored
-
-    for first_row in range(0, B, BLOCK_B):
-        rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        _chunk_gate_backward(0, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_i, wx_sum_i,
-                             wh_sum_i, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
-        _chunk_gate_backward(1, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_f, wx_sum_f,
-                             wh_sum_f, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
-        _chunk_gate_backward(2, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_g, wx_sum_g,
-                             wh_sum_g, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
-        _chunk_gate_backward(3, t, rows, units, row_mask, unit_mask, active_f, count, use_batch, grad_sum_o, wx_sum_o,
-                             wh_sum_o, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                             hh_stats_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, B, H, LOW_GRAD)
+    # dz is both the input and the recurrent projection's gradient (a = u = z): partials (bias, ih gain, hh gain)
+    chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                          dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, lengths_ptr, B, H, 4, 3, 0, 1, 2, TRAINING,
+                          HAS_LENGTHS, BLOCK_B, BLOCK_H, LOW_GRAD)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
@@ -439,15 +397,18 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     device = wx.device
     block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
     column_statistics = norm == NORM_BATCH and training
+    chunks = chunked(batch, column_statistics)
     programs = triton.cdiv(hidden, block_h)
     grid = (programs, batch_tiles(batch, block_b, column_statistics))
+    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
+    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
-    partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
+    partials = new_buffer((steps, tiles, 3, gates), torch.float32, device)
     cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
     if norm != 2:
         partials[:, :, 1:].zero_()
@@ -459,7 +420,7 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     constants = dict(**launch_options(block_b, block_h),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad, CHUNKED=chunked(batch, column_statistics))
+                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad, CHUNKED=chunks)
     if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
         lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked
+from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_BATCH, _tanh, batch_tiles, block_sizes, dot_precision
@@ -39,7 +39,7 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
                         BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """Phase 0: dL/dh_t, dL/dpre_t, dwx_t, the parameter partials, and du_t (norm None, batch) or
     gamma_hh * dL/dpre_t with its partial row sums (layer); under batch norm with ``CHUNKED``,
-    dL/dpre_t in dwx and du for ``_rnn_batch_norm_backward`` to finish. Its rows: grid axis 1
+    dL/dpre_t in dwx for ``chunked_pair_backward`` to finish. Its rows: grid axis 1
     tiles the batch, or, where a program walks the batch in chunks, the chunk from ``first_row``;
     ``tile`` of ``tiles``: where its parameter partials go."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
@@ -137,50 +137,6 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_l
 
 
 @triton.jit
-def _rnn_batch_norm_backward(t, pid, wx_ptr, u_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
-                             du_ptr, partial_ptr, lengths_ptr, B, H: tl.constexpr, TRAINING: tl.constexpr,
-                             HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Under batch norm for a batch walked in chunks (``batch_norm.py``), the second pass: dwx_t and
-    du_t through the batch norms from dL/dpre_t (stored in dwx by the first pass) and the column
-    sums over the whole batch, added up from the first pass's per-chunk partials in chunk order."""
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_mask = units < H
-    tiles = tl.cdiv(B, BLOCK_B)
-    count = tl.sum(tl.zeros((BLOCK_H,), dtype=tl.float32), axis=0)
-    grad_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    grad_wx_hat_sum = grad_sum
-    grad_u_hat_sum = grad_sum
-    for tile in range(tiles):
-        _, _, _, _, chunk_count = chunk_rows(tile * BLOCK_B, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        count += chunk_count
-        partial = partial_ptr + (t * tiles + tile) * 3 * H + units
-        grad_sum += tl.load(partial, mask=unit_mask, other=0.0)
-        grad_wx_hat_sum += tl.load(partial + H, mask=unit_mask, other=0.0)
-        grad_u_hat_sum += tl.load(partial + 2 * H, mask=unit_mask, other=0.0)
-    use_batch = TRAINING & (count >= 2.0)
-    ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
-    hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
-    ih_mean = tl.load(ih_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-    ih_rstd = tl.load(ih_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
-    hh_mean = tl.load(hh_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-    hh_rstd = tl.load(hh_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
-    for first_row in range(0, B, BLOCK_B):
-        rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        tile_mask = row_mask[:, None] & unit_mask[None, :]
-        offsets = t * B * H + rows[:, None] * H + units[None, :]
-        wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-                  - ih_mean[None, :]) * ih_rstd[None, :]
-        u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
-        grad_pre = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
-        grad_wx = batch_norm_backward_from_sums(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, ih_weight * grad_sum,
-                                                ih_weight * grad_wx_hat_sum, count, active_f, use_batch)
-        grad_u = batch_norm_backward_from_sums(grad_pre * hh_weight[None, :], u_hat, hh_rstd, hh_weight * grad_sum,
-                                               hh_weight * grad_u_hat_sum, count, active_f, use_batch)
-        tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-        tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
-
-
-@triton.jit
 def _rnn_backward_chunked(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                           ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, du_ptr, du_low_ptr,
                           partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -197,8 +153,11 @@ def _rnn_backward_chunked(t, steps, pid, wx_ptr, u_ptr, w_hh_ptr, bias_ptr, ih_w
                             ACTIVATION, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD,
                             True)
     tl.debug_barrier()  # the second pass reads back what other threads of this program stored
-    _rnn_batch_norm_backward(t, pid, wx_ptr, u_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
-                             du_ptr, partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
+    # partials per chunk: (bias, ih gain, hh gain) = (sum dpre, sum dpre wx_hat, sum dpre u_hat); dpre is both
+    # da and du; float32 operands under batch norm: no rounded copy of du
+    chunked_pair_backward(t, pid, wx_ptr, u_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwx_ptr,
+                          dwx_ptr, du_ptr, du_ptr, partial_ptr, lengths_ptr, B, H, 1, 3, 0, 1, 2, TRAINING,
+                          HAS_LENGTHS, BLOCK_B, BLOCK_H, False)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import chunk_moments, chunk_rows, chunked, merge_pair_moments, pair_statistics
+from .batch_norm import chunk_moments, chunked, pair_statistics, stored_pair_statistics
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
@@ -88,36 +88,6 @@ def _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_p
 
 
 @triton.jit
-def _rnn_batch_statistics(t, pid, wx_ptr, u_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
-                          TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Under batch norm for a batch walked in chunks (``batch_norm.py``): the statistics of the
-    program's columns of wx_t and u_t (stored by the projection) over the whole batch, with the
-    running statistics updated, stored in ih_stats and hh_stats at t (0 when nothing is saved)
-    for the finishing pass to read."""
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
-    unit_mask = units < H
-    step = t if SAVE else 0
-    zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    count = tl.sum(zero, axis=0)
-    ih_mean, ih_m2, hh_mean, hh_m2 = zero, zero, zero, zero
-    for first_row in range(0, B, BLOCK_B):
-        rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
-        tile_mask = row_mask[:, None] & unit_mask[None, :]
-        offsets = rows[:, None] * H + units[None, :]
-        wx = tl.load(wx_ptr + t * B * H + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + step * B * H + offsets, mask=tile_mask, other=0.0)
-        ih_mean, ih_m2, hh_mean, hh_m2 = merge_pair_moments(wx, u, active_f, chunk_count, count, ih_mean, ih_m2,
-                                                            hh_mean, hh_m2)
-        count += chunk_count
-    use_batch = TRAINING & (count >= 2.0)
-    pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch, tl.minimum(t, max_steps - 1), step, units,
-                    unit_mask, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, momentum,
-                    eps, H, TRAINING, True)
-
-
-@triton.jit
 def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr,
                 out_ptr, u_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
                 hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
@@ -126,7 +96,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
                 CHUNKED: tl.constexpr):
     """The normalizations, the activation and the state update of the program's units. ``u`` is
     u_t from the same phase (norm None, batch); under layer norm it is reloaded (phase 1), and so
-    it is under batch norm with ``CHUNKED``, with the statistics ``_rnn_batch_statistics`` stored
+    it is under batch norm with ``CHUNKED``, with the statistics ``stored_pair_statistics`` stored
     (``first_row``: see ``_rnn_projection``)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
     rows += first_row
@@ -202,9 +172,9 @@ def _rnn_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ptr, ih_weight
         _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_ptr, B, H, 2, SAVE, DOT_PRECISION,
                         BLOCK_B, BLOCK_H, BLOCK_K, w_rows, RESIDENT, True)
     tl.debug_barrier()  # this program's u stores are read back by its other threads
-    _rnn_batch_statistics(t, pid, wx_ptr, u_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr,
-                          hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS,
-                          BLOCK_B, BLOCK_H)
+    stored_pair_statistics(t, t if SAVE else 0, pid, wx_ptr, u_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                           ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 1,
+                           TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
     tl.debug_barrier()  # and so are the statistics
     for first_row in range(0, B, BLOCK_B):
         _rnn_finish(t, pid, first_row, programs, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), wx_ptr, bias_ptr,

@@ -137,7 +137,7 @@ def test_the_l1_check_flags_a_cached_load_of_a_cg_line(tmp_path):
 def test_batch_norm_over_a_batch_of_512_stays_in_registers(report):
     """Walked in 64-row chunks, batch norm's training kernels at B=512, H=2048 hold their tiles in
     registers: when one program held the whole batch they spilled 1 to 9 KB a thread (sm_90,
-    Triton 3.6 and 3.9); now at most a few bytes."""
+    Triton 3.6 and 3.9); now none (at most a few bytes allowed: ptxas varies)."""
     data, _ = report
     rows = [row for row in data["kernels"] if row["case"] == "lstm norm=batch bfloat16 B=512 H=2048"]
     assert {row["kernel"] for row in rows} == {"lstm_forward_step_kernel", "lstm_backward_step_kernel"}
