@@ -77,6 +77,18 @@ _LAZY: Dict[str, _LazyBackend] = {
 }
 
 
+def preload(backend: str) -> None:
+    """Imports the backend modules that ``backend`` may run now, while no ``torch.compile`` is
+    tracing: Dynamo cannot trace an import, so a layer whose first call is compiled
+    (``fullgraph=True``) would fail in the lazy import. For "auto" that is the Triton backend only
+    where CUDA is (on CPU tensors "auto" never takes it: importing Triton costs a second)."""
+    import torch
+    names = {"triton": ["triton"], "cpp": ["cpp"],
+             "auto": ["cpp"] + (["triton"] if torch.cuda.is_available() else [])}.get(backend, [])
+    for name in names:
+        _LAZY[name].module()
+
+
 def unavailable_reason(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearity=None
                        ) -> Optional[str]:
     """Why ``backend`` cannot run this case, or None if it can."""

@@ -18,6 +18,14 @@ torch module's ``state_dict`` loads with ``strict=False``. Normalization paramet
 ``ih_running_mean_l0``, ``ih_running_var_l0``, ``hh_running_*``, ``cell_running_*`` of shape
 (max_steps, features) for "batch" and (features,) for "seqbatch". Running statistics stay float32
 when the layer is cast to float16 or bfloat16.
+
+Under ``torch.autocast`` on the parameters' device a float32 (or 16-bit) layer runs as ``nn.LSTM``
+does there: in the autocast dtype, as if the layer had been cast to it (``layer.to(dtype)``, whose
+results it reproduces bit for bit): input, ``hx`` and parameters are cast on the way in, the
+gradients flow back to the parameters in their own dtype, the running statistics stay float32, and
+the output comes out in the autocast dtype. Autocast is off inside the layer, so that it does not
+move the layer's own float32 pieces (statistics, the float32 projection under batch norm) to other
+dtypes. A float64 layer ignores autocast, as autocast ignores float64 tensors.
 """
 from __future__ import annotations
 
@@ -47,6 +55,14 @@ def reverse_within_lengths(x: Tensor, padding: Padding) -> Tensor:
     lengths = padding.lengths.to(x.device).unsqueeze(0)
     index = torch.where(time < lengths, lengths - 1 - time, time)
     return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+def _autocast_lowered(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """What autocast makes of an operand: floating point other than float64 cast to ``dtype``,
+    anything else as it is (and then rejected by the checks with the dtype expected)."""
+    if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(dtype)
+    return tensor
 
 
 def _packed_from_padded(output: Tensor, template: PackedSequence) -> PackedSequence:
@@ -90,6 +106,7 @@ class _NormRNNBase(nn.Module):
         self.backend = backend
         self.nonlinearity = nonlinearity
         self.gamma_init = _DEFAULT_GAMMA.get(norm, 1.0) if gamma_init is None else float(gamma_init)
+        dispatch.preload(backend)
         factory = {"device": device, "dtype": dtype}
         gates = CELL_GATES[self.cell] * hidden_size
         directions = 2 if bidirectional else 1
@@ -154,9 +171,26 @@ class _NormRNNBase(nn.Module):
                 self._buffers[name] = buffer.float()
         return result
 
-    def direction_params(self, suffix: str) -> DirectionParams:
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype ``torch.autocast`` makes this layer compute in, or None where it leaves the
+        layer in its parameters' dtype (autocast off on their device, float64 parameters, or
+        parameters already in the autocast dtype)."""
+        weight = self.weight_hh_l0
+        device_type = weight.device.type
+        if weight.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+        return None if dtype == weight.dtype else dtype
+
+    def direction_params(self, suffix: str, dtype: Optional[torch.dtype] = None) -> DirectionParams:
+        """The parameters and running statistics of one layer and direction; with ``dtype`` the
+        parameters cast to it (differentiably: their gradients come back in their own dtype) and
+        the running statistics as they are (float32, updated in place)."""
         def get(name):
-            return getattr(self, name + suffix, None)
+            value = getattr(self, name + suffix, None)
+            if dtype is not None and isinstance(value, nn.Parameter):
+                return value.to(dtype)
+            return value
         return DirectionParams(
             get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
             get("ih_norm_weight"), get("hh_norm_weight"), get("cell_norm_weight"), get("cell_norm_bias"),
@@ -215,16 +249,25 @@ class _NormRNNBase(nn.Module):
         each sequence's own last step.
         """
         reference = self.weight_hh_l0
+        compute_dtype = self.autocast_dtype()
+        if compute_dtype is None:
+            dtype, dtype_source = reference.dtype, "the dtype of the layer's parameters"
+        else:
+            dtype, dtype_source = compute_dtype, f"torch.autocast's dtype; the layer's parameters are {reference.dtype}"
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
                 raise ValueError("lengths must be None when input is a PackedSequence (it carries its own)")
             template = input
-            check_input(input.data.unsqueeze(0), self.input_size, reference.dtype, reference.device)
-            input, lengths = pad_packed_sequence(input, batch_first=False)
+            data = input.data if compute_dtype is None else _autocast_lowered(input.data, compute_dtype)
+            check_input(data.unsqueeze(0), self.input_size, dtype, reference.device, dtype_source)
+            input, lengths = pad_packed_sequence(
+                PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), batch_first=False)
             unbatched = False
         else:
-            check_input(input, self.input_size, reference.dtype, reference.device)
+            if compute_dtype is not None:
+                input = _autocast_lowered(input, compute_dtype)
+            check_input(input, self.input_size, dtype, reference.device, dtype_source)
             unbatched = input.dim() == 2
             if unbatched:
                 input = input.unsqueeze(1)
@@ -240,8 +283,15 @@ class _NormRNNBase(nn.Module):
         if self.training and self.norm == "seqbatch" and padding.total < 2:
             raise ValueError("input: norm='seqbatch' in training needs at least 2 real positions "
                              "(timesteps x sequences) for its statistics; got 1")
+        if compute_dtype is not None and hx is not None:
+            hx = tuple(_autocast_lowered(state, compute_dtype) for state in hx) \
+                if isinstance(hx, (tuple, list)) else _autocast_lowered(hx, compute_dtype)
         initial = self._initial_state(hx, batch, unbatched, input.dtype, input.device)
-        output, final = self._run_layers(input, initial, padding)
+        if compute_dtype is None:
+            output, final = self._run_layers(input, initial, padding)
+        else:
+            with torch.autocast(reference.device.type, enabled=False):
+                output, final = self._run_layers(input, initial, padding, compute_dtype)
         if packed:
             return _packed_from_padded(output, template), self._format_state(final)
         if unbatched:
@@ -254,7 +304,8 @@ class _NormRNNBase(nn.Module):
     def _format_state(self, final: Tuple[Tensor, ...]):
         return (final[0], final[1]) if self.cell == "lstm" else final[0]
 
-    def _run_layers(self, x: Tensor, initial: Tuple[Tensor, ...], padding: Padding):
+    def _run_layers(self, x: Tensor, initial: Tuple[Tensor, ...], padding: Padding,
+                    dtype: Optional[torch.dtype] = None):
         directions = 2 if self.bidirectional else 1
         finals: List[List[Tensor]] = [[] for _ in initial]
         for layer in range(self.num_layers):
@@ -265,7 +316,7 @@ class _NormRNNBase(nn.Module):
                 state = tuple(s[index] for s in initial)
                 source = reverse_within_lengths(x, padding) if direction else x
                 out, final = dispatch.run_direction(
-                    self.backend, self.cell, self.norm, source, state, self.direction_params(suffix), padding,
+                    self.backend, self.cell, self.norm, source, state, self.direction_params(suffix, dtype), padding,
                     self.training, self.momentum, self.eps, self.nonlinearity)
                 outputs.append(reverse_within_lengths(out, padding) if direction else out)
                 for collected, value in zip(finals, final):

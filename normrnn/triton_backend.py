@@ -5,7 +5,8 @@ fake (meta) implementation and a registered autograd formula, so ``torch.compile
 traces a model that uses them. Around the ops, plain PyTorch does the big matmuls: x W_ih^T for
 all timesteps before the loop, and (inside the backward op) dW_hh = sum_t dwh_t^T h_{t-1}.
 
-Covered: LSTM (and, in ``triton_gru.py`` and ``triton_rnn.py``, the GRU and the vanilla RNN) with norm None, "layer" and "seqbatch" (float32, bfloat16) and "batch" (float32);
+Covered: LSTM (and, in ``triton_gru.py`` and ``triton_rnn.py``, the GRU and the vanilla RNN) with norm
+None, "layer", "seqbatch" and "batch", in float32, bfloat16 and float16 (CUDA autocast's dtype);
 statistics, cell state and accumulation in float32; on CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``. The normalizations that need no recurrence (layer norm of x W_ih^T,
 sequence-wise batch norm) run on the whole input projection before the loop, in PyTorch.
@@ -29,7 +30,7 @@ from .reference.norms import sequence_batch_norm
 # "seqbatch" normalizes only the input projection, over batch and time: that happens before the
 # loop, which then runs the unnormalized kernels.
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _interpreting() -> bool:
@@ -41,7 +42,7 @@ def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) 
     if norm not in _NORM_CODES:
         return f"unknown norm={norm!r}"
     if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} is not supported (float32 and bfloat16 are)"
+        return f"dtype {x.dtype} is not supported (float32, bfloat16 and float16 are)"
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
         return "the kernels need a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)"
     return None
@@ -122,10 +123,7 @@ def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx
     else:
         result = lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight,
                                cell_weight, cell_bias, lengths, norm, training)
-    steps, batch, gates = wx.shape
-    hidden = gates // 4
-    # dW_hh = sum over t and b of dwh_t^T h_{t-1}: one matmul over all timesteps
-    grad_w_hh = torch.matmul(result["dwh"].reshape(-1, gates).t(), h[:-1].reshape(-1, hidden).float())
+    grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
     partials = result["partials"].sum(0)
     cell_partials = result["cell_partials"].sum(0)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), result["dc0"].to(w_hh.dtype),
@@ -214,6 +212,14 @@ def project_inputs(x: Tensor, params: DirectionParams, norm: Optional[str], padd
         wx = sequence_batch_norm(wx.float(), padding.mask, padding.total, params.ih_norm_weight.float(),
                                  params.ih_running_mean, params.ih_running_var, training, momentum, eps)
     return wx.contiguous()
+
+
+def recurrent_weight_gradient(grad_projection: Tensor, h: Tensor) -> Tensor:
+    """dL/dW_hh = sum over t and b of g_t^T h_{t-1}, for ``grad_projection`` g (T, B, G), the
+    gradient of h_{t-1} W_hh^T, and the states ``h`` (T+1, B, H): one float32 matmul over all
+    timesteps."""
+    gates, hidden = grad_projection.shape[-1], h.shape[-1]
+    return torch.matmul(grad_projection.reshape(-1, gates).t().float(), h[:-1].reshape(-1, hidden).float())
 
 
 def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,

@@ -19,7 +19,7 @@ from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
-from .triton_backend import project_inputs
+from .triton_backend import project_inputs, recurrent_weight_gradient
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -68,10 +68,7 @@ def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
     saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats}
     result = gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths,
                           norm, training)
-    gates = wx.shape[-1]
-    hidden = gates // 3
-    # dW_hh = sum over t and b of dwh_t^T h_{t-1}: one matmul over all timesteps
-    grad_w_hh = torch.matmul(result["dwh"].reshape(-1, gates).t(), h[:-1].reshape(-1, hidden).float())
+    grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
     partials = result["partials"].sum(0)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
             partials[1].clone(), partials[2].clone(), partials[3].clone())

@@ -18,7 +18,7 @@ from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .triton_backend import project_inputs
+from .triton_backend import project_inputs, recurrent_weight_gradient
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -67,9 +67,7 @@ def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
     saved = {"h": h, "u": u, "ih_stats": ih_stats, "hh_stats": hh_stats}
     result = rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, lengths, norm,
                           activation, training)
-    hidden = wx.shape[-1]
-    # dW_hh = sum over t and b of du_t^T h_{t-1}: one matmul over all timesteps
-    grad_w_hh = torch.matmul(result["du"].reshape(-1, hidden).t(), h[:-1].reshape(-1, hidden).float())
+    grad_w_hh = recurrent_weight_gradient(result["du"], h)
     partials = result["partials"].sum(0)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
             partials[1].clone(), partials[2].clone())

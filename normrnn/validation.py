@@ -33,7 +33,8 @@ def check_constructor(input_size, hidden_size, num_layers, dropout, norm, moment
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
 
 
-def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torch.device) -> None:
+def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torch.device,
+                dtype_source: str = "the dtype of the layer's parameters") -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
     if input.dim() not in (2, 3):
@@ -43,7 +44,7 @@ def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torc
         raise ValueError(f"input: expected input_size={input_size} features in the last dimension, "
                          f"got shape {tuple(input.shape)}")
     if input.dtype != dtype:
-        raise TypeError(f"input: expected dtype {dtype} (the dtype of the layer's parameters), got {input.dtype}")
+        raise TypeError(f"input: expected dtype {dtype} ({dtype_source}), got {input.dtype}")
     if input.device != device:
         raise ValueError(f"input: expected a tensor on {device} (where the layer's parameters are), "
                          f"got one on {input.device}")

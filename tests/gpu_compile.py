@@ -83,9 +83,9 @@ def _case(cell, norm, dtype, batch, hidden_size, **options) -> CompileCase:
 
 
 def cases(full: bool) -> List[CompileCase]:
-    """The shapes of the issue: B=64, H=512 for every cell, norm and dtype; H=2048 with B=256, and
-    batch norm over B=512 (one program walks it in chunks) in bfloat16; persistent kernels
-    at B=64, H=512, and under batch norm at B=256 (in chunks). ``full`` adds H=2048 for every norm
+    """The shapes of the issue: B=64, H=512 for every cell, norm and dtype (the LSTM's also in
+    float16); H=2048 with B=256, and batch norm over B=512 (one program walks it in chunks) in
+    bfloat16; persistent kernels at B=64, H=512, and under batch norm at B=256 (in chunks). ``full`` adds H=2048 for every norm
     and dtype, and more persistent shapes."""
     chosen = []
     for cell in ("lstm", "gru", "rnn"):
@@ -96,6 +96,10 @@ def cases(full: bool) -> List[CompileCase]:
         chosen.append(_case(cell, "batch", "bfloat16", 256, 512, persistent=True))
         chosen.append(_case(cell, "batch", "bfloat16", 512, 2048))
         chosen.append(_case(cell, "layer", "bfloat16", 256, 2048, lengths=True))
+    # float16 (what CUDA autocast defaults to) changes only the operands' dtype: the LSTM's kernels
+    for norm in (None, "layer", "batch"):
+        chosen.append(_case("lstm", norm, "float16", 64, 512))
+    chosen.append(_case("lstm", None, "float16", 64, 512, persistent=True))
     if full:
         for cell in ("lstm", "gru", "rnn"):
             for norm in (None, "layer", "batch"):

@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 # batch norm over a batch of 512 at H=2048 (walked in chunks); the persistent kernels at the shape of
 # the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm with it
 # streamed; the GRU's and RNN's with W_hh on chip) and the LSTM's under batch norm walking a batch
-# of 256 in chunks; float32 recurrent products; lengths at H=2048
+# of 256 in chunks; float16 operands (CUDA autocast's default) with W_hh on chip; float32 recurrent
+# products; lengths at H=2048
 CASES = {
     "gru norm=layer bfloat16 B=64 H=512 persistent": {"gru_forward_persistent_kernel",
                                                       "gru_backward_persistent_kernel"},
@@ -39,6 +40,8 @@ CASES = {
                                                        "layer_norm_lstm_backward_persistent_kernel"},
     "lstm norm=None bfloat16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
                                                       "lstm_backward_persistent_kernel"},
+    "lstm norm=None float16 B=64 H=512 persistent": {"lstm_forward_persistent_kernel",
+                                                     "lstm_backward_persistent_kernel"},
     "gru norm=batch float32 B=64 H=512": {"gru_forward_step_kernel", "gru_backward_step_kernel"},
     "rnn norm=layer bfloat16 B=256 H=2048 lengths": {"rnn_forward_step_kernel", "rnn_backward_step_kernel"},
 }

@@ -20,7 +20,7 @@ _compare = compare
 
 
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_layer_with_state_and_lengths(norm, dtype):
     reference, fused = _pair(norm, dtype, input_size=5, hidden_size=19)
     x = torch.randn(6, 9, 5, dtype=torch.float64)  # odd sizes, at least five active rows a step

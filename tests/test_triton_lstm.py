@@ -20,7 +20,7 @@ _compare = compare
 
 
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_layer_with_state_and_lengths(norm, dtype):
     reference, fused = _pair(norm, dtype, input_size=5, hidden_size=19)
     # odd sizes, batch not a multiple of the block, at least five active rows at every step
@@ -156,11 +156,45 @@ def test_torch_compile_fullgraph(norm):
     assert fused.weight_hh_l0.grad is not None and torch.isfinite(fused.weight_hh_l0.grad).all()
 
 
+_FIRST_CALL_COMPILED = """
+import copy, sys, torch
+sys.path.insert(0, {tests!r})
+import fused_helpers
+import normrnn
+layer = normrnn.LSTM(3, 9, norm="batch", backend="triton", device=fused_helpers.DEVICE)
+cast = copy.deepcopy(layer).to(torch.float16)
+compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+x = torch.randn(5, 4, 3, device=fused_helpers.DEVICE)
+with torch.autocast(x.device.type, dtype=torch.float16):
+    output, _ = compiled(x)
+output.float().sum().backward()
+expected, _ = cast(x.half())
+expected.float().sum().backward()
+assert output.dtype == torch.float16 and torch.equal(output, expected), "output"
+assert torch.equal(layer.weight_hh_l0.grad, cast.weight_hh_l0.grad.float()), "grad"
+print("compiled first call: ok")
+"""
+
+
+def test_a_layer_whose_first_call_is_compiled_under_autocast():
+    """In a fresh process, where nothing has imported the Triton backend yet (Dynamo cannot trace
+    an import: the layer imports its backend when it is built), a layer's first call is
+    ``torch.compile(fullgraph=True)``'s, under autocast: it computes bit for bit what the layer cast
+    to float16 computes."""
+    import pathlib
+    import subprocess
+    import sys
+    tests = str(pathlib.Path(__file__).resolve().parent)
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED.format(tests=tests)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled first call: ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_auto_uses_the_kernels_and_warns_for_what_they_do_not_cover():
     if DEVICE == "cuda":
         assert normrnn.dispatch.resolve("auto", "lstm", None, torch.zeros(1, device=DEVICE)) == "triton"
-        with pytest.warns(RuntimeWarning, match="float16"):
-            chosen = normrnn.dispatch.resolve("auto", "gru", None, torch.zeros(1, device=DEVICE, dtype=torch.float16))
+        with pytest.warns(RuntimeWarning, match="float64"):
+            chosen = normrnn.dispatch.resolve("auto", "gru", None, torch.zeros(1, device=DEVICE, dtype=torch.float64))
         assert chosen == "reference"
     else:  # the interpreter is for tests only: "auto" on CPU tensors never picks it
         assert normrnn.dispatch.resolve("auto", "lstm", None, torch.zeros(1)) != "triton"
