@@ -193,6 +193,31 @@ def _norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor):
     return weights, running
 
 
+def pair_norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor
+                      ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """The float32 gains of N_ih and N_hh and the four running statistics (ih mean, var, hh mean,
+    var) that the GRU's and the RNN's kernels take: the layer's under batch norm; elsewhere ones
+    and a one-step placeholder for what the norm lacks or what is normalized before the loop (the
+    input projection's layer norm)."""
+    features = params.weight_hh.shape[0]
+    if norm == "batch":
+        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var]
+        return params.ih_norm_weight.float(), params.hh_norm_weight.float(), running
+    ones = like.new_ones(features, dtype=torch.float32)
+    hh_weight = params.hh_norm_weight.float() if norm == "layer" else ones
+    running = [fill((1, features), dtype=torch.float32) for _ in range(2) for fill in (like.new_zeros, like.new_ones)]
+    return ones, hh_weight, running
+
+
+def store_running_statistics(norm: Optional[str], training: bool, running: List[Tensor], updated) -> None:
+    """Copies the running statistics that a forward op returned (the ops are functional) into the
+    layer's buffers, after a training step under batch norm."""
+    if norm == "batch" and training:
+        with torch.no_grad():
+            for buffer, value in zip(running, updated):
+                buffer.copy_(value)
+
+
 def project_inputs(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,
                    momentum: float, eps: float) -> Tensor:
     """x W_ih^T for all timesteps before the loop, with the normalizations that need no recurrence
@@ -243,8 +268,5 @@ def run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddin
     output, h_n, c_n, updated, *_ = torch.ops.normrnn.lstm_forward(
         wx, h0.contiguous(), c0.contiguous(), params.weight_hh.contiguous(), bias, *weights, running, lengths,
         _NORM_CODES[norm], bool(training), bool(needs_grad), float(momentum), float(eps))
-    if norm == "batch" and training:
-        with torch.no_grad():
-            for buffer, value in zip(running, updated):
-                buffer.copy_(value)
+    store_running_statistics(norm, training, running, updated)
     return output, (h_n, c_n)

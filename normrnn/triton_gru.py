@@ -19,7 +19,8 @@ from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
-from .triton_backend import project_inputs, recurrent_weight_gradient
+from .triton_backend import (pair_norm_tensors, project_inputs, recurrent_weight_gradient,
+                             store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -109,19 +110,10 @@ def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
             training: bool, momentum: float, eps: float) -> Tuple[Tensor, Tuple[Tensor]]:
     """One GRU layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
     wx = project_inputs(x, params, norm, padding, training, momentum, eps)
-    gates = params.weight_hh.shape[0]
-    zeros = x.new_zeros(gates, dtype=torch.float32)
-    ones = x.new_ones(gates, dtype=torch.float32)
+    zeros = x.new_zeros(params.weight_hh.shape[0], dtype=torch.float32)
     bias_ih = params.bias_ih.float() if params.bias_ih is not None else zeros
     bias_hh = params.bias_hh.float() if params.bias_hh is not None else zeros
-    if norm == "batch":
-        ih_weight, hh_weight = params.ih_norm_weight.float(), params.hh_norm_weight.float()
-        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var]
-    else:
-        ih_weight = ones
-        hh_weight = params.hh_norm_weight.float() if norm == "layer" else ones
-        running = [x.new_zeros((1, gates), dtype=torch.float32), x.new_ones((1, gates), dtype=torch.float32),
-                   x.new_zeros((1, gates), dtype=torch.float32), x.new_ones((1, gates), dtype=torch.float32)]
+    ih_weight, hh_weight, running = pair_norm_tensors(params, norm, x)
     lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
     (h0,) = state
     needs_grad = torch.is_grad_enabled() and any(
@@ -129,8 +121,5 @@ def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
     output, h_n, updated, *_ = torch.ops.normrnn.gru_forward(
         wx, h0.contiguous(), params.weight_hh.contiguous(), bias_ih, bias_hh, ih_weight, hh_weight, running, lengths,
         _NORM_CODES[norm], bool(training), bool(needs_grad), float(momentum), float(eps))
-    if norm == "batch" and training:
-        with torch.no_grad():
-            for buffer, value in zip(running, updated):
-                buffer.copy_(value)
+    store_running_statistics(norm, training, running, updated)
     return output, (h_n,)

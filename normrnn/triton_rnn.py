@@ -18,7 +18,8 @@ from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .triton_backend import project_inputs, recurrent_weight_gradient
+from .triton_backend import (pair_norm_tensors, project_inputs, recurrent_weight_gradient,
+                             store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -113,15 +114,7 @@ def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
     hidden = params.hidden_size
     biases = [b.float() for b in (params.bias_ih, params.bias_hh) if b is not None]
     bias = sum(biases) if biases else x.new_zeros(hidden, dtype=torch.float32)
-    ones = x.new_ones(hidden, dtype=torch.float32)
-    if norm == "batch":
-        ih_weight, hh_weight = params.ih_norm_weight.float(), params.hh_norm_weight.float()
-        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var]
-    else:
-        ih_weight = ones
-        hh_weight = params.hh_norm_weight.float() if norm == "layer" else ones
-        running = [x.new_zeros((1, hidden), dtype=torch.float32), x.new_ones((1, hidden), dtype=torch.float32),
-                   x.new_zeros((1, hidden), dtype=torch.float32), x.new_ones((1, hidden), dtype=torch.float32)]
+    ih_weight, hh_weight, running = pair_norm_tensors(params, norm, x)
     lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
     (h0,) = state
     needs_grad = torch.is_grad_enabled() and any(
@@ -129,8 +122,5 @@ def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
     output, h_n, updated, *_ = torch.ops.normrnn.rnn_forward(
         wx, h0.contiguous(), params.weight_hh.contiguous(), bias, ih_weight, hh_weight, running, lengths,
         _NORM_CODES[norm], ACTIVATIONS[nonlinearity], bool(training), bool(needs_grad), float(momentum), float(eps))
-    if norm == "batch" and training:
-        with torch.no_grad():
-            for buffer, value in zip(running, updated):
-                buffer.copy_(value)
+    store_running_statistics(norm, training, running, updated)
     return output, (h_n,)
