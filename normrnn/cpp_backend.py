@@ -100,6 +100,14 @@ def release_workspace() -> int:
     return held
 
 
+# The C++ loops keep their saved state in an object of their own and build the extension under a
+# lock, neither of which torch.compile can trace: a compiled model runs them as they are, between
+# its graphs, and with fullgraph=True the error says why it cannot.
+NOT_TRACEABLE = ("normrnn's C++ CPU backend cannot be traced by torch.compile: with fullgraph=True use "
+                 "backend='reference' (compiled with the model) or backend='triton' on CUDA tensors")
+
+
+@torch.compiler.disable(reason=NOT_TRACEABLE)
 def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
     """Why the C++ backend cannot run this case, or None."""
     if x.device.type != "cpu":
@@ -182,6 +190,7 @@ def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: P
     return wx.contiguous()
 
 
+@torch.compiler.disable(reason=NOT_TRACEABLE)
 def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                   nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """One layer and direction in C++ (the interface of ``normrnn.dispatch``)."""

@@ -50,7 +50,8 @@ def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) 
 
 def describe_availability(probe: Tensor) -> str:
     if torch.cuda.is_available():
-        return f"usable on {torch.cuda.get_device_name()} (LSTM, GRU, RNN: norm None, 'layer', 'seqbatch', 'batch')"
+        return (f"usable on {torch.cuda.get_device_name()} (LSTM, GRU, RNN: norm None, 'layer', 'seqbatch', 'batch'; "
+                "float32, bfloat16, float16)")
     if _interpreting():
         return "usable through the Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
     return "not usable here: no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU interpreter)"

@@ -164,3 +164,20 @@ def test_release_workspace_frees_the_pool():
     layer(torch.randn(5, 3, 4))[0].sum().backward()
     assert normrnn.cpp_backend.release_workspace() > 0
     assert normrnn.cpp_backend.release_workspace() == 0
+
+
+def test_torch_compile_runs_the_cpp_loops_between_graphs_and_fullgraph_says_why_it_cannot():
+    """The C++ loops cannot be traced (their saved state is an object of their own): a compiled
+    model runs them eagerly between its graphs, with the eager values and gradients; with
+    ``fullgraph=True`` the error names the backend and what to use instead."""
+    torch._dynamo.reset()
+    layer = normrnn.LSTM(3, 5, norm="batch", backend="cpp")
+    x = torch.randn(4, 3, 3)
+    expected = outputs_and_grads(layer, x)
+    layer.reset_running_stats()
+    got = outputs_and_grads(torch.compile(layer, backend="aot_eager"), x)
+    got = {key.replace("_orig_mod.", ""): value for key, value in got.items()}
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    with pytest.raises(Exception, match="C\\+\\+ CPU backend cannot be traced"):
+        torch.compile(normrnn.GRU(3, 5, backend="cpp"), fullgraph=True, backend="aot_eager")(x)
