@@ -27,6 +27,7 @@ from torch import Tensor
 from .params import DirectionParams, Padding
 from .reference.common import zero_padding
 from .reference.norms import sequence_batch_norm
+from .tracing import untraced
 
 NONE, LAYER, BATCH = 0, 1, 2
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
@@ -107,9 +108,12 @@ NOT_TRACEABLE = ("normrnn's C++ CPU backend cannot be traced by torch.compile: w
                  "backend='reference' (compiled with the model) or backend='triton' on CUDA tensors")
 
 
-@torch.compiler.disable(reason=NOT_TRACEABLE)
 def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
     """Why the C++ backend cannot run this case, or None."""
+    return untraced(NOT_TRACEABLE, _unsupported_reason, cell, norm, x, nonlinearity)
+
+
+def _unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
     if x.device.type != "cpu":
         return f"it runs on CPU tensors (got {x.device.type})"
     if x.dtype not in SUPPORTED_DTYPES:
@@ -190,10 +194,15 @@ def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: P
     return wx.contiguous()
 
 
-@torch.compiler.disable(reason=NOT_TRACEABLE)
 def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                   nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """One layer and direction in C++ (the interface of ``normrnn.dispatch``)."""
+    return untraced(NOT_TRACEABLE, _run_direction, cell, norm, x, state, params, padding, training, momentum, eps,
+                    nonlinearity)
+
+
+def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
+                   nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     x = zero_padding(x, padding)
     wx = _project(x, params, norm, padding, training, momentum, eps)
     gates, hidden = params.weight_hh.shape

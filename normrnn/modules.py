@@ -280,9 +280,14 @@ class _NormRNNBase(nn.Module):
                              "(batch statistics of one sample do not exist); got a batch of one. "
                              "Use eval(), a larger batch, or norm='layer'")
         padding = Padding.from_lengths(lengths, steps, batch, input.device)
-        if self.training and self.norm == "seqbatch" and padding.total < 2:
-            raise ValueError("input: norm='seqbatch' in training needs at least 2 real positions "
-                             "(timesteps x sequences) for its statistics; got 1")
+        if self.training and self.norm == "seqbatch":
+            message = ("input: norm='seqbatch' in training needs at least 2 real positions (timesteps x sequences) "
+                       "for its statistics; got 1")
+            total = padding.total
+            if isinstance(total, Tensor):  # traced: checked when the graph runs
+                torch._assert_async(total >= 2, message)
+            elif total < 2:
+                raise ValueError(message)
         if compute_dtype is not None and hx is not None:
             hx = tuple(_autocast_lowered(state, compute_dtype) for state in hx) \
                 if isinstance(hx, (tuple, list)) else _autocast_lowered(hx, compute_dtype)

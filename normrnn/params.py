@@ -6,10 +6,12 @@ arguments to whichever backend runs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
+
+from .tracing import untraced
 
 CELL_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 NORMS = (None, "layer", "batch", "seqbatch")
@@ -45,6 +47,18 @@ class DirectionParams:
         return self.weight_hh.shape[1]
 
 
+# The reference and C++ backends branch on how many sequences run at each step (a step with fewer
+# than two uses running statistics), which a traced graph cannot know; the fused kernels count them
+# on the device and need no such number.
+COUNTS_NOT_TRACEABLE = ("normrnn: with lengths, the reference and C++ backends branch on how many sequences are "
+                        "active at each step, which torch.compile(fullgraph=True) cannot trace: use backend='triton' "
+                        "(CUDA) or compile without fullgraph")
+
+
+def _active_counts(lengths: Tensor, steps: int) -> List[int]:
+    return (torch.arange(steps).unsqueeze(1) < lengths.to("cpu").unsqueeze(0)).sum(1).tolist()
+
+
 @dataclass
 class Padding:
     """Which (timestep, sequence) positions are real: sequence b runs for ``lengths[b]`` steps.
@@ -52,6 +66,10 @@ class Padding:
     ``mask`` is (T, B) bool on the data's device; ``active_counts`` the number of running
     sequences at each step, as Python ints (the reference branches on them).
     All fields are None / full counts when every sequence runs the whole T steps.
+
+    Under ``torch.compile`` the lengths are not known while the graph is traced: the padding is
+    then taken as present, the mask computed in the graph, and the counts computed only where a
+    backend asks for them (``COUNTS_NOT_TRACEABLE``); ``total`` is a tensor there.
     """
     steps: int
     batch: int
@@ -64,6 +82,9 @@ class Padding:
         if lengths is None:
             return Padding(steps, batch)
         lengths_cpu = lengths.to("cpu", torch.int64)
+        if torch.compiler.is_compiling():
+            mask = torch.arange(steps, device=device).unsqueeze(1) < lengths_cpu.to(device).unsqueeze(0)
+            return Padding(steps, batch, lengths_cpu.to(device), mask)
         if bool((lengths_cpu == steps).all()):
             return Padding(steps, batch)
         time = torch.arange(steps).unsqueeze(1)
@@ -78,9 +99,18 @@ class Padding:
     def active(self, step: int) -> Optional[Tensor]:
         return None if self.mask is None else self.mask[step]
 
+    def _counts(self) -> List[int]:
+        if self.active_counts is None:
+            self.active_counts = untraced(COUNTS_NOT_TRACEABLE, _active_counts, self.lengths, self.steps)
+        return self.active_counts
+
     def count(self, step: int) -> int:
-        return self.batch if self.active_counts is None else self.active_counts[step]
+        return self.batch if self.mask is None else self._counts()[step]
 
     @property
-    def total(self) -> int:
-        return self.steps * self.batch if self.active_counts is None else sum(self.active_counts)
+    def total(self) -> Union[int, Tensor]:
+        if self.mask is None:
+            return self.steps * self.batch
+        if self.active_counts is None and torch.compiler.is_compiling():
+            return self.mask.sum()
+        return sum(self._counts())

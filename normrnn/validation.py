@@ -67,6 +67,11 @@ def check_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, steps
             raise TypeError(f"lengths must be a 1-D tensor or a sequence of ints, got {lengths!r}") from error
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must have shape ({batch},), one length per sequence, got {tuple(lengths.shape)}")
+    if torch.compiler.is_compiling():
+        # a traced graph does not know the values: it checks them when it runs
+        torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
+                            f"lengths must lie in [1, {steps}] (the number of timesteps)")
+        return lengths
     if bool((lengths < 1).any()) or bool((lengths > steps).any()):
         raise ValueError(f"lengths must lie in [1, {steps}] (the number of timesteps), got "
                          f"min {int(lengths.min())} and max {int(lengths.max())}")

@@ -9,14 +9,14 @@ padded inputs are zeroed on entry) but discarded by the cell.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, biased_var: Tensor,
-                         count: int, momentum: float) -> None:
+                         count: Union[int, Tensor], momentum: float) -> None:
     """``running <- (1 - momentum) * running + momentum * batch``, as ``nn.BatchNorm1d`` does.
 
     The running variance takes the unbiased estimate ``biased_var * n / (n - 1)``.
@@ -51,19 +51,29 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: int, weig
     return out if bias is None else out + bias
 
 
-def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: int, weight: Tensor,
+def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[int, Tensor], weight: Tensor,
                         running_mean: Tensor, running_var: Tensor, training: bool, momentum: float,
                         eps: float) -> Tensor:
     """Sequence-wise batch norm (Laurent et al. 2016, Deep Speech 2) of ``values`` ``(T, B, G)``.
 
     ``y = weight * (value - mu) / sqrt(sigma2 + eps)`` with ``mu``, ``sigma2`` taken over every
     active (timestep, sequence) position in training, the running statistics in evaluation.
-    ``mask`` is the ``(T, B)`` activity mask, or None when every position is active.
+    ``mask`` is the ``(T, B)`` activity mask, or None when every position is active, and
+    ``n_active`` the number of active positions (an int, or a tensor where only the traced
+    graph knows it).
     """
     if training:
-        rows = values.reshape(-1, values.shape[-1]) if mask is None else values[mask]
-        mean = rows.mean(0)
-        var = rows.var(0, unbiased=False)
+        if mask is None:
+            rows = values.reshape(-1, values.shape[-1])
+            mean = rows.mean(0)
+            var = rows.var(0, unbiased=False)
+        else:
+            # sums over the active positions, not values[mask], whose shape would depend on the
+            # data (torch.compile could not trace it); where, not a product with the mask, so that
+            # garbage in the padding (even NaN) stays out
+            active = mask.unsqueeze(-1)
+            mean = torch.where(active, values, 0.0).sum((0, 1)) / n_active
+            var = torch.where(active, values - mean, 0.0).square().sum((0, 1)) / n_active
         update_running_stats(running_mean, running_var, mean, var, n_active, momentum)
     else:
         mean = running_mean.to(values.dtype)

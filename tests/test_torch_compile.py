@@ -1,0 +1,64 @@
+"""Padded batches (``lengths``) under ``torch.compile``.
+
+While Dynamo traces, the lengths' values are unknown: the fused kernels count the active sequences
+on the device and need nothing more, so a layer on the Triton backend traces with
+``fullgraph=True`` and computes what it computes eagerly; the lengths are checked when the graph
+runs. The reference branches on the number of active sequences at each step only under batch norm:
+there ``fullgraph=True`` says why it cannot trace, and a compile without it runs that part eagerly.
+The kernels run here under the Triton interpreter."""
+import pytest
+import torch
+
+import normrnn
+from conftest import outputs_and_grads
+from fused_helpers import DEVICE, INTERPRETER_OFF
+
+CELLS = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}
+
+
+def _compiled_equals_eager(layer, x, lengths, fullgraph=True):
+    layer.reset_running_stats()
+    expected = outputs_and_grads(layer, x, None, lengths)
+    layer.reset_running_stats()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")
+    got = outputs_and_grads(compiled, x, None, lengths)
+    got = {key.replace("_orig_mod.", ""): value for key, value in got.items()}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+@pytest.mark.parametrize("cell, norm", [("lstm", "batch"), ("lstm", "seqbatch"), ("gru", "layer"), ("rnn", "batch")])
+def test_fused_layer_with_lengths_traces_whole(cell, norm):
+    layer = CELLS[cell](3, 6, norm=norm, backend="triton", device=DEVICE)
+    _compiled_equals_eager(layer, torch.randn(5, 4, 3, device=DEVICE), torch.tensor([5, 2, 4, 3]))
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+def test_compiled_graph_checks_the_lengths_when_it_runs():
+    layer = normrnn.GRU(3, 6, norm="batch", backend="triton", device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 4, 3, device=DEVICE)
+    compiled(x, lengths=torch.tensor([5, 2, 4, 3]))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 5\]"):
+        compiled(x, lengths=torch.tensor([5, 0, 4, 3]))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 5\]"):
+        compiled(x, lengths=torch.tensor([5, 6, 4, 3]))
+
+
+@pytest.mark.parametrize("norm", [None, "layer", "seqbatch"])
+def test_reference_with_lengths_traces_whole_without_batch_norm(norm):
+    layer = normrnn.LSTM(3, 5, norm=norm, backend="reference")
+    _compiled_equals_eager(layer, torch.randn(4, 3, 3), torch.tensor([4, 2, 3]))
+
+
+def test_reference_batch_norm_with_lengths_says_why_fullgraph_cannot_trace_it():
+    layer = normrnn.RNN(3, 5, norm="batch", backend="reference")
+    x, lengths = torch.randn(4, 3, 3), torch.tensor([4, 2, 3])
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="branch on how many sequences are active"):
+        torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)
+    _compiled_equals_eager(layer, x, lengths, fullgraph=False)
