@@ -21,7 +21,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 budget=${1:-540}
 tests_limit=150
 log="$OUT/session.log"
-kernel_tests="tests/test_triton_lstm.py tests/test_triton_gru.py tests/test_triton_rnn.py tests/test_autocast.py"
+kernel_tests="tests/test_triton_lstm.py tests/test_triton_gru.py tests/test_triton_rnn.py tests/test_autocast.py tests/test_torch_compile.py"
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output and status into the log
     local name=$1 seconds=$2

@@ -11,8 +11,6 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-from .tracing import untraced
-
 CELL_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 NORMS = (None, "layer", "batch", "seqbatch")
 
@@ -47,14 +45,6 @@ class DirectionParams:
         return self.weight_hh.shape[1]
 
 
-# The reference and C++ backends branch on how many sequences run at each step (a step with fewer
-# than two uses running statistics), which a traced graph cannot know; the fused kernels count them
-# on the device and need no such number.
-COUNTS_NOT_TRACEABLE = ("normrnn: with lengths, the reference and C++ backends branch on how many sequences are "
-                        "active at each step, which torch.compile(fullgraph=True) cannot trace: use backend='triton' "
-                        "(CUDA) or compile without fullgraph")
-
-
 def _active_counts(lengths: Tensor, steps: int) -> List[int]:
     return (torch.arange(steps).unsqueeze(1) < lengths.to("cpu").unsqueeze(0)).sum(1).tolist()
 
@@ -68,8 +58,7 @@ class Padding:
     All fields are None / full counts when every sequence runs the whole T steps.
 
     Under ``torch.compile`` the lengths are not known while the graph is traced: the padding is
-    then taken as present, the mask computed in the graph, and the counts computed only where a
-    backend asks for them (``COUNTS_NOT_TRACEABLE``); ``total`` is a tensor there.
+    then taken as present, the mask computed in the graph, and ``count`` and ``total`` are tensors.
     """
     steps: int
     batch: int
@@ -99,18 +88,21 @@ class Padding:
     def active(self, step: int) -> Optional[Tensor]:
         return None if self.mask is None else self.mask[step]
 
+    def _traced(self) -> bool:
+        return self.active_counts is None and torch.compiler.is_compiling()
+
     def _counts(self) -> List[int]:
-        if self.active_counts is None:
-            self.active_counts = untraced(COUNTS_NOT_TRACEABLE, _active_counts, self.lengths, self.steps)
+        if self.active_counts is None:  # a padding traced by torch.compile, now used eagerly (the C++ backend)
+            self.active_counts = _active_counts(self.lengths, self.steps)
         return self.active_counts
 
-    def count(self, step: int) -> int:
-        return self.batch if self.mask is None else self._counts()[step]
+    def count(self, step: int) -> Union[int, Tensor]:
+        if self.mask is None:
+            return self.batch
+        return self.mask[step].sum() if self._traced() else self._counts()[step]
 
     @property
     def total(self) -> Union[int, Tensor]:
         if self.mask is None:
             return self.steps * self.batch
-        if self.active_counts is None and torch.compiler.is_compiling():
-            return self.mask.sum()
-        return sum(self._counts())
+        return self.mask.sum() if self._traced() else sum(self._counts())

@@ -3,14 +3,13 @@
 While Dynamo traces, the lengths' values are unknown: the fused kernels count the active sequences
 on the device and need nothing more, so a layer on the Triton backend traces with
 ``fullgraph=True`` and computes what it computes eagerly; the lengths are checked when the graph
-runs. The reference branches on the number of active sequences at each step only under batch norm:
-there ``fullgraph=True`` says why it cannot trace, and a compile without it runs that part eagerly.
-The kernels run here under the Triton interpreter."""
+runs. So does the reference, whose batch norm then chooses between batch and running statistics
+in the graph. The kernels run here under the Triton interpreter."""
 import pytest
 import torch
 
 import normrnn
-from conftest import outputs_and_grads
+from conftest import outputs_and_grads, relative_error
 from fused_helpers import DEVICE, INTERPRETER_OFF
 
 CELLS = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}
@@ -50,15 +49,24 @@ def test_compiled_graph_checks_the_lengths_when_it_runs():
 
 
 @pytest.mark.parametrize("norm", [None, "layer", "seqbatch"])
-def test_reference_with_lengths_traces_whole_without_batch_norm(norm):
+def test_reference_with_lengths_traces_whole(norm):
     layer = normrnn.LSTM(3, 5, norm=norm, backend="reference")
     _compiled_equals_eager(layer, torch.randn(4, 3, 3), torch.tensor([4, 2, 3]))
 
 
-def test_reference_batch_norm_with_lengths_says_why_fullgraph_cannot_trace_it():
-    layer = normrnn.RNN(3, 5, norm="batch", backend="reference")
-    x, lengths = torch.randn(4, 3, 3), torch.tensor([4, 2, 3])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_reference_batch_norm_with_lengths_traces_whole(cell):
+    """In the traced graph the number of active rows of a step is data, so batch norm chooses
+    between batch and running statistics without a branch (``batch_norm_step``) and takes masked
+    sums: the same values as eagerly up to rounding, including a step of one active row (running
+    statistics, not updated) and the running statistics."""
+    layer = CELLS[cell](3, 5, norm="batch", backend="reference", max_steps=3).double()
+    x, lengths = torch.randn(5, 3, 3, dtype=torch.float64), torch.tensor([5, 2, 3])  # steps 3, 4: one row
+    layer.reset_running_stats()
+    expected = outputs_and_grads(layer, x, None, lengths)
+    layer.reset_running_stats()
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="branch on how many sequences are active"):
-        torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)
-    _compiled_equals_eager(layer, x, lengths, fullgraph=False)
+    got = outputs_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, None, lengths)
+    got = {key.replace("_orig_mod.", ""): value for key, value in got.items()}
+    for key, value in expected.items():
+        assert relative_error(got[key], value) < 1e-12, key

@@ -27,7 +27,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: int, weight: Tensor,
+def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: Union[int, Tensor], weight: Tensor,
                     bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, slot: int,
                     training: bool, momentum: float, eps: float) -> Tensor:
     """Batch norm of one timestep (Cooijmans et al. 2016), statistics over the active batch rows.
@@ -38,8 +38,14 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: int, weig
     and row ``slot`` of the running statistics is updated with ``momentum``. In evaluation, and
     at a training step where fewer than two sequences are active (batch statistics do not exist
     there), the running statistics of ``slot`` are used and nothing is updated.
+
+    ``n_active`` is an int, or a 0-d tensor in a graph that ``torch.compile`` traces (where the
+    lengths are data): the choice between batch and running statistics is then made in the graph.
     """
-    if training and n_active >= 2:
+    if isinstance(n_active, Tensor):
+        mean, var = _step_statistics_in_graph(value, active, n_active, running_mean, running_var, slot, training,
+                                              momentum)
+    elif training and n_active >= 2:
         rows = value if active is None else value[active]
         mean = rows.mean(0)
         var = rows.var(0, unbiased=False)
@@ -49,6 +55,28 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: int, weig
         var = running_var[slot].to(value.dtype)
     out = (value - mean) * torch.rsqrt(var + eps) * weight
     return out if bias is None else out + bias
+
+
+def _step_statistics_in_graph(value: Tensor, active: Tensor, n_active: Tensor, running_mean: Tensor,
+                              running_var: Tensor, slot: int, training: bool, momentum: float):
+    """``batch_norm_step``'s statistics where the number of active rows is a tensor: in training the
+    batch statistics of the active rows where there are at least two (and the running statistics
+    updated with them), the running statistics of ``slot`` elsewhere, chosen without a branch."""
+    running = running_mean[slot].to(value.dtype), running_var[slot].to(value.dtype)
+    if not training:
+        return running
+    rows = active.unsqueeze(-1)
+    # a step of fewer than two rows takes the running statistics below: any divisor will do there
+    count = n_active.clamp_min(2)
+    mean = torch.where(rows, value, 0.0).sum(0) / count
+    var = torch.where(rows, value - mean, 0.0).square().sum(0) / count
+    enough = n_active >= 2
+    with torch.no_grad():
+        updated_mean, updated_var = running_mean[slot].clone(), running_var[slot].clone()
+        update_running_stats(updated_mean, updated_var, mean, var, count, momentum)
+        running_mean[slot].copy_(torch.where(enough, updated_mean, running_mean[slot]))
+        running_var[slot].copy_(torch.where(enough, updated_var, running_var[slot]))
+    return torch.where(enough, mean, running[0]), torch.where(enough, var, running[1])
 
 
 def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[int, Tensor], weight: Tensor,
