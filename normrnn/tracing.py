@@ -3,9 +3,9 @@
 ``untraced(reason, function, *args)`` calls ``function``; inside a graph that Dynamo is tracing it
 first breaks the graph with ``reason`` and calls ``function`` with Dynamo disabled, so that a
 compiled model runs the call eagerly between two graphs and ``fullgraph=True`` fails naming
-``reason``. Dynamo is touched only while it traces
-(and so is loaded): a ``torch.compiler.disable`` decorator would import Dynamo, and with it
-Triton, with normrnn (a second of import time, and for the Triton interpreter too early).
+``reason``. Dynamo is touched only while it traces (and so is loaded): a
+``torch.compiler.disable`` decorator would import Dynamo, and with it Triton, with normrnn (a
+second of import time, and for the Triton interpreter too early).
 """
 from __future__ import annotations
 
