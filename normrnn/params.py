@@ -45,10 +45,6 @@ class DirectionParams:
         return self.weight_hh.shape[1]
 
 
-def _active_counts(lengths: Tensor, steps: int) -> List[int]:
-    return (torch.arange(steps).unsqueeze(1) < lengths.to("cpu").unsqueeze(0)).sum(1).tolist()
-
-
 @dataclass
 class Padding:
     """Which (timestep, sequence) positions are real: sequence b runs for ``lengths[b]`` steps.
@@ -72,8 +68,9 @@ class Padding:
             return Padding(steps, batch)
         lengths_cpu = lengths.to("cpu", torch.int64)
         if torch.compiler.is_compiling():
-            mask = torch.arange(steps, device=device).unsqueeze(1) < lengths_cpu.to(device).unsqueeze(0)
-            return Padding(steps, batch, lengths_cpu.to(device), mask)
+            lengths_device = lengths_cpu.to(device)
+            mask = torch.arange(steps, device=device).unsqueeze(1) < lengths_device.unsqueeze(0)
+            return Padding(steps, batch, lengths_device, mask)
         if bool((lengths_cpu == steps).all()):
             return Padding(steps, batch)
         time = torch.arange(steps).unsqueeze(1)
@@ -93,7 +90,7 @@ class Padding:
 
     def _counts(self) -> List[int]:
         if self.active_counts is None:  # a padding traced by torch.compile, now used eagerly (the C++ backend)
-            self.active_counts = _active_counts(self.lengths, self.steps)
+            self.active_counts = self.mask.sum(1).tolist()
         return self.active_counts
 
     def count(self, step: int) -> Union[int, Tensor]:

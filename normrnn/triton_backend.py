@@ -171,27 +171,21 @@ lstm_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor):
-    """float32 gains / shifts and running statistics for the kernels; fixed placeholders for what
-    the norm lacks or what is normalized outside the loop (the input projection's layer norm)."""
-    gates = params.weight_hh.shape[0]
-    hidden = params.hidden_size
-    ones_gates = like.new_ones(gates, dtype=torch.float32)
+    """The LSTM's float32 gains / shifts and running statistics for the kernels: those of N_ih and
+    N_hh as the GRU and RNN take them (``pair_norm_tensors``), and the cell norm's gain, shift and
+    running statistics; fixed placeholders where the norm has no cell norm."""
+    ih_weight, hh_weight, running = pair_norm_tensors(params, norm, like)
     if norm == "batch":
-        weights = (params.ih_norm_weight.float(), params.hh_norm_weight.float(), params.cell_norm_weight.float(),
-                   params.cell_norm_bias.float())
-        running = [params.ih_running_mean, params.ih_running_var, params.hh_running_mean, params.hh_running_var,
-                   params.cell_running_mean, params.cell_running_var]
-        return weights, running
-    ones_hidden = like.new_ones(hidden, dtype=torch.float32)
-    if norm == "layer":
-        weights = (ones_gates, params.hh_norm_weight.float(), params.cell_norm_weight.float(),
-                   params.cell_norm_bias.float())
+        running += [params.cell_running_mean, params.cell_running_var]
     else:
-        weights = (ones_gates, ones_gates, ones_hidden, ones_hidden)
-    running = [like.new_zeros((1, gates), dtype=torch.float32), like.new_ones((1, gates), dtype=torch.float32),
-               like.new_zeros((1, gates), dtype=torch.float32), like.new_ones((1, gates), dtype=torch.float32),
-               like.new_zeros((1, hidden), dtype=torch.float32), like.new_ones((1, hidden), dtype=torch.float32)]
-    return weights, running
+        hidden = params.hidden_size
+        running += [like.new_zeros((1, hidden), dtype=torch.float32), like.new_ones((1, hidden), dtype=torch.float32)]
+    if norm in ("batch", "layer"):
+        cell = (params.cell_norm_weight.float(), params.cell_norm_bias.float())
+    else:
+        ones_hidden = like.new_ones(params.hidden_size, dtype=torch.float32)
+        cell = (ones_hidden, ones_hidden)
+    return (ih_weight, hh_weight, *cell), running
 
 
 def pair_norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor

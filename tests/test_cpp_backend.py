@@ -166,16 +166,18 @@ def test_release_workspace_frees_the_pool():
     assert normrnn.cpp_backend.release_workspace() == 0
 
 
-def test_torch_compile_runs_the_cpp_loops_between_graphs_and_fullgraph_says_why_it_cannot():
+@pytest.mark.parametrize("norm", ["batch", "seqbatch"])
+def test_torch_compile_runs_the_cpp_loops_between_graphs_and_fullgraph_says_why_it_cannot(norm):
     """The C++ loops cannot be traced (their saved state is an object of their own): a compiled
-    model runs them eagerly between its graphs, with the eager values and gradients; with
-    ``fullgraph=True`` the error names the backend and what to use instead."""
+    model runs them eagerly between its graphs, with the eager values, gradients and running
+    statistics, padding included (the counts of a padding built while tracing are taken when the
+    loops run); with ``fullgraph=True`` the error names the backend and what to use instead."""
     torch._dynamo.reset()
-    layer = normrnn.LSTM(3, 5, norm="batch", backend="cpp")
-    x = torch.randn(4, 3, 3)
-    expected = outputs_and_grads(layer, x)
+    layer = normrnn.LSTM(3, 5, norm=norm, backend="cpp")
+    x, lengths = torch.randn(4, 3, 3), torch.tensor([4, 2, 3])
+    expected = outputs_and_grads(layer, x, None, lengths)
     layer.reset_running_stats()
-    got = outputs_and_grads(torch.compile(layer, backend="aot_eager"), x)
+    got = outputs_and_grads(torch.compile(layer, backend="aot_eager"), x, None, lengths)
     got = {key.replace("_orig_mod.", ""): value for key, value in got.items()}
     for key, value in expected.items():
         assert torch.equal(got[key], value), key

@@ -57,6 +57,15 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: Union[int
     return out if bias is None else out + bias
 
 
+def masked_moments(values: Tensor, active: Tensor, count: Union[int, Tensor], dims):
+    """Mean and biased variance over ``dims`` of the ``values`` where ``active`` (broadcast to
+    them) holds, ``count`` of them: sums with ``torch.where``, not products with the mask, so that
+    garbage in the padding (even NaN) stays out."""
+    mean = torch.where(active, values, 0.0).sum(dims) / count
+    var = torch.where(active, values - mean, 0.0).square().sum(dims) / count
+    return mean, var
+
+
 def _step_statistics_in_graph(value: Tensor, active: Tensor, n_active: Tensor, running_mean: Tensor,
                               running_var: Tensor, slot: int, training: bool, momentum: float):
     """``batch_norm_step``'s statistics where the number of active rows is a tensor: in training the
@@ -65,11 +74,9 @@ def _step_statistics_in_graph(value: Tensor, active: Tensor, n_active: Tensor, r
     running = running_mean[slot].to(value.dtype), running_var[slot].to(value.dtype)
     if not training:
         return running
-    rows = active.unsqueeze(-1)
     # a step of fewer than two rows takes the running statistics below: any divisor will do there
     count = n_active.clamp_min(2)
-    mean = torch.where(rows, value, 0.0).sum(0) / count
-    var = torch.where(rows, value - mean, 0.0).square().sum(0) / count
+    mean, var = masked_moments(value, active.unsqueeze(-1), count, 0)
     enough = n_active >= 2
     with torch.no_grad():
         updated_mean, updated_var = running_mean[slot].clone(), running_var[slot].clone()
@@ -96,12 +103,8 @@ def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[
             mean = rows.mean(0)
             var = rows.var(0, unbiased=False)
         else:
-            # sums over the active positions, not values[mask], whose shape would depend on the
-            # data (torch.compile could not trace it); where, not a product with the mask, so that
-            # garbage in the padding (even NaN) stays out
-            active = mask.unsqueeze(-1)
-            mean = torch.where(active, values, 0.0).sum((0, 1)) / n_active
-            var = torch.where(active, values - mean, 0.0).square().sum((0, 1)) / n_active
+            # not values[mask], whose shape would depend on the data (torch.compile could not trace it)
+            mean, var = masked_moments(values, mask.unsqueeze(-1), n_active, (0, 1))
         update_running_stats(running_mean, running_var, mean, var, n_active, momentum)
     else:
         mean = running_mean.to(values.dtype)
