@@ -58,19 +58,27 @@ def quick_grid() -> List[Case]:
     return cases
 
 
+# what --quick times only for the bf16 LSTM at T=100 (every norm), and how its skips name them
+QUICK_HEADLINE_ONLY = {"normrnn-graphs": "CUDA graphs",
+                       "normrnn-triton-rebinding": "the launches rebound at every step"}
+
+
 def quick_skip(implementation: str, case: Case) -> Optional[str]:
     """Why ``--quick`` leaves ``implementation`` out at ``case`` in its pass over the grid (None: it
     is timed), so that the quick grid stays within five minutes on an H100: compiling the unrolled
     reference takes about a minute per case (--quick compiles it once, for QUICK_COMPILED_REFERENCE,
-    after the grid), the eager reference about 2 s per step at T=1000, and normrnn-graphs a compile
-    and a capture per case. The full grid times all of them everywhere."""
+    after the grid), the eager reference about 2 s per step at T=1000, normrnn-graphs a compile
+    and a capture per case, and normrnn-triton-rebinding differs from normrnn-triton only in host time
+    per launch. The full grid times all of them everywhere."""
     if implementation == COMPILED_REFERENCE:
         return ("--quick compiles the reference for one case only (LSTM, batch norm, bf16, B=64, H=512, "
                 "T=100), after every other case: a compile takes about a minute; the full grid times it everywhere")
     if implementation == "normrnn-reference" and case.steps > 100:
         return "--quick times the eager reference at T=100 only; the full grid times it at T=1000"
-    if implementation == "normrnn-graphs" and (case.cell != "lstm" or case.steps > 100 or case.dtype != "bfloat16"):
-        return "--quick times CUDA graphs for the bf16 LSTM at T=100 only; the full grid times them everywhere"
+    if implementation in QUICK_HEADLINE_ONLY and (case.cell != "lstm" or case.steps > 100
+                                                  or case.dtype != "bfloat16"):
+        return (f"--quick times {QUICK_HEADLINE_ONLY[implementation]} for the bf16 LSTM at T=100 only; the full "
+                "grid times them everywhere")
     return None
 
 

@@ -10,6 +10,9 @@ missing peer is never skipped silently.
                         on chip (what keeping it on chip buys; norm None or layer, every cell)
     normrnn-graphs      normrnn-triton under torch.compile(mode="reduce-overhead"): the per-step
                         launches replayed from CUDA graphs, without Triton's host cost per launch
+    normrnn-triton-rebinding
+                        normrnn-triton with every per-step launch through Triton's binding
+                        (NORMRNN_STEP_LAUNCH=triton) instead of bound once: what binding saves
     normrnn-reference   normrnn layer, backend="reference" (eager PyTorch, one step at a time)
     reference-compiled  the reference layer under torch.compile
     cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
@@ -103,16 +106,22 @@ def normrnn_triton(case: Case, device) -> Runner:
 
 
 @contextlib.contextmanager
-def persistent_requested():
-    previous = os.environ.get("NORMRNN_PERSISTENT")
-    os.environ["NORMRNN_PERSISTENT"] = "1"
+def environment_variable(name: str, value: str):
+    """``name=value`` in the environment within it (a launcher setting the layers read when they
+    launch), as it was after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ["NORMRNN_PERSISTENT"]
+            del os.environ[name]
         else:
-            os.environ["NORMRNN_PERSISTENT"] = previous
+            os.environ[name] = previous
+
+
+def persistent_requested():
+    return environment_variable("NORMRNN_PERSISTENT", "1")
 
 
 def normrnn_persistent(case: Case, device) -> Runner:
@@ -194,6 +203,16 @@ def normrnn_graphs(case: Case, device) -> Runner:
     return _module_runner(compiled, _inputs(case, device), _batch_of_one_reason(case))
 
 
+def launches_rebound():
+    return environment_variable("NORMRNN_STEP_LAUNCH", "triton")
+
+
+def normrnn_triton_rebinding(case: Case, device) -> Runner:
+    """normrnn-triton with Triton binding the arguments of every per-step launch again
+    (``kernels/step_launch.py``): beside normrnn-triton, the host time that binding once saves."""
+    return _runner_within(launches_rebound, normrnn_triton(case, device))
+
+
 def normrnn_reference(case: Case, device) -> Runner:
     if case.hidden_size * case.steps > EAGER_LIMIT:
         raise Skip(f"eager reference skipped above H x T = {EAGER_LIMIT} (minutes per step)")
@@ -268,6 +287,7 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "normrnn-persistent": normrnn_persistent,
     "normrnn-persistent-streamed": normrnn_persistent_streamed,
     "normrnn-graphs": normrnn_graphs,
+    "normrnn-triton-rebinding": normrnn_triton_rebinding,
     "normrnn-reference": normrnn_reference,
     "reference-compiled": reference_compiled,
     "cudnn": cudnn,

@@ -56,7 +56,8 @@ def add_ratios(rows: List[Dict]) -> None:
 
 
 # the fused layers' implementations (``implementations.py``): the speed targets take the fastest
-FUSED_IMPLEMENTATIONS = ("normrnn-triton", "normrnn-persistent", "normrnn-persistent-streamed", "normrnn-graphs")
+FUSED_IMPLEMENTATIONS = ("normrnn-triton", "normrnn-persistent", "normrnn-persistent-streamed", "normrnn-graphs",
+                         "normrnn-triton-rebinding")
 # Grid barriers a timestep of the persistent kernels waits at, (forward, backward), by norm and
 # cell: the design's floor per step is that many barriers, about 1 us each on an H100 (a probe of
 # ours with 16 to 128 programs)

@@ -28,6 +28,7 @@ from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persis
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
@@ -326,10 +327,8 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
         gru_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
                                              **persistent_launch_options(device.type))
     else:
-        phases = 2 if norm == NORM_LAYER else 1
-        for t in reversed(range(steps)):
-            for phase in range(phases):
-                gru_backward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+        launch_steps(gru_backward_step_kernel, grid, arguments, constants, steps, reverse=True,
+                     phases=2 if norm == NORM_LAYER else 1)
     # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
     grad_h0 = torch.matmul(dwh[0], w_hh.float()) + dh_carry
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -23,6 +23,7 @@ import triton.language as tl
 from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, batch_tiles, block_sizes, dot_precision
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
@@ -426,8 +427,7 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
         lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
             **persistent_launch_options(device.type))
     else:
-        for t in reversed(range(steps)):
-            lstm_backward_step_kernel[grid](t, *arguments, **constants)
+        launch_steps(lstm_backward_step_kernel, grid, arguments, constants, steps, reverse=True)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

@@ -26,6 +26,7 @@ import triton.language as tl
 from .batch_norm import (ROWS_PER_TILE, batch_statistics, chunk_moments, chunk_rows, chunked, merge_moments,
                          merge_pair_moments, pair_statistics, statistics_from_moments)
 from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
 
 NORM_NONE = 0
@@ -547,8 +548,7 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
         lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:
-        for t in range(steps):
-            lstm_forward_step_kernel[grid](t, *arguments, **constants)
+        launch_steps(lstm_forward_step_kernel, grid, arguments, constants, steps)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats, cell_stats=cell_stats)

@@ -31,6 +31,7 @@ from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persis
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
 
 
@@ -290,9 +291,7 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
         layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
             **persistent_launch_options(device.type))
     else:
-        for t in reversed(range(steps)):
-            for phase in range(3):
-                layer_norm_lstm_backward_phase_kernel[grid](t, *arguments, PHASE=phase, **constants)
+        launch_steps(layer_norm_lstm_backward_phase_kernel, grid, arguments, constants, steps, reverse=True, phases=3)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

@@ -34,6 +34,7 @@ import triton.language as tl
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import (NORM_LAYER, _tanh, block_sizes, dot_precision, load_recurrent_weights, recurrent_projection,
                            resident_k_tile, resident_weights)
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, row_active
 
 
@@ -261,9 +262,7 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
         layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
             **persistent_launch_options(device.type))
     else:
-        for t in range(steps):
-            for phase in range(3):
-                layer_norm_lstm_forward_phase_kernel[grid](t, *arguments, PHASE=phase, **constants)
+        launch_steps(layer_norm_lstm_forward_phase_kernel, grid, arguments, constants, steps, phases=3)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, hh_stats=hh_stats, cell_stats=cell_stats)

@@ -25,8 +25,9 @@ import triton.language as tl
 from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import low_precision_gradient
-from .lstm_forward import NORM_BATCH, _tanh, batch_tiles, block_sizes, dot_precision
+from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
 from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
 
 
@@ -259,10 +260,8 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
         rnn_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
                                              **persistent_launch_options(device.type))
     else:
-        phases = 2 if norm == 1 else 1
-        for t in reversed(range(steps)):
-            for phase in range(phases):
-                rnn_backward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+        launch_steps(rnn_backward_step_kernel, grid, arguments, constants, steps, reverse=True,
+                     phases=2 if norm == NORM_LAYER else 1)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(du[0], w_hh.float())
     return {"dwx": dwx, "du": du, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -32,6 +32,7 @@ from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persis
 from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
+from .step_launch import launch_steps
 from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
@@ -304,10 +305,7 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
         rnn_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
                                             **persistent_launch_options(device.type))
     else:
-        phases = 2 if norm == NORM_LAYER else 1
-        for t in range(steps):
-            for phase in range(phases):
-                rnn_forward_step_kernel[grid](t, *arguments, PHASE=phase, **constants)
+        launch_steps(rnn_forward_step_kernel, grid, arguments, constants, steps, phases=2 if norm == NORM_LAYER else 1)
     result = {"output": output, "h": h}
     if save:
         result.update(u=u, ih_stats=ih_stats, hh_stats=hh_stats)

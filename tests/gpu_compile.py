@@ -112,10 +112,20 @@ def cases(full: bool) -> List[CompileCase]:
 
 
 class _CompileOnlyDriver:
-    """Stands in for Triton's CUDA driver: names the target, and is never asked to launch."""
+    """Stands in for Triton's CUDA driver: names the target and launches nothing. A compiled
+    kernel's launcher (what Triton hands each launch's bound arguments to, and what the per-step
+    launches bound once call directly, ``kernels/step_launch.py``) appends the arguments it is
+    given to ``launches``."""
 
-    def __init__(self, target):
+    def __init__(self, target, launches: list):
         self.target = target
+        self.launches = launches
+        self.utils = _NoDeviceUtils()
+
+    def launcher_cls(self, src, metadata):
+        # a compiled kernel keeps its launcher for good: the record it appends to is the one of the
+        # driver active when it launches
+        return _record_launch
 
     def get_current_target(self):
         return self.target
@@ -131,37 +141,68 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
+def _record_launch(*arguments):
+    from triton.runtime import driver
+    driver.active.launches.append(arguments)
+
+
+class _NoDeviceUtils:
+    """What a compiled kernel asks of the driver when it is first launched: nothing is loaded."""
+
+    def get_device_properties(self, device):
+        # no limit here: the report says which kernels do not fit, instead of Triton refusing them
+        return {"max_shared_mem": 1 << 30, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def load_binary(self, name, kernel, shared, device):
+        return object(), object(), 0, 0, 1024  # module, function, registers, spills, threads
+
+    def unload_module(self, module):
+        pass
+
+
 @contextlib.contextmanager
-def compile_only(capability: int) -> Iterator[list]:
-    """Within it, a kernel launch compiles for ``capability`` (90: H100) and launches nothing;
-    the compiled kernels of every launch are appended to the list it yields."""
+def compile_target(capability: int, launches: Optional[list] = None) -> Iterator[list]:
+    """Within it Triton compiles for ``capability`` (90: H100) and every launch goes to a launcher
+    that records it in the list it yields (``launches``, when given) and launches nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     import normrnn.triton_backend as triton_backend
 
+    launches = [] if launches is None else launches
+    original_interpreting = triton_backend._interpreting
+    # restored as it was, not reset: resetting creates the default driver, which needs a GPU
+    previous_driver = driver._active
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", capability, 32), launches))
+    # the backend's device check: CPU tensors stand in for CUDA ones here
+    triton_backend._interpreting = lambda: True
+    try:
+        yield launches
+    finally:
+        triton_backend._interpreting = original_interpreting
+        driver._active = previous_driver
+
+
+@contextlib.contextmanager
+def compile_only(capability: int) -> Iterator[list]:
+    """Within it, a kernel launch through Triton compiles for ``capability`` and launches nothing;
+    the compiled kernels of every such launch are appended to the list it yields."""
+    from triton.runtime.jit import JITFunction
+
     compiled: list = []
     original_run = JITFunction.run
-    original_interpreting = triton_backend._interpreting
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
-    # restored as it was, not reset: resetting creates the default driver, which needs a GPU
-    previous_driver = driver._active
-    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", capability, 32)))
-    JITFunction.run = run
-    # the backend's device check: CPU tensors stand in for CUDA ones here
-    triton_backend._interpreting = lambda: True
-    try:
-        yield compiled
-    finally:
-        JITFunction.run = original_run
-        triton_backend._interpreting = original_interpreting
-        driver._active = previous_driver
+    with compile_target(capability):
+        JITFunction.run = run
+        try:
+            yield compiled
+        finally:
+            JITFunction.run = original_run
 
 
 @contextlib.contextmanager

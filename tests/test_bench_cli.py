@@ -34,13 +34,15 @@ def test_quick_grid_is_the_documented_subset():
 
 def test_quick_times_the_slow_implementations_where_the_docstring_says():
     """--quick keeps the compiled reference to the headline case, the eager reference to T=100 and
-    CUDA graphs to the LSTM at T=100, each skip with its reason; the builder wrapper raises it."""
+    CUDA graphs and the rebound launches to the LSTM at T=100, each skip with its reason; the
+    builder wrapper raises it."""
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
     quick = cases.quick_grid()
     timed = {name: [case for case in quick if cases.quick_skip(name, case) is None] for name in IMPLEMENTATIONS}
     assert timed["reference-compiled"] == [] and cases.QUICK_COMPILED_REFERENCE in quick  # a pass of its own
     assert {case.steps for case in timed["normrnn-reference"]} == {100}
-    assert {(case.cell, case.dtype, case.steps) for case in timed["normrnn-graphs"]} == {("lstm", "bfloat16", 100)}
+    for name in ("normrnn-graphs", "normrnn-triton-rebinding"):
+        assert {(case.cell, case.dtype, case.steps) for case in timed[name]} == {("lstm", "bfloat16", 100)}, name
     for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste", "flashrnn"):
         assert timed[name] == quick, name
     def never(case):
