@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import row_active
+from .tiles import load_step_statistics, row_active, store_step_statistics
 
 # The rows of a batch tile, what a program holds at once (every kernel; compiled for sm_90 at B=64,
 # H=512 without spills, ``docs/gpu-compile``); a program that needs the batch statistics of its
@@ -116,10 +116,8 @@ def pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch, slot, stat
                                                hh_var_ptr + slot * FEATURES, columns, column_mask, momentum, eps,
                                                TRAINING)
     if STORE:
-        tl.store(ih_stats_ptr + stats_step * 2 * FEATURES + columns, ih_mean, mask=column_mask)
-        tl.store(ih_stats_ptr + stats_step * 2 * FEATURES + FEATURES + columns, ih_rstd, mask=column_mask)
-        tl.store(hh_stats_ptr + stats_step * 2 * FEATURES + columns, hh_mean, mask=column_mask)
-        tl.store(hh_stats_ptr + stats_step * 2 * FEATURES + FEATURES + columns, hh_rstd, mask=column_mask)
+        store_step_statistics(ih_stats_ptr, stats_step, columns, ih_mean, ih_rstd, column_mask, FEATURES)
+        store_step_statistics(hh_stats_ptr, stats_step, columns, hh_mean, hh_rstd, column_mask, FEATURES)
     return ih_mean, ih_rstd, hh_mean, hh_rstd
 
 
@@ -225,10 +223,8 @@ def chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, 
             grad_u_hat_sum += tl.load(partial + U_HAT_ROW * features, mask=unit_mask, other=0.0)
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
-        ih_mean = tl.load(ih_stats_ptr + t * 2 * features + columns, mask=unit_mask, other=0.0)
-        ih_rstd = tl.load(ih_stats_ptr + t * 2 * features + features + columns, mask=unit_mask, other=0.0)
-        hh_mean = tl.load(hh_stats_ptr + t * 2 * features + columns, mask=unit_mask, other=0.0)
-        hh_rstd = tl.load(hh_stats_ptr + t * 2 * features + features + columns, mask=unit_mask, other=0.0)
+        ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, features)
+        hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, columns, unit_mask, features)
         for first_row in range(0, B, BLOCK_B):
             rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
             tile_mask = row_mask[:, None] & unit_mask[None, :]

@@ -27,9 +27,9 @@ from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
-from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .lstm_layer_norm_backward import _sum_partials
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
@@ -47,10 +47,8 @@ def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rs
     ih_rstd = tl.zeros_like(bias_ih)
     hh_rstd = ih_rstd
     if NORM == 2:
-        ih_mean = tl.load(ih_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
-        ih_rstd = tl.load(ih_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
-        hh_mean = tl.load(hh_stats_ptr + t * 6 * H + columns, mask=unit_mask, other=0.0)
-        hh_rstd = tl.load(hh_stats_ptr + t * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+        ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, 3 * H)
+        hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, columns, unit_mask, 3 * H)
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
         wh_hat = (wh - hh_mean[None, :]) * hh_rstd[None, :]
@@ -141,7 +139,7 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
               + grad_h_later) * active_f
 
     if NORM == 1:
-        row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+        row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     else:
         row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
         row_rstd = row_mean
@@ -192,7 +190,7 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
     sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (3 * H)
     mean_grad_hat = sum_grad_hat / (3 * H)
-    row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     for gate in range(3):
         offsets = t * B * 3 * H + rows[:, None] * (3 * H) + gate * H + units[None, :]
         wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]

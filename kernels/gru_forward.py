@@ -35,7 +35,8 @@ from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_siz
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
+from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
+                   store_step_statistics, weight_rows)
 
 
 @triton.jit
@@ -124,10 +125,8 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
     if NORM == 2:
         if CHUNKED:
-            ih_mean = tl.load(ih_stats_ptr + step * 6 * H + columns, mask=unit_mask, other=0.0)
-            ih_rstd = tl.load(ih_stats_ptr + step * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
-            hh_mean = tl.load(hh_stats_ptr + step * 6 * H + columns, mask=unit_mask, other=0.0)
-            hh_rstd = tl.load(hh_stats_ptr + step * 6 * H + 3 * H + columns, mask=unit_mask, other=0.0)
+            ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, step, columns, unit_mask, 3 * H)
+            hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, step, columns, unit_mask, 3 * H)
         else:
             ih_mean, ih_m2 = chunk_moments(wx, active_f, count)
             hh_mean, hh_m2 = chunk_moments(wh, active_f, count)
@@ -170,8 +169,7 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
                                                      BLOCK_P)
         if SAVE:
             if pid == 0:
-                tl.store(hh_stats_ptr + t * 2 * B + rows, row_mean, mask=row_mask)
-                tl.store(hh_stats_ptr + t * 2 * B + B + rows, row_rstd, mask=row_mask)
+                store_step_statistics(hh_stats_ptr, t, rows, row_mean, row_rstd, row_mask, B)
     else:
         row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
         row_rstd = row_mean

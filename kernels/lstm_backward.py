@@ -24,7 +24,7 @@ from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chun
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_forward import NORM_BATCH, batch_tiles, block_sizes, dot_precision
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
@@ -43,10 +43,8 @@ def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bia
     wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
     bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
     if NORM == 2:
-        ih_mean = tl.load(ih_stats_ptr + t * 8 * H + columns, mask=unit_mask, other=0.0)
-        ih_rstd = tl.load(ih_stats_ptr + t * 8 * H + 4 * H + columns, mask=unit_mask, other=0.0)
-        hh_mean = tl.load(hh_stats_ptr + t * 8 * H + columns, mask=unit_mask, other=0.0)
-        hh_rstd = tl.load(hh_stats_ptr + t * 8 * H + 4 * H + columns, mask=unit_mask, other=0.0)
+        ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, 4 * H)
+        hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, columns, unit_mask, 4 * H)
         wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
         wh_hat = (wh - hh_mean[None, :]) * hh_rstd[None, :]
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -164,8 +162,7 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     c_new = gate_f * c_prev + gate_i * gate_g
 
     if NORM == 2:
-        cell_mean = tl.load(cell_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-        cell_rstd = tl.load(cell_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+        cell_mean, cell_rstd = load_step_statistics(cell_stats_ptr, t, units, unit_mask, H)
         cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
         cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
         c_hat = (c_new - cell_mean[None, :]) * cell_rstd[None, :]
@@ -258,8 +255,7 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
     through the batch norms of the gates (``chunked_pair_backward``)."""
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)
     unit_mask = units < H
-    cell_mean = tl.load(cell_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-    cell_rstd = tl.load(cell_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+    cell_mean, cell_rstd = load_step_statistics(cell_stats_ptr, t, units, unit_mask, H)
     zero = tl.zeros((BLOCK_H,), dtype=tl.float32)
     count = tl.sum(zero, axis=0)
     cell_shift_sum = zero  # column sums of dL/d(normalized c) and of it times c_hat

@@ -27,7 +27,8 @@ from .batch_norm import (ROWS_PER_TILE, batch_statistics, chunk_moments, chunk_r
                          merge_pair_moments, pair_statistics, statistics_from_moments)
 from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
+from .tiles import (grid_barrier, program_tile, recurrent_product, row_active, state_columns, store_step_statistics,
+                   weight_rows)
 
 NORM_NONE = 0
 NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
@@ -218,8 +219,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                                                 cell_var_ptr + slot * H, units, unit_mask, momentum, eps,
                                                  TRAINING)
         if SAVE:
-            tl.store(cell_stats_ptr + t * 2 * H + units, cell_mean, mask=unit_mask)
-            tl.store(cell_stats_ptr + t * 2 * H + H + units, cell_rstd, mask=unit_mask)
+            store_step_statistics(cell_stats_ptr, t, units, cell_mean, cell_rstd, unit_mask, H)
         cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
         cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
         c_normalized = (c_new - cell_mean[None, :]) * (cell_rstd * cell_weight)[None, :] + cell_bias[None, :]
@@ -327,8 +327,7 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
     cell_mean, cell_rstd = statistics_from_moments(cell_mean, cell_m2, count, use_batch, cell_mean_ptr + slot * H,
                                                    cell_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
     if SAVE:
-        tl.store(cell_stats_ptr + t * 2 * H + units, cell_mean, mask=unit_mask)
-        tl.store(cell_stats_ptr + t * 2 * H + H + units, cell_rstd, mask=unit_mask)
+        store_step_statistics(cell_stats_ptr, t, units, cell_mean, cell_rstd, unit_mask, H)
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
     tl.debug_barrier()  # pass 3 reads back c_t as pass 2 stored it

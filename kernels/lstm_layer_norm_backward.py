@@ -32,14 +32,7 @@ from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
 from .lstm_layer_norm_forward import _gate
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_gradient, row_active, row_activity
-
-
-@triton.jit
-def _load_row_statistics(stats_ptr, t, rows, row_mask, B):
-    mean = tl.load(stats_ptr + t * 2 * B + rows, mask=row_mask, other=0.0)
-    rstd = tl.load(stats_ptr + t * 2 * B + B + rows, mask=row_mask, other=0.0)
-    return mean, rstd
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity
 
 
 @triton.jit
@@ -62,7 +55,7 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
     """The forward of step t for the program's units, and the backward down to the cell norm
     (``grad_h_next`` is dL/dh_t through the later steps): returns the gates, c_{t-1}, c_hat,
     gamma_c * dL/dy_c, dL/dy_c and dL/dz_o."""
-    hh_mean, hh_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     z_i = _gate(0, t, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, hh_mean, hh_rstd, t, B, H)
     z_f = _gate(1, t, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, hh_mean, hh_rstd, t, B, H)
     z_g = _gate(2, t, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, hh_mean, hh_rstd, t, B, H)
@@ -74,7 +67,7 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
     c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
-    cell_mean, cell_rstd = _load_row_statistics(cell_stats_ptr, t, rows, row_mask, B)
+    cell_mean, cell_rstd = load_step_statistics(cell_stats_ptr, t, rows, row_mask, B)
     c_hat = (c_new - cell_mean[:, None]) * cell_rstd[:, None]
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
@@ -157,7 +150,7 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
     dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_c = (dc_next + grad_c_from_h) * active_f
     tl.store(dc_carry_ptr + state_offsets, tl.where(active[:, None], grad_c * gate_f, dc_next), mask=tile_mask)
-    hh_mean, hh_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     first_i, second_i = _gate_gradient(0, t, grad_c * gate_g * gate_i * (1.0 - gate_i), rows, units, row_mask,
                                        unit_mask, tile_mask, wh_ptr, hh_weight_ptr, hh_mean, hh_rstd, dwx_ptr, dwh_ptr,
                                        partial_ptr, B, H)
@@ -184,7 +177,7 @@ def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh
     sum_grad, sum_grad_hat = _sum_partials(hh_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (4 * H)
     mean_grad_hat = sum_grad_hat / (4 * H)
-    hh_mean, hh_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     for gate in range(4):
         offsets = t * B * 4 * H + rows[:, None] * (4 * H) + gate * H + units[None, :]
         wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[:, None]) * hh_rstd[:, None]

@@ -35,7 +35,7 @@ from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persis
 from .lstm_forward import (NORM_LAYER, _tanh, block_sizes, dot_precision, load_recurrent_weights, recurrent_projection,
                            resident_k_tile, resident_weights)
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, row_active
+from .tiles import grid_barrier, program_tile, row_active, store_step_statistics
 
 
 @triton.jit
@@ -124,8 +124,7 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
     mean, rstd = _combine_row_statistics(hh_partial_ptr, rows, row_mask, B, programs, eps, H, 4, BLOCK_H, BLOCK_P)
     if SAVE:
         if pid == 0:
-            tl.store(hh_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
-            tl.store(hh_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+            store_step_statistics(hh_stats_ptr, t, rows, mean, rstd, row_mask, B)
     z_i = _gate(0, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
     z_f = _gate(1, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
     z_g = _gate(2, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
@@ -152,8 +151,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
     mean, rstd = _combine_row_statistics(cell_partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
     if SAVE:
         if pid == 0:
-            tl.store(cell_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
-            tl.store(cell_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+            store_step_statistics(cell_stats_ptr, t, rows, mean, rstd, row_mask, B)
     state_offsets = rows[:, None] * H + units[None, :]
     c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
     gate_o = tl.load(gate_o_ptr + state_offsets, mask=tile_mask, other=0.0)

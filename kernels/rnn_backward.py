@@ -26,9 +26,9 @@ from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
 from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
 from .lstm_backward import low_precision_gradient
 from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
-from .lstm_layer_norm_backward import _load_row_statistics, _sum_partials
+from .lstm_layer_norm_backward import _sum_partials
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_gradient, row_activity
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
@@ -71,16 +71,14 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
     bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
     if NORM == 2:
-        ih_mean = tl.load(ih_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-        ih_rstd = tl.load(ih_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
-        hh_mean = tl.load(hh_stats_ptr + t * 2 * H + units, mask=unit_mask, other=0.0)
-        hh_rstd = tl.load(hh_stats_ptr + t * 2 * H + H + units, mask=unit_mask, other=0.0)
+        ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, units, unit_mask, H)
+        hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, units, unit_mask, H)
         ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
         wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
         u_hat = (u - hh_mean[None, :]) * hh_rstd[None, :]
         pre = wx_hat * ih_weight[None, :] + u_hat * hh_weight[None, :] + bias[None, :]
     elif NORM == 1:
-        row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+        row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
         u_hat = (u - row_mean[:, None]) * row_rstd[:, None]
         pre = wx + u_hat * hh_weight[None, :] + bias[None, :]
     else:
@@ -128,7 +126,7 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_l
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * H + rows[:, None] * H + units[None, :]
     sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
-    row_mean, row_rstd = _load_row_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
     grad_u_hat = tl.load(du_ptr + offsets, mask=tile_mask, other=0.0)
     grad_u = row_rstd[:, None] * (grad_u_hat - (sum_grad / H)[:, None] - u_hat * (sum_grad_hat / H)[:, None])

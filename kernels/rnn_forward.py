@@ -33,7 +33,8 @@ from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_siz
                            operand_buffer, resident_k_tile, resident_weights)
 from .lstm_layer_norm_forward import _combine_row_statistics
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, recurrent_product, row_active, state_columns, weight_rows
+from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
+                   store_step_statistics, weight_rows)
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -111,10 +112,8 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
         if CHUNKED:
             step = t if SAVE else 0
             u = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
-            ih_mean = tl.load(ih_stats_ptr + step * 2 * H + units, mask=unit_mask, other=0.0)
-            ih_rstd = tl.load(ih_stats_ptr + step * 2 * H + H + units, mask=unit_mask, other=0.0)
-            hh_mean = tl.load(hh_stats_ptr + step * 2 * H + units, mask=unit_mask, other=0.0)
-            hh_rstd = tl.load(hh_stats_ptr + step * 2 * H + H + units, mask=unit_mask, other=0.0)
+            ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, step, units, unit_mask, H)
+            hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, step, units, unit_mask, H)
         else:
             active_f = active.to(tl.float32)[:, None]
             count = tl.sum(active.to(tl.float32), axis=0)
@@ -138,8 +137,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
         u_saved = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
         if SAVE:
             if pid == 0:
-                tl.store(hh_stats_ptr + t * 2 * B + rows, mean, mask=row_mask)
-                tl.store(hh_stats_ptr + t * 2 * B + B + rows, rstd, mask=row_mask)
+                store_step_statistics(hh_stats_ptr, t, rows, mean, rstd, row_mask, B)
         hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
         pre = wx + (u_saved - mean[:, None]) * rstd[:, None] * hh_weight[None, :] + bias[None, :]
     else:

@@ -1,8 +1,8 @@
 """Pieces of the step functions that every fused cell shares: which rows and hidden units a
 program owns, the rows of W_hh a persistent kernel keeps on chip and the recurrent product in the
 precision the cell chose, which rows are still running, the backward's one cross-program read,
-dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], and the grid barrier of
-the persistent kernels."""
+dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], the grid barrier of
+the persistent kernels, and the layout of the per-step statistics the backward reads."""
 from __future__ import annotations
 
 import triton
@@ -104,3 +104,19 @@ def grid_barrier(barrier_ptr, arrivals):
     arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
     while arrived < arrivals:
         arrived = tl.atomic_add(barrier_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def store_step_statistics(stats_ptr, t, index, mean, rstd, mask, FEATURES):
+    """Step t's (mean, rstd) at ``index`` of a (T, 2, FEATURES) buffer: row 0 the mean, row 1 the
+    rstd (features are columns for batch norm, rows of the batch for layer norm)."""
+    step = stats_ptr + t * 2 * FEATURES
+    tl.store(step + index, mean, mask=mask)
+    tl.store(step + FEATURES + index, rstd, mask=mask)
+
+
+@triton.jit
+def load_step_statistics(stats_ptr, t, index, mask, FEATURES):
+    """Step t's (mean, rstd) at ``index`` of a (T, 2, FEATURES) buffer (``store_step_statistics``)."""
+    step = stats_ptr + t * 2 * FEATURES
+    return tl.load(step + index, mask=mask, other=0.0), tl.load(step + FEATURES + index, mask=mask, other=0.0)
