@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh [SECONDS]
 #
 #   1. the kernel tests compiled for the GPU, with per-step launches and with the persistent
-#      kernels (NORMRNN_PERSISTENT=1), both at once in 8 pytest processes each (at most 150 s);
+#      kernels (NORMRNN_PERSISTENT=1), both at once in 8 pytest processes each (at most 150 s),
+#      and beside them the bound per-step launches checked bit for bit against Triton's;
 #   2. python -m normrnn bench --quick with a deadline for the rest of the budget: kernels compiled
 #      first in parallel, the correctness checks at scale (both launch modes), then the cases in
 #      the order the speed targets need them; results rewritten after every case, and no case
@@ -61,7 +62,19 @@ tests() {
 }
 export -f tests
 export OUT kernel_tests
+# beside the tests: the per-step launches bound once against launches through Triton, bit for bit
+# (bench/launch_check.py); where they differ or fail, the bench launches every step through Triton
+check_log=$(mktemp)
+timeout "$tests_limit" python3 bench/launch_check.py >"$check_log" 2>&1 &
+check=$!
 part "kernel tests, per-step and persistent" "$tests_limit" bash -c tests
+wait $check
+check_status=$?
+{ cat "$check_log"; echo "=== bound launches against Triton's (bench/launch_check.py): exit $check_status"; } >>"$log"
+if [ "$check_status" -ne 0 ]; then
+    export NORMRNN_STEP_LAUNCH=triton
+    echo "=== the bound launches failed their check: the bench launches every step through Triton" >>"$log"
+fi
 
 # the bench begins no case or check past its deadline (a long check only 30 s before it); the hard
 # limit above it leaves time for the last one and the plots

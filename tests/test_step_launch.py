@@ -1,7 +1,8 @@
 """The per-step launches bound once (``kernels/step_launch.py``) hand Triton's launcher what
 Triton's own launch path hands it, launch for launch, with Triton 3.x's real binding and compiled
 kernels (``tests/launch_record.py``, in a fresh process: it compiles, the other kernel tests
-interpret); a kernel that cannot be bound launches through Triton, with a warning."""
+interpret); a kernel that cannot be bound launches through Triton, with a warning; the GPU
+session's bit-for-bit check of the two (``bench/launch_check.py``) reports what it must."""
 import importlib.util
 import json
 import os
@@ -14,6 +15,10 @@ import pytest
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
+
+# before anything here imports triton: on a CPU the interpreter (the launch record strips it from
+# its own process, which compiles)
+from fused_helpers import DEVICE, INTERPRETER_OFF  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -84,3 +89,26 @@ def test_an_unknown_step_launch_mode_is_refused(monkeypatch):
     monkeypatch.setenv("NORMRNN_STEP_LAUNCH", "fast")
     with pytest.raises(ValueError, match="NORMRNN_STEP_LAUNCH='fast': expected one of bound, triton"):
         step_launch.StepLaunch(_UnbindableKernel(), (1,), (), {})
+
+
+def test_the_gpu_launch_check_finds_unbound_launches_and_any_difference(monkeypatch):
+    """``bench/launch_check.py`` (run by the GPU session) compares bound launches with Triton's bit
+    for bit; here, under the interpreter, nothing is bound, which it must say, and a tensor changed
+    in the bound run must be named."""
+    if INTERPRETER_OFF:
+        pytest.skip("no CUDA device and the Triton interpreter is off")
+    from normrnn.bench import launch_check
+    shape = dict(device=DEVICE, batch=3, hidden_size=8, steps=3)
+    found = launch_check.differences("batch", **shape)
+    assert found == ([] if DEVICE == "cuda" else ["norm=batch: no launch was bound"])
+    real = launch_check.results
+
+    def changed_when_bound(norm, mode, *args):
+        tensors = real(norm, mode, *args)
+        if mode == "bound":
+            tensors["c_n"] = tensors["c_n"] + 2.0 ** -7
+        return tensors
+
+    monkeypatch.setattr(launch_check, "results", changed_when_bound)
+    found = launch_check.differences(None, **shape)
+    assert [line for line in found if "no launch" not in line] == ["norm=None c_n: differs by up to 0.00781"]
