@@ -13,6 +13,7 @@ sequence-wise batch norm) run on the whole input projection before the loop, in 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Tuple
 
@@ -57,6 +58,26 @@ def describe_availability(probe: Tensor) -> str:
     return "not usable here: no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU interpreter)"
 
 
+def on_the_tensors_device(op):
+    """``op`` run with the current CUDA device set to its first tensor's: Triton launches on the
+    current device, so a layer on cuda:1 while cuda:0 is current would launch its kernels on the
+    wrong GPU (torch's own CUDA ops guard their device the same way). Every custom op of the
+    fused layers is wrapped (``GUARDED_OPS``)."""
+    @functools.wraps(op)
+    def guarded(*args, **kwargs):
+        tensor = next(argument for argument in args if isinstance(argument, Tensor))
+        if not tensor.is_cuda:
+            return op(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return op(*args, **kwargs)
+
+    GUARDED_OPS.add(op.__name__)
+    return guarded
+
+
+GUARDED_OPS: set = set()
+
+
 def _empty(like: Tensor, shape, dtype=None) -> Tensor:
     return like.new_empty(shape, dtype=dtype or like.dtype)
 
@@ -67,6 +88,7 @@ def _nothing_saved(like: Tensor) -> List[Tensor]:
 
 
 @torch.library.custom_op("normrnn::lstm_forward", mutates_args=())
+@on_the_tensors_device
 def lstm_forward_op(wx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor,
                     hh_weight: Tensor, cell_weight: Tensor, cell_bias: Tensor, running: List[Tensor],
                     lengths: Optional[Tensor], norm: int, training: bool, save: bool, momentum: float,
@@ -110,6 +132,7 @@ def _(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, runn
 
 
 @torch.library.custom_op("normrnn::lstm_backward", mutates_args=())
+@on_the_tensors_device
 def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx: Tensor, w_hh: Tensor, bias: Tensor,
                      ih_weight: Tensor, hh_weight: Tensor, cell_weight: Tensor, cell_bias: Tensor, h: Tensor,
                      c: Tensor, wh: Tensor, ih_stats: Tensor, hh_stats: Tensor, cell_stats: Tensor,

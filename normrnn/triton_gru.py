@@ -19,7 +19,7 @@ from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
-from .triton_backend import (pair_norm_tensors, project_inputs, recurrent_weight_gradient,
+from .triton_backend import (on_the_tensors_device, pair_norm_tensors, project_inputs, recurrent_weight_gradient,
                              store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
@@ -30,6 +30,7 @@ def _empty(like: Tensor, shape, dtype=None) -> Tensor:
 
 
 @torch.library.custom_op("normrnn::gru_forward", mutates_args=())
+@on_the_tensors_device
 def gru_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor, ih_weight: Tensor,
                    hh_weight: Tensor, running: List[Tensor], lengths: Optional[Tensor], norm: int, training: bool,
                    save: bool, momentum: float, eps: float
@@ -61,6 +62,7 @@ def _(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, no
 
 
 @torch.library.custom_op("normrnn::gru_backward", mutates_args=())
+@on_the_tensors_device
 def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias_ih: Tensor,
                     bias_hh: Tensor, ih_weight: Tensor, hh_weight: Tensor, h: Tensor, wh: Tensor, ih_stats: Tensor,
                     hh_stats: Tensor, lengths: Optional[Tensor], norm: int, training: bool

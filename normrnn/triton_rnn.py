@@ -18,7 +18,7 @@ from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .triton_backend import (pair_norm_tensors, project_inputs, recurrent_weight_gradient,
+from .triton_backend import (on_the_tensors_device, pair_norm_tensors, project_inputs, recurrent_weight_gradient,
                              store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
@@ -29,6 +29,7 @@ def _empty(like: Tensor, shape, dtype=None) -> Tensor:
 
 
 @torch.library.custom_op("normrnn::rnn_forward", mutates_args=())
+@on_the_tensors_device
 def rnn_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor, hh_weight: Tensor,
                    running: List[Tensor], lengths: Optional[Tensor], norm: int, activation: int, training: bool,
                    save: bool, momentum: float, eps: float
@@ -60,6 +61,7 @@ def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activati
 
 
 @torch.library.custom_op("normrnn::rnn_backward", mutates_args=())
+@on_the_tensors_device
 def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor,
                     hh_weight: Tensor, h: Tensor, u: Tensor, ih_stats: Tensor, hh_stats: Tensor,
                     lengths: Optional[Tensor], norm: int, activation: int, training: bool
