@@ -31,7 +31,10 @@ def environment(device: torch.device) -> Dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat()}
+            "date": datetime.date.today().isoformat(),
+            # launcher settings in force for the whole run (the GPU session sets NORMRNN_STEP_LAUNCH=triton
+            # when the bound launches fail their check): what the fused rows ran
+            "settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("NORMRNN_")}}
 
 
 def slug(text: str) -> str:
@@ -124,7 +127,8 @@ def markdown(results: Dict) -> str:
     env = results["environment"]
     floor = any("ratio_to_gemm-floor" in row for row in results["timings"])
     lines = [f"# normrnn bench: {env['device']} ({env['date']})", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads. "
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads"
+             + "".join(f", {name}={value}" for name, value in env.get("settings", {}).items()) + ". "
              "Median ms, and ratios to torch's unnormalized module of the same cell and shape (the speed bar "
              "of every norm) and to the eager reference; below 1 is faster."
              + (" The last column: the ratio to gemm-floor, the matrix products alone that every implementation "

@@ -69,6 +69,17 @@ def test_partial_results_say_they_are_incomplete(tmp_path):
     assert "Incomplete" not in report.markdown(results)
 
 
+def test_the_results_name_the_launcher_settings_in_force(monkeypatch):
+    """The GPU session runs the bench with NORMRNN_STEP_LAUNCH=triton where the bound launches fail
+    their check: the fused rows then ran something else, and the results must say so."""
+    monkeypatch.delenv("NORMRNN_PERSISTENT", raising=False)
+    monkeypatch.setenv("NORMRNN_STEP_LAUNCH", "triton")
+    env = report.environment(torch.device("cpu"))
+    assert env["settings"].get("NORMRNN_STEP_LAUNCH") == "triton" and "NORMRNN_PERSISTENT" not in env["settings"]
+    text = report.markdown({"section": "cuda", "environment": env, "timings": [], "correctness": []})
+    assert "CPU threads, NORMRNN_STEP_LAUNCH=triton" in text
+
+
 def test_warmup_compiles_every_launch_mode_in_worker_processes_and_reports_failures():
     """The warm-up's workers (spawned) run each shape's layer in every launch mode; on a CPU under
     the interpreter, which the workers inherit. A shape that cannot run is reported, not raised."""
