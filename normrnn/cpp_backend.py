@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .first_derivatives import first_derivatives_only
 from .params import DirectionParams, Padding
 from .reference.common import zero_padding
 from .reference.norms import sequence_batch_norm
@@ -143,6 +144,7 @@ class _LSTMFunction(torch.autograd.Function):
         return output, h_n, c_n
 
     @staticmethod
+    @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().lstm_backward(saved, grad_output.contiguous(), grad_h_n.contiguous(),
@@ -160,6 +162,7 @@ class _GRUFunction(torch.autograd.Function):
         return output, h_n
 
     @staticmethod
+    @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n):
         saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().gru_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())
@@ -176,6 +179,7 @@ class _RNNFunction(torch.autograd.Function):
         return output, h_n
 
     @staticmethod
+    @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n):
         saved = ctx.saved  # kept: a retained graph may be differentiated again
         grads = extension().rnn_backward(saved, grad_output.contiguous(), grad_h_n.contiguous())

@@ -24,6 +24,7 @@ from .kernels.lstm_backward import lstm_backward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE, lstm_forward, state_dtype
 from .kernels.lstm_layer_norm_backward import layer_norm_lstm_backward
 from .kernels.lstm_layer_norm_forward import layer_norm_lstm_forward
+from .first_derivatives import message
 from .params import DirectionParams, Padding
 from .reference.common import zero_padding
 from .reference.norms import sequence_batch_norm
@@ -191,6 +192,14 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused_grads_of_statistics_
 
 
 lstm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def no_second_derivative(ctx, *grads):
+    raise RuntimeError(message("triton"))
+
+
+# differentiating the backward op is a second derivative of the layer
+lstm_backward_op.register_autograd(no_second_derivative)
 
 
 def _norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor):

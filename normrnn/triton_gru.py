@@ -19,8 +19,8 @@ from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
-from .triton_backend import (on_the_tensors_device, pair_norm_tensors, project_inputs, recurrent_weight_gradient,
-                             store_running_statistics)
+from .triton_backend import (no_second_derivative, on_the_tensors_device, pair_norm_tensors, project_inputs,
+                             recurrent_weight_gradient, store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -106,6 +106,7 @@ def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved)
 
 
 gru_forward_op.register_autograd(_backward, setup_context=_setup_context)
+gru_backward_op.register_autograd(no_second_derivative)
 
 
 def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,

@@ -18,8 +18,8 @@ from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .triton_backend import (on_the_tensors_device, pair_norm_tensors, project_inputs, recurrent_weight_gradient,
-                             store_running_statistics)
+from .triton_backend import (no_second_derivative, on_the_tensors_device, pair_norm_tensors, project_inputs,
+                             recurrent_weight_gradient, store_running_statistics)
 
 _NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
 
@@ -107,6 +107,7 @@ def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved)
 
 
 rnn_forward_op.register_autograd(_backward, setup_context=_setup_context)
+rnn_backward_op.register_autograd(no_second_derivative)
 
 
 def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: DirectionParams, padding: Padding,
