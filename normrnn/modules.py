@@ -163,6 +163,19 @@ class _NormRNNBase(nn.Module):
             elif "running_var" in name:
                 buffer.fill_(1.0)
 
+    def flatten_parameters(self) -> None:
+        """Does nothing: ``nn.LSTM`` packs its weights into one buffer for cuDNN, while normrnn's
+        backends read the parameters as they are. Here so that code written for torch's modules,
+        which calls it (after ``DataParallel`` replicates them, or in ``forward``), runs unchanged."""
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        """The parameters of each layer and direction in order, as ``nn.LSTM.all_weights`` lists
+        them (weight_ih, weight_hh, bias_ih, bias_hh), followed by that direction's norm gains and
+        shifts."""
+        return [[parameter for name, parameter in self.named_parameters() if name.endswith(suffix)]
+                for suffix in self._suffixes]
+
     def _apply(self, fn, *args, **kwargs):
         # Population statistics are sums of many small updates; in 16-bit they would stall.
         result = super()._apply(fn, *args, **kwargs)

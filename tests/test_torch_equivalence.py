@@ -98,3 +98,23 @@ def test_from_torch_adds_norm_and_keeps_aliases_norm():
     assert normrnn.LNRNN(3, 4).norm == "layer"
     with pytest.raises(TypeError, match="module"):
         normrnn.GRU.from_torch(theirs)
+
+
+@pytest.mark.parametrize("ours_class,torch_class,extra", PAIRS[:3])
+def test_the_weight_accessors_of_torchs_modules(ours_class, torch_class, extra):
+    """``all_weights`` lists the same tensors in torch's order (then the norm's gains), and
+    ``flatten_parameters`` (called by code written for cuDNN's packed weights) runs and changes
+    nothing."""
+    theirs = torch_class(3, 4, num_layers=2, bidirectional=True, **extra)
+    ours = ours_class.from_torch(theirs, backend="reference")
+    assert [[tuple(w.shape) for w in group] for group in ours.all_weights] == \
+        [[tuple(w.shape) for w in group] for group in theirs.all_weights]
+    for our_group, their_group in zip(ours.all_weights, theirs.all_weights):
+        assert all(torch.equal(a, b) for a, b in zip(our_group, their_group))
+    before = {name: value.clone() for name, value in ours.state_dict().items()}
+    assert ours.flatten_parameters() is None
+    assert all(torch.equal(before[name], value) for name, value in ours.state_dict().items())
+    normalized = ours_class(3, 4, num_layers=2, norm="layer")
+    names = {id(parameter): name for name, parameter in normalized.named_parameters()}
+    assert [names[id(parameter)] for parameter in normalized.all_weights[1]][:2] == ["weight_ih_l1", "weight_hh_l1"]
+    assert "hh_norm_weight_l1" in [names[id(parameter)] for parameter in normalized.all_weights[1]]
