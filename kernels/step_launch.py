@@ -60,12 +60,15 @@ class StepLaunch:
             self._bound = self._bound_launch(compiled)
 
     def _bound_launch(self, compiled) -> Optional[Callable[[int], None]]:
+        from normrnn.dispatch import warn_once
         try:
             from triton import knobs
             from triton.runtime import driver
             kernel = self._kernel
             if kernel.pre_run_hooks:
-                return None  # hooks that must see every launch's arguments
+                warn_once(f"a pre-run hook is registered on {getattr(kernel, '__name__', kernel)}: its per-step "
+                          "launches go through Triton, so that the hook sees each of them")
+                return None
             given = 1 + len(self._arguments)
             trailing = list(self._arguments)
             for param in kernel.params[given:]:
@@ -76,7 +79,6 @@ class StepLaunch:
             launcher, function, packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
             enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         except (AttributeError, ImportError, RuntimeError, TypeError) as error:
-            from normrnn.dispatch import warn_once
             warn_once(f"the per-step launches cannot be bound with this Triton ({type(error).__name__}: {error}): "
                       "every step goes through Triton's launch, which costs more host time per step")
             return None

@@ -112,3 +112,19 @@ def test_the_gpu_launch_check_finds_unbound_launches_and_any_difference(monkeypa
     monkeypatch.setattr(launch_check, "results", changed_when_bound)
     found = launch_check.differences(None, **shape)
     assert [line for line in found if "no launch" not in line] == ["norm=None c_n: differs by up to 0.00781"]
+
+
+def test_a_kernel_with_a_pre_run_hook_launches_every_step_through_triton_and_says_so(monkeypatch):
+    from normrnn import dispatch
+    from normrnn.kernels import step_launch
+    monkeypatch.setattr(step_launch, "interpreted", lambda: False)
+    monkeypatch.delenv("NORMRNN_STEP_LAUNCH", raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    kernel = _UnbindableKernel()
+    kernel.pre_run_hooks = [print]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step_launch.launch_steps(kernel, (1,), (), {}, steps=4)
+    assert [t for _, t, _, _ in kernel.launched] == [0, 1, 2, 3]
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1 and "pre-run hook" in messages[0], messages
