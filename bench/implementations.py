@@ -121,6 +121,7 @@ def environment_variable(name: str, value: str):
 
 
 def persistent_requested():
+    """Within it, the launchers choose their persistent kernels where the grid can be resident."""
     return environment_variable("NORMRNN_PERSISTENT", "1")
 
 
@@ -204,6 +205,7 @@ def normrnn_graphs(case: Case, device) -> Runner:
 
 
 def launches_rebound():
+    """Within it, every per-step launch goes through Triton's binding (``kernels/step_launch.py``)."""
     return environment_variable("NORMRNN_STEP_LAUNCH", "triton")
 
 

@@ -62,6 +62,7 @@ def differences(norm: Optional[str], device: str = "cuda", batch: int = 64, hidd
 
 
 def main() -> int:
+    """Compares the two launch paths for every norm; the exit status (see the module's doc)."""
     if not torch.cuda.is_available():
         print("no CUDA device: the bound launches are checked against Triton's on a GPU only")
         return 0

@@ -24,6 +24,7 @@ LAUNCH_MODES_CHOSEN: collections.Counter = collections.Counter()
 
 
 def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized kernel output (NaN everywhere when ``POISON``)."""
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -44,6 +45,7 @@ def launch_options(block_b: int, block_h: int) -> dict:
 
 
 def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

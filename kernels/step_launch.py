@@ -29,6 +29,8 @@ MODES = ("bound", "triton")
 
 
 def bind_requested() -> bool:
+    """Whether per-step launches are bound once: ``NORMRNN_STEP_LAUNCH`` bound (the default) or
+    triton, and never under the interpreter, which runs every launch itself."""
     mode = os.environ.get("NORMRNN_STEP_LAUNCH", "bound")
     if mode not in MODES:
         raise ValueError(f"NORMRNN_STEP_LAUNCH={mode!r}: expected one of {', '.join(MODES)} (bound: the "

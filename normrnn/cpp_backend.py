@@ -127,6 +127,7 @@ def _unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity)
 
 
 def describe_availability(probe: Tensor) -> str:
+    """Whether the C++ backend can run here, and what it covers (``python -m normrnn`` prints it)."""
     reason = unsupported_reason("lstm", None, probe, None)
     if reason is None:
         return "usable on CPU (LSTM, GRU, RNN; every norm; float32, float64)"

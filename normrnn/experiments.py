@@ -109,6 +109,8 @@ RNN_VARIANTS: Dict[str, Callable[[int, int], nn.Module]] = {
 
 
 def rnn_gradient_flow(args) -> Dict:
+    """Adding problem with the vanilla RNN variants of ``RNN_VARIANTS`` at several T: test MSE and
+    ||dL/dh_1|| / ||dL/dh_T|| at initialization and after training, per seed."""
     lengths = [20, 50] if args.quick else [25, 50, 100]
     iterations = args.iterations or (30 if args.quick else 800)
     hidden = 16 if args.quick else 48
@@ -143,6 +145,8 @@ def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
 
 
 def digits_study(args) -> Dict:
+    """Pixel-by-pixel 8x8 digits, plain and permuted, with the LSTM variants of ``_digits_models``:
+    test accuracy per epoch, per seed."""
     epochs = args.epochs or (1 if args.quick else 8)
     hidden = 16 if args.quick else 48
     models = _digits_models(hidden)
@@ -179,6 +183,8 @@ def digits_study(args) -> Dict:
 
 
 def longer_sequences(args) -> Dict:
+    """Adding problem trained at one length and tested at 1x, 2x and 4x it (batch norm past
+    ``max_steps`` uses the statistics of its last step): test MSE per length, per seed."""
     train_steps = 20 if args.quick else 50
     iterations = args.iterations or (30 if args.quick else 800)
     hidden = 16 if args.quick else 48
@@ -245,6 +251,7 @@ def report(name: str, results: Dict) -> str:
 
 
 def plots(name: str, results: Dict, out: str) -> List[str]:
+    """Draws the figures of experiment ``name`` from its ``results`` into ``out``; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

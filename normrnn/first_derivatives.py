@@ -15,6 +15,7 @@ import torch
 
 
 def message(backend: str) -> str:
+    """The error a second derivative through ``backend`` raises."""
     return (f"normrnn: the {backend} backend computes first derivatives only (as cuDNN's RNNs do), so a "
             f"gradient of a gradient through it is not available; use backend='reference' for second "
             f"derivatives (create_graph=True, then backward through the gradient)")

@@ -13,6 +13,8 @@ import torch
 
 
 def untraced(reason: str, function, *args):
+    """``function(*args)``, run eagerly outside any graph ``torch.compile`` is tracing: the graph
+    breaks there with ``reason`` (which ``fullgraph=True`` raises with)."""
     if torch.compiler.is_compiling():
         torch._dynamo.graph_break(msg=reason)
         # where Dynamo resumes tracing after the break: not into ``function``

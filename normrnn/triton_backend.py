@@ -51,6 +51,7 @@ def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) 
 
 
 def describe_availability(probe: Tensor) -> str:
+    """Whether the kernels can run here, and what they cover (``python -m normrnn`` prints it)."""
     if torch.cuda.is_available():
         return (f"usable on {torch.cuda.get_device_name()} (LSTM, GRU, RNN: norm None, 'layer', 'seqbatch', 'batch'; "
                 "float32, bfloat16, float16)")
@@ -195,6 +196,7 @@ lstm_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def no_second_derivative(ctx, *grads):
+    """The autograd formula of every fused backward op: differentiating it is a second derivative."""
     raise RuntimeError(message("triton"))
 
 

@@ -15,6 +15,7 @@ NONLINEARITIES = ("tanh", "relu", None)
 
 def check_constructor(input_size, hidden_size, num_layers, dropout, norm, momentum, eps, max_steps,
                       backend, nonlinearity=None) -> None:
+    """Raises, naming the argument and what was expected, for a constructor argument out of range."""
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers), ("max_steps", max_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -35,6 +36,9 @@ def check_constructor(input_size, hidden_size, num_layers, dropout, norm, moment
 
 def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torch.device,
                 dtype_source: str = "the dtype of the layer's parameters") -> None:
+    """Raises, naming ``input`` and what was expected, unless it is a (T, B, I) tensor ((B, T, I)
+    with batch_first) or an unbatched (T, I) one, of ``input_size`` features, in ``dtype`` on
+    ``device``, with at least one step and sequence."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
     if input.dim() not in (2, 3):
@@ -79,6 +83,7 @@ def check_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, steps
 
 
 def check_state(name: str, state: Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Raises, naming the state (``hx``, ``h_0``, ``c_0``), unless it has ``shape``, ``dtype``, ``device``."""
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if tuple(state.shape) != tuple(shape):

@@ -65,6 +65,7 @@ def emit(h: Tensor, active: Optional[Tensor]) -> Tensor:
 
 
 def sum_biases(params: DirectionParams) -> Optional[Tensor]:
+    """b_ih + b_hh (either may be absent; None when both are)."""
     if params.bias_ih is None:
         return params.bias_hh
     if params.bias_hh is None:
