@@ -9,7 +9,7 @@ missing peer is never skipped silently.
                         the persistent kernels with W_hh read from L2 every step instead of held
                         on chip (what keeping it on chip buys; norm None or layer, every cell)
     normrnn-graphs      normrnn-triton under torch.compile(mode="reduce-overhead"): the per-step
-                        launches replayed from CUDA graphs, without Triton's host cost per launch
+                        launches replayed from CUDA graphs, without a host launch per step
     normrnn-triton-rebinding
                         normrnn-triton with every per-step launch through Triton's binding
                         (NORMRNN_STEP_LAUNCH=triton) instead of bound once: what binding saves
@@ -196,7 +196,8 @@ def normrnn_persistent_streamed(case: Case, device) -> Runner:
 
 def normrnn_graphs(case: Case, device) -> Runner:
     """The fused layer compiled with mode="reduce-overhead", which records its launches in CUDA
-    graphs: a per-step launch then costs a replay, not Triton's argument binding on the host."""
+    graphs: a per-step launch then costs a replay, not a launch from the host (bound once, or
+    through Triton's binding)."""
     if device.type != "cuda":
         raise Skip("CUDA graphs need a CUDA device")
     normrnn_triton(case, device)  # raises Skip where the kernels cannot run the case
