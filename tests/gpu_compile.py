@@ -85,8 +85,8 @@ def _case(cell, norm, dtype, batch, hidden_size, **options) -> CompileCase:
 def cases(full: bool) -> List[CompileCase]:
     """The shapes of the issue: B=64, H=512 for every cell, norm and dtype (the LSTM's also in
     float16); H=2048 with B=256, and batch norm over B=512 (one program walks it in chunks) in
-    bfloat16; persistent kernels at B=64, H=512, and under batch norm at B=256 (in chunks). ``full`` adds H=2048 for every norm
-    and dtype, and more persistent shapes."""
+    bfloat16; persistent kernels at B=64, H=512, and under batch norm at B=256 (in chunks).
+    ``full`` adds H=2048 for every norm and dtype, and more persistent shapes."""
     chosen = []
     for cell in ("lstm", "gru", "rnn"):
         for norm in (None, "layer", "batch"):
@@ -161,15 +161,15 @@ class _NoDeviceUtils:
 
 
 @contextlib.contextmanager
-def compile_target(capability: int, launches: Optional[list] = None) -> Iterator[list]:
+def compile_target(capability: int) -> Iterator[list]:
     """Within it Triton compiles for ``capability`` (90: H100) and every launch goes to a launcher
-    that records it in the list it yields (``launches``, when given) and launches nothing."""
+    that records it in the list it yields and launches nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
     import normrnn.triton_backend as triton_backend
 
-    launches = [] if launches is None else launches
+    launches: list = []
     original_interpreting = triton_backend._interpreting
     # restored as it was, not reset: resetting creates the default driver, which needs a GPU
     previous_driver = driver._active
