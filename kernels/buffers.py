@@ -18,6 +18,9 @@ POISON = os.environ.get("NORMRNN_POISON") == "1"
 # one persistent launch per layer and direction with a grid barrier between timesteps.
 STEP_LAUNCHES = "step"
 PERSISTENT = "persistent"
+# how many programs of one launch the Triton interpreter runs at once: one after another, unless
+# tests/concurrent_interpreter.py runs them in threads, all at once, as a GPU runs a resident grid
+INTERPRETER_RESIDENT_PROGRAMS = 1
 # every launch_mode decision, counted: what a caller (the bench's correctness checks) reads to know
 # which kernels a layer ran, since a persistent request runs per-step launches where it must
 LAUNCH_MODES_CHOSEN: collections.Counter = collections.Counter()
@@ -53,7 +56,8 @@ def launch_mode(programs: int, device: torch.device) -> str:
     """The persistent kernel needs every program resident at once (the barrier spins); that
     holds when there are no more programs than streaming multiprocessors. It is opt-in with
     ``NORMRNN_PERSISTENT=1`` until its barrier has been validated on a GPU; under the interpreter
-    programs run one after another, so only a single program can be persistent there."""
+    programs run one after another, so only a single program can be persistent there
+    (``INTERPRETER_RESIDENT_PROGRAMS``)."""
     mode = _launch_mode(programs, device)
     LAUNCH_MODES_CHOSEN[mode] += 1
     return mode
@@ -62,7 +66,10 @@ def launch_mode(programs: int, device: torch.device) -> str:
 def _launch_mode(programs: int, device: torch.device) -> str:
     if os.environ.get("NORMRNN_PERSISTENT") != "1":
         return STEP_LAUNCHES
-    resident = 1 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "cuda":
+        resident = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        resident = INTERPRETER_RESIDENT_PROGRAMS
     if programs <= resident:
         return PERSISTENT
     from normrnn.dispatch import warn_once
