@@ -6,6 +6,7 @@ Imported before triton: on a CPU it turns the Triton interpreter on (programs of
 after another there), on a GPU the kernels run compiled; outputs are poisoned with NaN before the
 kernels write them."""
 import os
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,37 @@ from conftest import outputs_and_grads, relative_error  # noqa: E402
 buffers.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETER_OFF = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _interpreter_cannot_loop() -> Optional[str]:
+    """Why this Triton's interpreter cannot run a loop over a runtime bound, as every kernel of
+    the sequence does, or None. Triton 3.6's turns the bound into an int with int() of a one-element
+    array, which numpy 2.4 refuses: every kernel test would fail with a TypeError that says
+    nothing of the cause."""
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_steps(out_ptr, steps):
+        total = 0
+        for _ in range(steps):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_steps[(1,)](out, 3)
+    except Exception as error:  # noqa: BLE001 - reported with its text
+        return (f"the Triton interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run the "
+                f"kernels' step loops: {error!r}. With triton 3.6, install numpy<2.4, or a newer triton")
+    return None if int(out[0]) == 3 else f"the Triton interpreter counted {int(out[0])} of 3 loop steps"
+
+
+if DEVICE == "cpu" and not INTERPRETER_OFF:
+    _reason = _interpreter_cannot_loop()
+    if _reason:
+        pytest.exit(_reason, returncode=2)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 

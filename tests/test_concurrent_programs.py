@@ -1,4 +1,5 @@
-"""The persistent kernels with several programs at once, on a CPU, against the float64 reference.
+"""The kernels with several programs at once, on a CPU, against the float64 reference: above all
+the persistent kernels, and the per-step launches too.
 
 Triton's interpreter runs a launch's programs one after another, so the other kernel tests can run
 a persistent kernel only as a single program. Here ``concurrent_interpreter.concurrent_programs``
@@ -43,14 +44,17 @@ def _lengths(batch, longest):
     return lengths
 
 
-def _run_concurrently(monkeypatch, reference, fused, x, hx, lengths, programs, seed=0):
-    """``compare`` with the persistent kernels, every launch's programs at once; asserts that
-    every launch was persistent and that the widest had ``programs`` programs."""
-    monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
+def _run_concurrently(monkeypatch, reference, fused, x, hx, lengths, programs, seed=0, mode=buffers.PERSISTENT):
+    """``compare`` with the persistent kernels (or per-step launches), every launch's programs at
+    once; asserts that every launch took that mode and that the widest had ``programs`` programs."""
+    if mode == buffers.PERSISTENT:
+        monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
+    else:
+        monkeypatch.delenv("NORMRNN_PERSISTENT", raising=False)
     chosen = buffers.LAUNCH_MODES_CHOSEN.copy()
     with concurrent_programs(seed=seed) as record:
         compare(reference, fused, x, hx, lengths, torch.float32)
-    assert set(buffers.LAUNCH_MODES_CHOSEN - chosen) == {buffers.PERSISTENT}
+    assert set(buffers.LAUNCH_MODES_CHOSEN - chosen) == {mode}
     assert record["widest"] == programs and record["launches"] >= 2
 
 
@@ -67,6 +71,17 @@ def test_three_programs(monkeypatch, cell, norm, resident):
     hx = (h0, torch.randn(1, 7, 35, dtype=torch.float64)) if cell == "LSTM" else h0
     _run_concurrently(monkeypatch, reference, fused, torch.randn(4, 7, 3, dtype=torch.float64), hx, _lengths(7, 4),
                       programs=3)
+
+
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_per_step_launches(monkeypatch, cell, norm):
+    """A GPU runs the programs of a per-step launch at once too: none may read what another
+    writes in the same launch (h_t, dz_t and the layer norm's partial statistics are read by the
+    next launch, or phase), which the interpreter's one-after-another order could hide."""
+    reference, fused = make_pair(CELLS[cell], norm, torch.float32, input_size=3, hidden_size=35)
+    _run_concurrently(monkeypatch, reference, fused, torch.randn(4, 7, 3, dtype=torch.float64), None, _lengths(7, 4),
+                      programs=3, mode=buffers.STEP_LAUNCHES)
 
 
 @pytest.mark.parametrize("norm", [None, "layer"])
