@@ -55,6 +55,7 @@ if DEVICE == "cpu" and not INTERPRETER_OFF:
     _reason = _interpreter_cannot_loop()
     if _reason:
         pytest.exit(_reason, returncode=2)
+
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 

@@ -16,7 +16,7 @@ import torch
 
 import normrnn
 # before triton: it turns the interpreter on
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, outputs_and_grads, relative_error
 
 if INTERPRETER_OFF or DEVICE != "cpu":
     # on a GPU the programs run at once anyway: the GPU session runs every kernel test with
@@ -112,6 +112,15 @@ def test_batch_norm_chunks_and_evaluation(monkeypatch, cell):
     assert relative_error(got, expected) < 1e-4
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_layer_norm_statistics_of_five_programs(monkeypatch, cell):
+    """H=80: a row's layer-norm statistics combine the partials of five programs (a block of eight
+    partials, three masked), in the same order in every program."""
+    reference, fused = make_pair(CELLS[cell], "layer", torch.float32, input_size=3, hidden_size=80)
+    _run_concurrently(monkeypatch, reference, fused, torch.randn(3, 6, 3, dtype=torch.float64), None, _lengths(6, 3),
+                      programs=5)
+
+
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_two_layers_bidirectional(monkeypatch, norm):
     """Every layer and direction one persistent launch forward and one backward."""
@@ -181,7 +190,6 @@ def test_a_barrier_that_never_opens_ends_in_an_error_that_says_so(monkeypatch):
 def test_bit_identical_whichever_program_lags(monkeypatch, cell, norm):
     """Partial statistics combined in a fixed order, no float atomics: two schedules (another
     program lagging at every launch) give the same bits, forward and backward."""
-    from conftest import outputs_and_grads
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     _, fused = make_pair(CELLS[cell], norm, torch.float32, input_size=3, hidden_size=35)
     x, lengths = torch.randn(3, 7, 3), _lengths(7, 3)
