@@ -148,8 +148,9 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
     // h_{t-1} reaches h_t directly (z h_{t-1}) and through W_hh
     recurrent_input_grad(dh, dh_direct, true, grad_wh[t], saved.w_hh);
   }
-  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh), grad_a.sum({0, 1}),
-                                   grad_u.sum({0, 1}), saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
+  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
+                                   sum_over_steps_and_rows(grad_a), sum_over_steps_and_rows(grad_u),
+                                   saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
   for (auto* buffer : {&grad_a, &grad_u, &grad_wx, &grad_wh}) {
     workspace().recycle(*buffer);  // only what is not returned: grads hold the others
   }

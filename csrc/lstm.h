@@ -201,8 +201,9 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
     }
     recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
   }
-  auto grad_cell_b = cell_norm ? grad_y_steps.sum({0, 1}) : at::zeros({hidden}, options);
-  std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh), grad_gates.sum({0, 1}),
+  auto grad_cell_b = cell_norm ? sum_over_steps_and_rows(grad_y_steps) : at::zeros({hidden}, options);
+  std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh),
+                                   sum_over_steps_and_rows(grad_gates),
                                    saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
                                    saved.cell.gain_grad(grad_y_steps), grad_cell_b};
   for (auto* buffer : {&grad_gates, &grad_wx, &grad_wh, &grad_y_steps}) {

@@ -23,6 +23,12 @@ inline bool row_active(const int64_t* lengths, int64_t row, int64_t step) {
   return lengths == nullptr || lengths[row] > step;
 }
 
+// The sum over steps and rows of a (T, B, F) tensor. The dimensions are spelled as an IntArrayRef:
+// torch 2.11's Tensor::sum also takes a DimnameList, and there a braced {0, 1} does not compile.
+inline at::Tensor sum_over_steps_and_rows(const at::Tensor& values) {
+  return values.sum(at::IntArrayRef{0, 1});
+}
+
 // Handing a chunk to another thread costs microseconds: below ~16K elements one thread is faster
 // (measured on a 2-core EPYC; 128K-element chunks, i.e. no threads at B=32, H=256, were 5% slower).
 constexpr int64_t kParallelGrain = 16384;
@@ -289,7 +295,7 @@ struct StepNorm {
     if (norm == kNone) {
       return at::zeros({g.size(-1)}, g.options());
     }
-    return (g * hats).sum({0, 1});
+    return sum_over_steps_and_rows(g * hats);
   }
 };
 
