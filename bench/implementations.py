@@ -129,7 +129,7 @@ def normrnn_persistent(case: Case, device) -> Runner:
     """The fused layer with its persistent kernels; skipped, with the reason, where the launchers
     would fall back to per-step launches because the grid cannot be resident at once."""
     from normrnn.kernels.buffers import PERSISTENT, launch_mode
-    from normrnn.kernels.lstm_forward import grid_programs
+    from normrnn.kernels.layout import grid_programs
     runner = normrnn_triton(case, device)
     # the training step's grid and the evaluation's (batch norm tiles the batch only there)
     programs = max(grid_programs(case.batch, case.hidden_size, case.norm == "batch", training)
@@ -157,20 +157,20 @@ def _runner_within(context, runner: Runner) -> Runner:
 
 @contextlib.contextmanager
 def weights_streamed():
-    from normrnn.kernels import lstm_forward
-    previous = lstm_forward.RESIDENT_OPERAND_BYTES
-    lstm_forward.RESIDENT_OPERAND_BYTES = 0
+    from normrnn.kernels import layout
+    previous = layout.RESIDENT_OPERAND_BYTES
+    layout.RESIDENT_OPERAND_BYTES = 0
     try:
         yield
     finally:
-        lstm_forward.RESIDENT_OPERAND_BYTES = previous
+        layout.RESIDENT_OPERAND_BYTES = previous
 
 
 def weights_streamed_anyway(case: Case) -> Optional[str]:
     """Why normrnn-persistent already streams W_hh at ``case`` (None: it holds it on chip, as the
     launchers decide with ``resident_weights``), so that streaming it would change nothing."""
-    from normrnn.kernels.lstm_forward import (NORM_LAYER, NORM_NONE, block_sizes, dot_precision, resident_weights,
-                                              state_dtype)
+    from normrnn.kernels.layout import (NORM_LAYER, NORM_NONE, block_sizes, dot_precision, resident_weights,
+                                        state_dtype)
     if case.norm not in (None, "layer"):
         return ("only the persistent forward without norm or with layer norm holds W_hh on chip (under batch "
                 "norm h and the product stay float32)")

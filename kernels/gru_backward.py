@@ -15,7 +15,7 @@ second phase after an exchange of per-program row sums (see ``lstm_layer_norm_ba
 Per-step partial sums of the bias and gain gradients, (T, tiles, 4, 3H) = (b_ih, b_hh, ih gain,
 hh gain), are summed by the caller: no float atomics. In bf16 and fp16 without batch norm dwh_t is
 also stored rounded to the weights' dtype, which the recurrent product rounds it to anyway
-(``low_precision_gradient`` in ``lstm_backward.py``): half the bytes every program reads per step.
+(``low_precision_gradient`` in ``layout.py``): half the bytes every program reads per step.
 """
 from __future__ import annotations
 
@@ -23,13 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import low_precision_gradient
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
-from .lstm_layer_norm_backward import _sum_partials
+from .batch_norm import batch_norm_backward, chunked_pair_backward
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import store_row_partials, sum_row_partials
+from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .step_launch import launch_steps
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
 
 
 @triton.jit
@@ -154,7 +153,7 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
         ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
     gate_r = tl.sigmoid(a_r + u_r)
     gate_z = tl.sigmoid(a_z + u_z)
-    candidate = _tanh(a_n + gate_r * u_n)
+    candidate = tanh(a_n + gate_r * u_n)
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     # the direct path to h_{t-1}; a sequence that has ended passes its gradient through unchanged
     tl.store(dh_carry_ptr + state_offsets, tl.where(active[:, None], grad_h * gate_z, grad_h_later), mask=tile_mask)
@@ -176,8 +175,8 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
                                        ih_weight_ptr, hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM,
                                        LOW_GRAD, CHUNKED)
     if NORM == 1:
-        tl.store(row_partial_ptr + pid * 2 * B + rows, first_r + first_z + first_n, mask=row_mask)
-        tl.store(row_partial_ptr + pid * 2 * B + B + rows, second_r + second_z + second_n, mask=row_mask)
+        store_row_partials(row_partial_ptr, pid, rows, row_mask, B, first_r + first_z + first_n,
+                           second_r + second_z + second_n)
 
 
 @triton.jit
@@ -187,7 +186,7 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
     """Phase 1 (layer norm): dwh_t = rstd * (g - mean(g) - wh_hat * mean(g * wh_hat)) over 3H, in place."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    sum_grad, sum_grad_hat = sum_row_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (3 * H)
     mean_grad_hat = sum_grad_hat / (3 * H)
     row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
@@ -294,38 +293,32 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     steps, batch, gates = wx.shape
     hidden = gates // 3
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    chunks = chunked(batch, column_statistics)
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
-    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
-    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
+    layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
-    partials = new_buffer((steps, tiles, 4, gates), torch.float32, device)
+    partials = new_buffer((steps, layout.row_tiles, 4, gates), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 2].zero_()
     if norm == 0:
         partials[:, :, 3].zero_()
-    row_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
                  saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, dwh_low, partials, row_partial,
                  lengths_arg, batch)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad, CHUNKED=chunks)
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,
+                     CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        gru_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
-                                             **persistent_launch_options(device.type))
+        gru_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
+                                                    **persistent_launch_options(device.type))
     else:
-        launch_steps(gru_backward_step_kernel, grid, arguments, constants, steps, reverse=True,
+        launch_steps(gru_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True,
                      phases=2 if norm == NORM_LAYER else 1)
     # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
     grad_h0 = torch.matmul(dwh[0], w_hh.float()) + dh_carry

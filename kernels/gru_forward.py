@@ -29,14 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import chunk_moments, chunked, pair_statistics, stored_pair_statistics
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
-                           operand_buffer, resident_k_tile, resident_weights)
-from .lstm_layer_norm_forward import _combine_row_statistics
+from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import combine_row_statistics, store_row_partials
+from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_k_tile, resident_weights, step_layout
 from .step_launch import launch_steps
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
-                   store_step_statistics, weight_rows)
+                    store_step_statistics, tanh, weight_rows)
 
 
 @triton.jit
@@ -103,8 +102,7 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
         d_z = (acc_z - mean[:, None]) * valid_f
         d_n = (acc_n - mean[:, None]) * valid_f
         m2 = tl.sum(d_r * d_r, axis=1) + tl.sum(d_z * d_z, axis=1) + tl.sum(d_n * d_n, axis=1)
-        tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
-        tl.store(partial_ptr + pid * 2 * B + B + rows, m2, mask=row_mask)
+        store_row_partials(partial_ptr, pid, rows, row_mask, B, mean, m2)
 
 
 @triton.jit
@@ -165,7 +163,7 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
     slot = tl.minimum(t, max_steps - 1)
     step = t if SAVE else 0
     if NORM == 1:
-        row_mean, row_rstd = _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 3, BLOCK_H,
+        row_mean, row_rstd = combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 3, BLOCK_H,
                                                      BLOCK_P)
         if SAVE:
             if pid == 0:
@@ -187,7 +185,7 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
                                 hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     gate_r = tl.sigmoid(a_r + u_r)
     gate_z = tl.sigmoid(a_z + u_z)
-    candidate = _tanh(a_n + gate_r * u_n)
+    candidate = tanh(a_n + gate_r * u_n)
     state_offsets = rows[:, None] * H + units[None, :]
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
@@ -310,10 +308,7 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     steps, batch, gates = wx.shape
     hidden = gates // 3
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
+    layout = step_layout(batch, hidden, norm, training)
     # h is the GRU's only state: kept in float32
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
@@ -323,25 +318,26 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
     ih_stats = new_buffer((saved_steps, 2, gates), torch.float32, device)
     hh_stats = new_buffer((saved_steps, 2, batch if norm == NORM_LAYER else gates), torch.float32, device)
-    partial = new_buffer((programs, 2, batch), torch.float32, device)
+    partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, h_operand, output, wh, partial, ih_stats,
                  hh_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
-                     OPERAND_COPY=h_operand is not h, CHUNKED=chunked(batch, column_statistics))
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p,
+                     OPERAND_COPY=h_operand is not h, CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(block_b, block_h, 3, hidden, h_operand.dtype, constants["DOT_PRECISION"])
+        resident = resident_weights(layout.block_b, layout.block_h, 3, hidden, h_operand.dtype,
+                                    constants["DOT_PRECISION"])
         if resident:
             constants["BLOCK_K"] = resident_k_tile(hidden)
-        gru_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-                                            **persistent_launch_options(device.type))
+        gru_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
+                                                   **persistent_launch_options(device.type))
     else:
-        launch_steps(gru_forward_step_kernel, grid, arguments, constants, steps, phases=2 if norm == NORM_LAYER else 1)
+        launch_steps(gru_forward_step_kernel, layout.grid, arguments, constants, steps,
+                     phases=2 if norm == NORM_LAYER else 1)
     result = {"output": output, "h": h}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats)

@@ -20,15 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import NORM_BATCH, batch_tiles, block_sizes, dot_precision
+from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked_pair_backward
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layout import NORM_BATCH, dot_precision, low_precision_gradient, step_layout
 from .step_launch import launch_steps
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
@@ -156,7 +156,7 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
                                                                   hh_stats_ptr, B, H, NORM)
     gate_i = tl.sigmoid(z_i)
     gate_f = tl.sigmoid(z_f)
-    gate_g = _tanh(z_g)
+    gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
     c_new = gate_f * c_prev + gate_i * gate_g
@@ -166,9 +166,9 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
         cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
         cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
         c_hat = (c_new - cell_mean[None, :]) * cell_rstd[None, :]
-        tanh_c = _tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
+        tanh_c = tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
     else:
-        tanh_c = _tanh(c_new)
+        tanh_c = tanh(c_new)
     grad_o = grad_h * tanh_c
     grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
     if NORM == 2:
@@ -216,14 +216,14 @@ def _cell_output(t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, 
                                     hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
     gate_i = tl.sigmoid(z_i)
     gate_f = tl.sigmoid(z_f)
-    gate_g = _tanh(z_g)
+    gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
     c_hat = (gate_f * c_prev + gate_i * gate_g - cell_mean[None, :]) * cell_rstd[None, :]
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
-    tanh_c = _tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
+    tanh_c = tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
     return gate_i, gate_f, gate_g, gate_o, c_prev, c_hat, tanh_c
 
 
@@ -373,15 +373,6 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
         grid_barrier(barrier_ptr, (step + 1) * programs)
 
 
-def low_precision_gradient(dtype: torch.dtype, norm: int) -> bool:
-    """Whether the backward also stores dL/d(h W_hh^T) rounded to the weights' 16-bit ``dtype``,
-    for the recurrent product dh_{t-1} = dwh_t W_hh that every program computes from all of dwh_t
-    (B x 4H) every step: that product rounds it to ``dtype`` anyway ("native" precision), so the
-    copy halves what each program reads with the same result. Not under batch norm, where the
-    product keeps float32 operands."""
-    return dtype in (torch.bfloat16, torch.float16) and norm != NORM_BATCH
-
-
 def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
                   lengths, norm: int, training: bool):
     """Launches the backward over all steps. ``saved`` is the dict of ``lstm_forward(save=True)``.
@@ -392,38 +383,31 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    chunks = chunked(batch, column_statistics)
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
-    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
-    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
+    layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
-    partials = new_buffer((steps, tiles, 3, gates), torch.float32, device)
-    cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
-    if norm != 2:
+    partials = new_buffer((steps, layout.row_tiles, 3, gates), torch.float32, device)
+    cell_partials = new_buffer((steps, layout.grid[1], 2, hidden), torch.float32, device)
+    if norm != NORM_BATCH:
         partials[:, :, 1:].zero_()
         cell_partials.zero_()
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
                  dc_carry, dwx, dwh, dwh_low, partials, cell_partials, lengths_arg, batch)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k, LOW_GRAD=low_grad, CHUNKED=chunks)
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), LOW_GRAD=low_grad, CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
-            **persistent_launch_options(device.type))
+        lstm_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
+                                                     **persistent_launch_options(device.type))
     else:
-        launch_steps(lstm_backward_step_kernel, grid, arguments, constants, steps, reverse=True)
+        launch_steps(lstm_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

@@ -23,21 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import (ROWS_PER_TILE, batch_statistics, chunk_moments, chunk_rows, chunked, merge_moments,
-                         merge_pair_moments, pair_statistics, statistics_from_moments)
-from .buffers import PERSISTENT, interpreted, launch_mode, launch_options, new_buffer, persistent_launch_options
+from .batch_norm import (batch_statistics, chunk_moments, chunk_rows, merge_moments, merge_pair_moments,
+                         pair_statistics, statistics_from_moments)
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layout import NORM_BATCH, dot_precision, resident_k_tile, resident_weights, state_dtype, step_layout
+from .lstm_projection import load_recurrent_weights, recurrent_projection
 from .step_launch import launch_steps
-from .tiles import (grid_barrier, program_tile, recurrent_product, row_active, state_columns, store_step_statistics,
-                   weight_rows)
+from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
 
-NORM_NONE = 0
-NORM_LAYER = 1  # runs in lstm_layer_norm_forward.py
-NORM_BATCH = 2
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -98,83 +91,6 @@ def _chunk_gate_moments(gate, t, acc, wx_ptr, wh_ptr, rows, units, row_mask, uni
 
 
 @triton.jit
-def load_recurrent_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr):
-    """With ``RESIDENT``: the rows of W_hh of program ``pid``'s units, all of K in one
-    (BLOCK_H, BLOCK_K) tile per gate (i, f, g, o), for a persistent kernel to load before its step
-    loop. Without: four placeholders, as ``recurrent_projection`` then streams W_hh itself."""
-    # one return after a constexpr branch: Triton types every return statement of a function,
-    # also one in a branch it does not compile, and an early return of placeholders would clash
-    if RESIDENT:
-        _, units, _, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
-        w_i = weight_rows(w_hh_ptr, 0, units, unit_mask, H, BLOCK_K)
-        w_f = weight_rows(w_hh_ptr, 1, units, unit_mask, H, BLOCK_K)
-        w_g = weight_rows(w_hh_ptr, 2, units, unit_mask, H, BLOCK_K)
-        w_o = weight_rows(w_hh_ptr, 3, units, unit_mask, H, BLOCK_K)
-    else:
-        w_i, w_f, w_g, w_o = 0, 0, 0, 0
-    return w_i, w_f, w_g, w_o
-
-
-@triton.jit
-def _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h_{t-1} W_hh^T with the weights of ``load_recurrent_weights``, all of K in one tile.
-    Loaded before the persistent kernel's loop, they are loop-invariant: Triton 3.6 and 3.9 hoist
-    their copy into shared memory out of the loop (see the compile report), so W_hh is read from
-    global memory once per launch instead of once per step."""
-    h_tile = state_columns(h_ptr, t, rows, row_mask, B, H, 0, BLOCK_K)
-    acc_i = recurrent_product(h_tile, w_i, DOT_PRECISION)
-    acc_f = recurrent_product(h_tile, w_f, DOT_PRECISION)
-    acc_g = recurrent_product(h_tile, w_g, DOT_PRECISION)
-    acc_o = recurrent_product(h_tile, w_o, DOT_PRECISION)
-    return acc_i, acc_f, acc_g, acc_o
-
-
-@triton.jit
-def recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
-    """h_{t-1} W_hh^T for the four gates (i, f, g, o) of the program's units: with ``RESIDENT``,
-    from the weight tiles ``w_*`` the persistent kernel loaded once; otherwise W_hh is streamed
-    from memory in K tiles (the ``w_*`` are unused). h_{t-1} (row t of h) was written by other
-    programs: it is read past L1, which is not coherent across SMs."""
-    if RESIDENT:
-        acc_i, acc_f, acc_g, acc_o = _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H,
-                                                          DOT_PRECISION, BLOCK_K)
-    else:
-        acc_i, acc_f, acc_g, acc_o = _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B,
-                                                          H, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-    return acc_i, acc_f, acc_g, acc_o
-
-
-@triton.jit
-def _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """h_{t-1} W_hh^T with W_hh read from memory in K tiles."""
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < H
-        h_tile = state_columns(h_ptr, t, rows, row_mask, B, H, k0, BLOCK_K)
-        w_offsets = units[:, None] * H + ks[None, :]
-        w_mask = unit_mask[:, None] & k_mask[None, :]
-        w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
-        w_f = tl.load(w_hh_ptr + H * H + w_offsets, mask=w_mask, other=0.0)
-        w_g = tl.load(w_hh_ptr + 2 * H * H + w_offsets, mask=w_mask, other=0.0)
-        w_o = tl.load(w_hh_ptr + 3 * H * H + w_offsets, mask=w_mask, other=0.0)
-        acc_i += recurrent_product(h_tile, w_i, DOT_PRECISION)
-        acc_f += recurrent_product(h_tile, w_f, DOT_PRECISION)
-        acc_g += recurrent_product(h_tile, w_g, DOT_PRECISION)
-        acc_o += recurrent_product(h_tile, w_o, DOT_PRECISION)
-    return acc_i, acc_f, acc_g, acc_o
-
-
-@triton.jit
 def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                        cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr, lengths_ptr,
@@ -213,7 +129,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
-    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
+    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
     if NORM == 2:
         cell_mean, cell_rstd = batch_statistics(c_new, active_f, count, use_batch, cell_mean_ptr + slot * H,
                                                 cell_var_ptr + slot * H, units, unit_mask, momentum, eps,
@@ -225,7 +141,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
         c_normalized = (c_new - cell_mean[None, :]) * (cell_rstd * cell_weight)[None, :] + cell_bias[None, :]
     else:
         c_normalized = c_new
-    h_new = tl.sigmoid(z_o) * _tanh(c_normalized)
+    h_new = tl.sigmoid(z_o) * tanh(c_normalized)
     keep = active[:, None]
     tl.store(c_ptr + (t + 1) * B * H + state_offsets, tl.where(keep, c_new, c_prev), mask=tile_mask)
     tl.store(h_ptr + (t + 1) * B * H + state_offsets,
@@ -319,7 +235,7 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
         c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-        c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
+        c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
         tl.store(c_ptr + (t + 1) * B * H + state_offsets, tl.where(active[:, None], c_new, c_prev), mask=tile_mask)
         chunk_mean, chunk_m2 = chunk_moments(c_new, active_f, chunk_count)
         cell_mean, cell_m2 = merge_moments(seen, cell_mean, cell_m2, chunk_count, chunk_mean, chunk_m2)
@@ -342,7 +258,7 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
                                         unit_mask, H)
         c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
         c_normalized = (c_new - cell_mean[None, :]) * (cell_rstd * cell_weight)[None, :] + cell_bias[None, :]
-        h_new = tl.sigmoid(z_o) * _tanh(c_normalized)
+        h_new = tl.sigmoid(z_o) * tanh(c_normalized)
         h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
         keep = active[:, None]
         tl.store(h_ptr + (t + 1) * B * H + state_offsets,
@@ -412,95 +328,6 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
         grid_barrier(barrier_ptr, (t + 1) * programs)
 
 
-def block_sizes(batch: int, hidden_size: int, batch_norm: bool):
-    """(BLOCK_B, BLOCK_H, BLOCK_K): 16 hidden units per program, tiles of up to ``ROWS_PER_TILE``
-    rows (64) and K tiles of up to 64, or 32 under ``batch_norm``; at least 16 everywhere: Triton
-    3.6 needs K >= 16 in tl.dot, and the tensor cores would pad a smaller M or N anyway."""
-    block_b = max(16, min(ROWS_PER_TILE, triton.next_power_of_2(batch)))
-    block_h = 16
-    # the h tile (BLOCK_B x BLOCK_K) is staged in shared memory; under batch norm K tiles of at
-    # most 32, as products on float32 operands (tf32x3, split three ways) hold many registers: with
-    # 64 the persistent LSTM and GRU at B=64, H=512 spilled 16 to 116 bytes a thread (sm_90, Triton
-    # 3.6 and 3.9), with 32 none, and the per-step LSTM forward went from 238 to 132 registers
-    widest = 32 if batch_norm else 64
-    block_k = max(16, min(widest, triton.next_power_of_2(hidden_size)))
-    return block_b, block_h, block_k
-
-
-def batch_tiles(batch: int, block_b: int, column_statistics: bool) -> int:
-    """Grid axis 1: the tiles of BLOCK_B rows the batch is cut into, or one program for all of
-    it where a program needs the batch statistics of its columns (batch norm in training)."""
-    return 1 if column_statistics else triton.cdiv(batch, block_b)
-
-
-def grid_programs(batch: int, hidden_size: int, batch_norm: bool, training: bool) -> int:
-    """How many programs a cell's kernels launch (the grid a persistent kernel needs resident)."""
-    block_b, block_h, _ = block_sizes(batch, hidden_size, batch_norm)
-    return triton.cdiv(hidden_size, block_h) * batch_tiles(batch, block_b, batch_norm and training)
-
-
-# Shared memory the persistent kernels may give to the operands of a resident recurrent matmul (the
-# program's W_hh rows and the h_{t-1} tile, both with all of K): B=64, H=512 in bfloat16 takes
-# 128 KiB, 130 KiB in all with the rest (227 KiB per block on sm_90); also what the h tile costs in
-# registers while it is loaded (64 a thread there with 8 warps).
-RESIDENT_OPERAND_BYTES = 128 * 1024
-
-
-def resident_k_tile(hidden_size: int) -> int:
-    """BLOCK_K of a persistent kernel with resident weights: all of K in one tile."""
-    return max(16, triton.next_power_of_2(hidden_size))
-
-
-def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, dtype: torch.dtype,
-                     precision: str) -> bool:
-    """Whether a persistent kernel keeps the program's ``gates`` x ``block_h`` rows of W_hh on chip
-    for the whole sequence: where the product runs on Hopper's warpgroup tensor cores with operands
-    in shared memory ("native" 16-bit operands, a tile of ``block_b`` = a multiple of 64 rows), and
-    those operands with all of K in one tile, W_hh's rows and the (``block_b``, K) tile of h in
-    ``dtype``, fit ``RESIDENT_OPERAND_BYTES``. There Triton hoists the weights' copy into shared
-    memory out of the step loop (the compile check asserts it). Elsewhere it did not pay when
-    compiled for sm_90: with 16 rows (Ampere-style MMA) the weights stay in registers and are copied
-    to shared memory every step (226 to 255 registers at H=512), and float32 products ("ieee", FMA)
-    spilled 5 to 13 KB a thread at H=256; there W_hh is streamed from L2 in K tiles every step."""
-    if precision != "native" or block_b % 64 != 0:
-        return False
-    operand_bytes = (block_b + gates * block_h) * resident_k_tile(hidden_size) * (torch.finfo(dtype).bits // 8)
-    return operand_bytes <= RESIDENT_OPERAND_BYTES
-
-
-def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:
-    """The dtype h is kept in between steps: float32 under batch norm, which amplifies the
-    rounding of h to bfloat16 (2.3e-2 relative error at B=16) into the statistics of every step;
-    otherwise the weights' dtype, so that the recurrent matmul reads it as it is."""
-    return torch.float32 if norm == NORM_BATCH else dtype
-
-
-def operand_buffer(state: torch.Tensor, dtype: torch.dtype, norm: int) -> torch.Tensor:
-    """For a float32 state (the GRU's and RNN's h, (T+1, B, H)) that the recurrent product reads
-    rounded to the weights' 16-bit ``dtype`` (``state_dtype``: not under batch norm), a buffer of
-    its shape in that dtype with step 0 copied in, which the forward kernels fill beside the state:
-    every program reads all of h_{t-1} each step, and reads it in half the bytes. Elsewhere
-    ``state`` itself (the kernels then write no copy)."""
-    operand_dtype = state_dtype(dtype, norm)
-    if operand_dtype == state.dtype:
-        return state
-    operand = new_buffer(state.shape, operand_dtype, state.device)
-    operand[0].copy_(state[0])
-    return operand
-
-
-def dot_precision(dtype: torch.dtype, norm: int) -> str:
-    """How the recurrent matmuls multiply: "ieee" float32 products for float32 weights (the
-    accuracy bar is float32's with tf32 off) and under the interpreter (whose bfloat16 tl.dot is
-    wrong); "tf32x3" (float32 accuracy on tensor cores) where h stays float32 beside bfloat16
-    weights; "native" (operands in the weights' dtype) otherwise."""
-    if dtype == torch.float32 or interpreted():
-        return "ieee"
-    if state_dtype(dtype, norm) == torch.float32:
-        return "tf32x3"
-    return "native"
-
-
 def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths,
                  norm: int, training: bool, save: bool, momentum: float, eps: float):
     """Launches the forward over all T steps of ``wx`` (T, B, 4H).
@@ -514,18 +341,14 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
-    chunks = chunked(batch, column_statistics)
+    layout = step_layout(batch, hidden, norm, training)
     h = new_buffer((steps + 1, batch, hidden), state_dtype(w_hh.dtype, norm), device)
     c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
     c[0].copy_(c0)
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     # with chunks the kernel stores wh in any case: its second pass over the batch reads it back
-    wh = new_buffer((steps, batch, gates), torch.float32, device) if save or chunks else output
+    wh = new_buffer((steps, batch, gates), torch.float32, device) if save or layout.chunked else output
     stats_steps = steps if (save and norm == NORM_BATCH) else 1
     ih_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
     hh_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
@@ -534,20 +357,19 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
                  cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-                     CHUNKED=chunks)
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(block_b, block_h, 4, hidden, state_dtype(w_hh.dtype, norm),
+        resident = resident_weights(layout.block_b, layout.block_h, 4, hidden, state_dtype(w_hh.dtype, norm),
                                     constants["DOT_PRECISION"])
         if resident:
             constants["BLOCK_K"] = resident_k_tile(hidden)
-        lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-            **persistent_launch_options(device.type))
+        lstm_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
+                                                    **persistent_launch_options(device.type))
     else:
-        launch_steps(lstm_forward_step_kernel, grid, arguments, constants, steps)
+        launch_steps(lstm_forward_step_kernel, layout.grid, arguments, constants, steps)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats, cell_stats=cell_stats)

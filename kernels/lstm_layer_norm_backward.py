@@ -27,25 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import low_precision_gradient
-from .lstm_forward import NORM_LAYER, _tanh, block_sizes, dot_precision
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import store_row_partials, sum_row_partials
+from .layout import NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .lstm_layer_norm_forward import _gate
 from .step_launch import launch_steps
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity
-
-
-@triton.jit
-def _sum_partials(partial_ptr, rows, row_mask, B, programs, BLOCK_P: tl.constexpr):
-    """Row sums of the two per-program partial sums at partial_ptr (programs, 2, B), in a fixed order."""
-    program_ids = tl.arange(0, BLOCK_P)
-    tile_mask = (program_ids < programs)[:, None] & row_mask[None, :]
-    offsets = program_ids[:, None] * 2 * B + rows[None, :]
-    # written by the other programs, at this same address every step: read past L1 (see
-    # _combine_row_statistics in lstm_layer_norm_forward.py)
-    first = tl.sum(tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg"), axis=0)
-    second = tl.sum(tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg"), axis=0)
-    return first, second
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity, tanh
 
 
 @triton.jit
@@ -62,7 +49,7 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
     z_o = _gate(3, t, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, hh_mean, hh_rstd, t, B, H)
     gate_i = tl.sigmoid(z_i)
     gate_f = tl.sigmoid(z_f)
-    gate_g = _tanh(z_g)
+    gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
@@ -71,7 +58,7 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
     c_hat = (c_new - cell_mean[:, None]) * cell_rstd[:, None]
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
-    tanh_c = _tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
+    tanh_c = tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
     grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
               + grad_h_next) * active_f
     grad_y = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
@@ -106,8 +93,8 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
                                  hh_stats_ptr, cell_stats_ptr, B, H)
     tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_y * c_hat, axis=0), mask=unit_mask)
     tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_y, axis=0), mask=unit_mask)
-    tl.store(cell_partial_ptr + pid * 2 * B + rows, tl.sum(grad_c_hat, axis=1), mask=row_mask)
-    tl.store(cell_partial_ptr + pid * 2 * B + B + rows, tl.sum(grad_c_hat * c_hat, axis=1), mask=row_mask)
+    store_row_partials(cell_partial_ptr, pid, rows, row_mask, B, tl.sum(grad_c_hat, axis=1),
+                       tl.sum(grad_c_hat * c_hat, axis=1))
 
 
 @triton.jit
@@ -145,7 +132,7 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
      grad_z_o) = _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx_ptr, wh_ptr, bias_ptr,
                                  hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, grad_out_ptr, grad_h_next,
                                  hh_stats_ptr, cell_stats_ptr, B, H)
-    sum_grad, sum_grad_hat = _sum_partials(cell_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    sum_grad, sum_grad_hat = sum_row_partials(cell_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     grad_c_from_h = cell_rstd[:, None] * (grad_c_hat - sum_grad[:, None] / H - c_hat * (sum_grad_hat / H)[:, None])
     dc_next = tl.load(dc_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_c = (dc_next + grad_c_from_h) * active_f
@@ -162,8 +149,8 @@ def _phase_gate_gradient(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_p
                                        partial_ptr, B, H)
     first_o, second_o = _gate_gradient(3, t, grad_z_o, rows, units, row_mask, unit_mask, tile_mask, wh_ptr,
                                        hh_weight_ptr, hh_mean, hh_rstd, dwx_ptr, dwh_ptr, partial_ptr, B, H)
-    tl.store(hh_partial_ptr + pid * 2 * B + rows, first_i + first_f + first_g + first_o, mask=row_mask)
-    tl.store(hh_partial_ptr + pid * 2 * B + B + rows, second_i + second_f + second_g + second_o, mask=row_mask)
+    store_row_partials(hh_partial_ptr, pid, rows, row_mask, B, first_i + first_f + first_g + first_o,
+                       second_i + second_f + second_g + second_o)
 
 
 @triton.jit
@@ -174,7 +161,7 @@ def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh
     ``LOW_GRAD`` also rounded to the weights' dtype into dwh_low)."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    sum_grad, sum_grad_hat = _sum_partials(hh_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    sum_grad, sum_grad_hat = sum_row_partials(hh_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     mean_grad = sum_grad / (4 * H)
     mean_grad_hat = sum_grad_hat / (4 * H)
     hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
@@ -257,34 +244,32 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=False)
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    layout = step_layout(batch, hidden, NORM_LAYER, training=False)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
     dwh = new_buffer((steps, batch, gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, NORM_LAYER)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
-    partials = new_buffer((steps, grid[1], 3, gates), torch.float32, device)
+    partials = new_buffer((steps, layout.grid[1], 3, gates), torch.float32, device)
     partials[:, :, 1].zero_()  # the input projection's norm is differentiated outside the kernel
-    cell_partials = new_buffer((steps, grid[1], 2, hidden), torch.float32, device)
-    cell_partial = new_buffer((programs, 2, batch), torch.float32, device)
-    hh_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    cell_partials = new_buffer((steps, layout.grid[1], 2, hidden), torch.float32, device)
+    cell_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
+    hh_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
                  grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, dwh_low, saved["hh_stats"],
                  saved["cell_stats"], cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
-                     BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
-                     LOW_GRAD=low_grad)
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     BLOCK_P=layout.block_p, LOW_GRAD=low_grad)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
-            **persistent_launch_options(device.type))
+        layer_norm_lstm_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
+                                                                **persistent_launch_options(device.type))
     else:
-        launch_steps(layer_norm_lstm_backward_phase_kernel, grid, arguments, constants, steps, reverse=True, phases=3)
+        launch_steps(layer_norm_lstm_backward_phase_kernel, layout.grid, arguments, constants, steps, reverse=True,
+                     phases=3)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

@@ -31,43 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import (NORM_LAYER, _tanh, block_sizes, dot_precision, load_recurrent_weights, recurrent_projection,
-                           resident_k_tile, resident_weights)
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import combine_row_statistics, publish_row_statistics, store_row_partials
+from .layout import NORM_LAYER, dot_precision, resident_k_tile, resident_weights, step_layout
+from .lstm_projection import load_recurrent_weights, recurrent_projection
 from .step_launch import launch_steps
-from .tiles import grid_barrier, program_tile, row_active, store_step_statistics
-
-
-@triton.jit
-def _publish_row_statistics(value, valid_f, partial_ptr, pid, rows, row_mask, B, columns_owned):
-    """Per-row mean and M2 of ``value`` over the program's valid columns, at partial_ptr[pid]."""
-    mean = tl.sum(value * valid_f, axis=1) / columns_owned
-    centered = (value - mean[:, None]) * valid_f
-    tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
-    tl.store(partial_ptr + pid * 2 * B + B + rows, tl.sum(centered * centered, axis=1), mask=row_mask)
-
-
-@triton.jit
-def _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H: tl.constexpr, FEATURES_PER_UNIT: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Mean and rstd per row over all H * FEATURES_PER_UNIT features from the per-program
-    (mean, M2): mean = sum n_p mean_p / N, M2 = sum (M2_p + n_p (mean_p - mean)^2)."""
-    program_ids = tl.arange(0, BLOCK_P)
-    program_mask = program_ids < programs
-    owned = tl.minimum(H - program_ids * BLOCK_H, BLOCK_H) * FEATURES_PER_UNIT
-    owned_f = tl.where(program_mask, owned, 0).to(tl.float32)[:, None]
-    tile_mask = program_mask[:, None] & row_mask[None, :]
-    offsets = program_ids[:, None] * 2 * B + rows[None, :]
-    # written by the other programs (in the persistent kernel, at this same address every step):
-    # read past L1, which is not coherent across SMs and may hold last step's values
-    means = tl.load(partial_ptr + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
-    m2s = tl.load(partial_ptr + B + offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
-    total = H * FEATURES_PER_UNIT
-    mean = tl.sum(owned_f * means, axis=0) / total
-    spread = means - mean[None, :]
-    m2 = tl.sum(m2s + owned_f * spread * spread, axis=0)
-    rstd = 1.0 / tl.sqrt(m2 / total + eps)
-    return mean, rstd
+from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
 
 
 @triton.jit
@@ -97,8 +66,7 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
     d_g = (acc_g - mean[:, None]) * valid_f
     d_o = (acc_o - mean[:, None]) * valid_f
     m2 = tl.sum(d_i * d_i, axis=1) + tl.sum(d_f * d_f, axis=1) + tl.sum(d_g * d_g, axis=1) + tl.sum(d_o * d_o, axis=1)
-    tl.store(hh_partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
-    tl.store(hh_partial_ptr + pid * 2 * B + B + rows, m2, mask=row_mask)
+    store_row_partials(hh_partial_ptr, pid, rows, row_mask, B, mean, m2)
 
 
 @triton.jit
@@ -121,7 +89,7 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     step = t if SAVE else 0
-    mean, rstd = _combine_row_statistics(hh_partial_ptr, rows, row_mask, B, programs, eps, H, 4, BLOCK_H, BLOCK_P)
+    mean, rstd = combine_row_statistics(hh_partial_ptr, rows, row_mask, B, programs, eps, H, 4, BLOCK_H, BLOCK_P)
     if SAVE:
         if pid == 0:
             store_step_statistics(hh_stats_ptr, t, rows, mean, rstd, row_mask, B)
@@ -131,14 +99,14 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
     z_o = _gate(3, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
     state_offsets = rows[:, None] * H + units[None, :]
     c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * _tanh(z_g)
+    c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     # a sequence that has ended keeps its state; its row statistics are computed and discarded
     c_kept = tl.where(active[:, None], c_new, c_prev)
     tl.store(c_ptr + (t + 1) * B * H + state_offsets, c_kept, mask=tile_mask)
     tl.store(gate_o_ptr + state_offsets, tl.sigmoid(z_o), mask=tile_mask)
     owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
-    _publish_row_statistics(c_kept, unit_mask.to(tl.float32)[None, :], cell_partial_ptr, pid, rows, row_mask, B, owned)
+    publish_row_statistics(c_kept, unit_mask.to(tl.float32)[None, :], cell_partial_ptr, pid, rows, row_mask, B, owned)
 
 
 @triton.jit
@@ -148,7 +116,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
     """Phase 3: layer norm of c_t, h_t and the output."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    mean, rstd = _combine_row_statistics(cell_partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
+    mean, rstd = combine_row_statistics(cell_partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
     if SAVE:
         if pid == 0:
             store_step_statistics(cell_stats_ptr, t, rows, mean, rstd, row_mask, B)
@@ -157,7 +125,7 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
     gate_o = tl.load(gate_o_ptr + state_offsets, mask=tile_mask, other=0.0)
     weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
-    h_new = gate_o * _tanh((c_new - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :])
+    h_new = gate_o * tanh((c_new - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :])
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     keep = active[:, None]
     h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
@@ -230,9 +198,7 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=False)
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, triton.cdiv(batch, block_b))
+    layout = step_layout(batch, hidden, NORM_LAYER, training=False)
     h = new_buffer((steps + 1, batch, hidden), w_hh.dtype, device)
     c = new_buffer((steps + 1, batch, hidden), torch.float32, device)
     h[0].copy_(h0)
@@ -243,24 +209,24 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     hh_stats = new_buffer((saved_steps, 2, batch), torch.float32, device)
     cell_stats = new_buffer((saved_steps, 2, batch), torch.float32, device)
     gate_o = new_buffer((batch, hidden), torch.float32, device)
-    hh_partial = new_buffer((programs, 2, batch), torch.float32, device)
-    cell_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    hh_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
+    cell_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     arguments = (wx, w_hh, bias, hh_weight, cell_weight, cell_bias, h, c, output, wh, gate_o, hh_partial,
                  cell_partial, hh_stats, cell_stats, lengths_arg, batch, eps)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs))
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_P=layout.block_p)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(block_b, block_h, 4, hidden, w_hh.dtype, constants["DOT_PRECISION"])
+        resident = resident_weights(layout.block_b, layout.block_h, 4, hidden, w_hh.dtype, constants["DOT_PRECISION"])
         if resident:
             constants["BLOCK_K"] = resident_k_tile(hidden)
-        layer_norm_lstm_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-            **persistent_launch_options(device.type))
+        layer_norm_lstm_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants,
+                                                               RESIDENT=resident,
+                                                               **persistent_launch_options(device.type))
     else:
-        launch_steps(layer_norm_lstm_forward_phase_kernel, grid, arguments, constants, steps, phases=3)
+        launch_steps(layer_norm_lstm_forward_phase_kernel, layout.grid, arguments, constants, steps, phases=3)
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, hh_stats=hh_stats, cell_stats=cell_stats)

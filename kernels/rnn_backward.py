@@ -14,7 +14,7 @@ Program p owns the same hidden units (and batch tile) as in the forward. Step t,
 Per-step partial sums of the bias and gain gradients are written per batch tile, (T, tiles, 3, H),
 and summed by the caller: no float atomics. In bf16 and fp16 without batch norm du_t is also
 stored rounded to the weights' dtype, which the recurrent product rounds it to anyway
-(``low_precision_gradient`` in ``lstm_backward.py``): half the bytes every program reads per step.
+(``low_precision_gradient`` in ``layout.py``): half the bytes every program reads per step.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import batch_norm_backward, chunked, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_backward import low_precision_gradient
-from .lstm_forward import NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision
-from .lstm_layer_norm_backward import _sum_partials
+from .batch_norm import batch_norm_backward, chunked_pair_backward
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import store_row_partials, sum_row_partials
+from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .step_launch import launch_steps
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
 
 
 @triton.jit
@@ -84,7 +83,7 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
     else:
         pre = wx + u + bias[None, :]
     if ACTIVATION == 0:
-        activated = _tanh(pre)
+        activated = tanh(pre)
         grad_pre = grad_h * (1.0 - activated * activated)
     elif ACTIVATION == 1:
         grad_pre = tl.where(pre > 0.0, grad_h, 0.0)
@@ -108,8 +107,8 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
         grad_u_hat = grad_pre * hh_weight[None, :]
         tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
         tl.store(du_ptr + offsets, grad_u_hat, mask=tile_mask)  # finished by phase 1
-        tl.store(row_partial_ptr + pid * 2 * B + rows, tl.sum(grad_u_hat, axis=1), mask=row_mask)
-        tl.store(row_partial_ptr + pid * 2 * B + B + rows, tl.sum(grad_u_hat * u_hat, axis=1), mask=row_mask)
+        store_row_partials(row_partial_ptr, pid, rows, row_mask, B, tl.sum(grad_u_hat, axis=1),
+                           tl.sum(grad_u_hat * u_hat, axis=1))
     else:
         tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
         tl.store(du_ptr + offsets, grad_pre, mask=tile_mask)
@@ -125,7 +124,7 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_l
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     offsets = t * B * H + rows[:, None] * H + units[None, :]
-    sum_grad, sum_grad_hat = _sum_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
+    sum_grad, sum_grad_hat = sum_row_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
     grad_u_hat = tl.load(du_ptr + offsets, mask=tile_mask, other=0.0)
@@ -230,35 +229,29 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
     ``partials`` (T, 3, H) = (bias, ih gain, hh gain)."""
     steps, batch, hidden = wx.shape
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    chunks = chunked(batch, column_statistics)
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
-    # the parameter partials of each tile of rows: a program's, or each chunk a program walks
-    tiles = triton.cdiv(batch, block_b) if chunks else grid[1]
+    layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, hidden), torch.float32, device)
     du = new_buffer((steps, batch, hidden), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     du_low = new_buffer((steps, batch, hidden), w_hh.dtype, device) if low_grad else du
-    partials = new_buffer((steps, tiles, 3, hidden), torch.float32, device)
+    partials = new_buffer((steps, layout.row_tiles, 3, hidden), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 1:].zero_()
-    row_partial = new_buffer((programs, 2, batch), torch.float32, device)
+    row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
                  grad_output.contiguous(), dh_carry, dwx, du, du_low, partials, row_partial, lengths_arg, batch)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b, BLOCK_H=block_h,
-                     BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs), LOW_GRAD=low_grad, CHUNKED=chunks)
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,
+                     CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        rnn_backward_persistent_kernel[grid](arguments[0], barrier, *arguments[1:], **constants,
-                                             **persistent_launch_options(device.type))
+        rnn_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
+                                                    **persistent_launch_options(device.type))
     else:
-        launch_steps(rnn_backward_step_kernel, grid, arguments, constants, steps, reverse=True,
+        launch_steps(rnn_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True,
                      phases=2 if norm == NORM_LAYER else 1)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(du[0], w_hh.float())

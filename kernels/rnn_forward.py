@@ -27,14 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_norm import chunk_moments, chunked, pair_statistics, stored_pair_statistics
-from .buffers import PERSISTENT, launch_mode, launch_options, new_buffer, persistent_launch_options
-from .lstm_forward import (NORM_BATCH, NORM_LAYER, _tanh, batch_tiles, block_sizes, dot_precision,
-                           operand_buffer, resident_k_tile, resident_weights)
-from .lstm_layer_norm_forward import _combine_row_statistics
+from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
+from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .layer_norm import combine_row_statistics, publish_row_statistics
+from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_k_tile, resident_weights, step_layout
 from .step_launch import launch_steps
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
-                   store_step_statistics, weight_rows)
+                    store_step_statistics, tanh, weight_rows)
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -42,7 +41,7 @@ ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 @triton.jit
 def _activate(pre, ACTIVATION: tl.constexpr):
     if ACTIVATION == 0:
-        return _tanh(pre)
+        return tanh(pre)
     elif ACTIVATION == 1:
         return tl.maximum(pre, 0.0)
     else:
@@ -82,10 +81,7 @@ def _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_p
     if NORM == 1:
         valid_f = unit_mask.to(tl.float32)[None, :]
         owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
-        mean = tl.sum(acc * valid_f, axis=1) / owned
-        centered = (acc - mean[:, None]) * valid_f
-        tl.store(partial_ptr + pid * 2 * B + rows, mean, mask=row_mask)
-        tl.store(partial_ptr + pid * 2 * B + B + rows, tl.sum(centered * centered, axis=1), mask=row_mask)
+        publish_row_statistics(acc, valid_f, partial_ptr, pid, rows, row_mask, B, owned)
     return acc
 
 
@@ -132,7 +128,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
         pre = ((wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :]
                + (u - hh_mean[None, :]) * (hh_rstd * hh_weight)[None, :] + bias[None, :])
     elif NORM == 1:
-        mean, rstd = _combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
+        mean, rstd = combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
         step = t if SAVE else 0
         u_saved = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
         if SAVE:
@@ -270,10 +266,7 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm)."""
     steps, batch, hidden = wx.shape
     device = wx.device
-    block_b, block_h, block_k = block_sizes(batch, hidden, batch_norm=norm == NORM_BATCH)
-    column_statistics = norm == NORM_BATCH and training
-    programs = triton.cdiv(hidden, block_h)
-    grid = (programs, batch_tiles(batch, block_b, column_statistics))
+    layout = step_layout(batch, hidden, norm, training)
     # h is the RNN's only state: kept in float32, and where the recurrent product rounds it, also as
     # rounded (operand_buffer)
     h = new_buffer((steps + 1, batch, hidden), torch.float32, device)
@@ -285,25 +278,26 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     stats_width = batch if norm == NORM_LAYER else hidden
     ih_stats = new_buffer((saved_steps, 2, hidden), torch.float32, device)
     hh_stats = new_buffer((saved_steps, 2, stats_width), torch.float32, device)
-    partial = new_buffer((programs, 2, batch), torch.float32, device)
+    partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, h_operand, output, u, partial, ih_stats, hh_stats, *running,
                  lengths_arg, batch, max_steps, momentum, eps)
-    constants = dict(**launch_options(block_b, block_h),
+    constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
-                     HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_B=block_b,
-                     BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_P=triton.next_power_of_2(programs),
-                     OPERAND_COPY=h_operand is not h, CHUNKED=chunked(batch, column_statistics))
-    if launch_mode(grid[0] * grid[1], device) == PERSISTENT:
+                     HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm),
+                     BLOCK_P=layout.block_p, OPERAND_COPY=h_operand is not h, CHUNKED=layout.chunked)
+    if launch_mode(layout.programs, device) == PERSISTENT:
         barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(block_b, block_h, 1, hidden, h_operand.dtype, constants["DOT_PRECISION"])
+        resident = resident_weights(layout.block_b, layout.block_h, 1, hidden, h_operand.dtype,
+                                    constants["DOT_PRECISION"])
         if resident:
             constants["BLOCK_K"] = resident_k_tile(hidden)
-        rnn_forward_persistent_kernel[grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-                                            **persistent_launch_options(device.type))
+        rnn_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
+                                                   **persistent_launch_options(device.type))
     else:
-        launch_steps(rnn_forward_step_kernel, grid, arguments, constants, steps, phases=2 if norm == NORM_LAYER else 1)
+        launch_steps(rnn_forward_step_kernel, layout.grid, arguments, constants, steps,
+                     phases=2 if norm == NORM_LAYER else 1)
     result = {"output": output, "h": h}
     if save:
         result.update(u=u, ih_stats=ih_stats, hh_stats=hh_stats)

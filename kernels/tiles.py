@@ -1,4 +1,4 @@
-"""Pieces of the step functions that every fused cell shares: which rows and hidden units a
+"""Pieces of the step functions that every fused cell shares: tanh, which rows and hidden units a
 program owns, the rows of W_hh a persistent kernel keeps on chip and the recurrent product in the
 precision the cell chose, which rows are still running, the backward's one cross-program read,
 dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], the grid barrier of
@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = 2 sigmoid(2x) - 1: triton.language has a sigmoid but no tanh (only the backends'
+    libdevice has one), and this runs the same compiled and in the interpreter."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .kernels.lstm_backward import lstm_backward
-from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE, lstm_forward, state_dtype
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE, state_dtype
+from .kernels.lstm_forward import lstm_forward
 from .kernels.lstm_layer_norm_backward import layer_norm_lstm_backward
 from .kernels.lstm_layer_norm_forward import layer_norm_lstm_forward
 from .first_derivatives import message

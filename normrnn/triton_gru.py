@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
-from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .params import DirectionParams, Padding
 from .triton_backend import (no_second_derivative, on_the_tensors_device, pair_norm_tensors, project_inputs,
                              recurrent_weight_gradient, store_running_statistics)

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.lstm_forward import NORM_BATCH, NORM_LAYER, NORM_NONE
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding

@@ -28,12 +28,13 @@ def _record_chunking(monkeypatch, cell):
     decisions = []
     for name in CELLS[cell]:
         module = importlib.import_module(f"normrnn.kernels.{name}")
-        decide = module.chunked
+        decide = module.step_layout
 
-        def recorded(batch, column_statistics, decide=decide, name=name):
-            decisions.append((name, decide(batch, column_statistics)))
-            return decisions[-1][1]
-        monkeypatch.setattr(module, "chunked", recorded)
+        def recorded(*args, decide=decide, name=name):
+            layout = decide(*args)
+            decisions.append((name, layout.chunked))
+            return layout
+        monkeypatch.setattr(module, "step_layout", recorded)
     return decisions
 
 

@@ -218,36 +218,36 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
         pytest.skip("needs CUDA or the Triton interpreter")
     from normrnn.bench import implementations
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
-    from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
+    from normrnn.kernels import layout, lstm_layer_norm_forward
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = []
-    rule = lstm_forward.resident_weights
+    rule = layout.resident_weights
 
     def decide(*args):  # as on a GPU at a shape that fits: on chip unless the budget is taken away
-        return lstm_forward.RESIDENT_OPERAND_BYTES > 0
+        return layout.RESIDENT_OPERAND_BYTES > 0
 
     def recorded(*args):
         chosen.append(decide(*args))
         return chosen[-1]
 
-    monkeypatch.setattr(lstm_forward, "resident_weights", decide)  # what the bench's builder asks
+    monkeypatch.setattr(layout, "resident_weights", decide)  # what the bench's builder asks
     monkeypatch.setattr(lstm_layer_norm_forward, "resident_weights", recorded)  # what the launcher asks
     case = cases.Case("lstm", "layer", "float32", 3, 16, 2)  # one program: persistent under the interpreter
     for name, resident in (("normrnn-persistent", True), ("normrnn-persistent-streamed", False)):
         chosen.clear()
         IMPLEMENTATIONS[name](case, device).forward_eval()
         assert chosen == [resident], name
-    assert lstm_forward.RESIDENT_OPERAND_BYTES > 0  # restored after the call
+    assert layout.RESIDENT_OPERAND_BYTES > 0  # restored after the call
     build = IMPLEMENTATIONS["normrnn-persistent-streamed"]
     with pytest.raises(Skip, match="only the persistent forward without norm or with layer norm"):
         build(cases.Case("lstm", "batch", "float32", 3, 16, 2), device)
-    monkeypatch.setattr(lstm_forward, "resident_weights", rule)
-    monkeypatch.setattr(lstm_forward, "interpreted", lambda: False)  # the products a GPU would run
+    monkeypatch.setattr(layout, "resident_weights", rule)
+    monkeypatch.setattr(layout, "interpreted", lambda: False)  # the products a GPU would run
     for cell in ("gru", "rnn"):  # their persistent forward holds W_hh on chip too, where it fits
         assert implementations.weights_streamed_anyway(cases.Case(cell, "layer", "bfloat16", 64, 512, 100)) is None
         assert "not held on chip" in implementations.weights_streamed_anyway(cases.Case(cell, None, "bfloat16", 64,
                                                                                         2048, 100))
-    monkeypatch.setattr(lstm_forward, "resident_weights", rule)
+    monkeypatch.setattr(layout, "resident_weights", rule)
     with pytest.raises(Skip, match="not held on chip at this shape"):  # float32: streamed anyway
         build(cases.Case("lstm", None, "float32", 64, 512, 100), device)
 

@@ -134,7 +134,7 @@ def test_weights_stay_on_chip_only_where_the_compile_report_showed_it_pays():
     """On warpgroup tensor cores (16-bit operands, 64-row tiles) with W_hh's rows and the h tile
     within the budget: B=64, H=512 in bf16 yes; H=1024, a 16-row tile, float32 products, or the
     float32 pair of batch norm's tf32x3, no."""
-    from normrnn.kernels.lstm_forward import resident_weights
+    from normrnn.kernels.layout import resident_weights
     assert resident_weights(64, 16, 4, 512, torch.bfloat16, "native")
     assert resident_weights(64, 16, 4, 300, torch.float16, "native")
     assert not resident_weights(64, 16, 4, 1024, torch.bfloat16, "native")
