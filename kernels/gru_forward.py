@@ -79,6 +79,7 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
             h_tile = state_columns(h_operand_ptr, t, rows, row_mask, B, H, k0, BLOCK_K)
+            # one set of offsets for all gates, not tiles.weight_rows per gate: see lstm_projection.py
             w_offsets = units[:, None] * H + ks[None, :]
             w_mask = unit_mask[:, None] & k_mask[None, :]
             w_r_tile = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)

@@ -74,6 +74,8 @@ def _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < H
         h_tile = state_columns(h_ptr, t, rows, row_mask, B, H, k0, BLOCK_K)
+        # one set of offsets for all gates: loaded through tiles.weight_rows (offsets of its own per
+        # gate) the step kernels took more registers on sm_90 (Triton 3.9: the GRU's float32 one 138, from 74)
         w_offsets = units[:, None] * H + ks[None, :]
         w_mask = unit_mask[:, None] & k_mask[None, :]
         w_i = tl.load(w_hh_ptr + w_offsets, mask=w_mask, other=0.0)
