@@ -19,6 +19,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -37,6 +38,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _build_lock = threading.Lock()
 _extension = None
 _build_error: Optional[str] = None
+# A build takes one to two minutes on a 2-core machine; a lock file older than this was left by a
+# build that did not finish
+STALE_BUILD_LOCK_SECONDS = 600
 
 
 def _sources():
@@ -58,6 +62,31 @@ def _is_built(name: str) -> bool:
         return False
 
 
+def _clear_stale_build_lock(name: str) -> None:
+    """torch.utils.cpp_extension guards a build with a ``lock`` file in its build folder and, while
+    that file exists, waits without end and without a word; a build interrupted midway (Ctrl-C, a
+    timeout) leaves it behind, and every later process would hang on it. A lock older than
+    ``STALE_BUILD_LOCK_SECONDS`` is removed, with a warning; a younger one is taken for another
+    process's build under way, and the wait is said, with what to do if there is none."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except (ImportError, AttributeError, OSError):  # no lock (the usual case), or a torch without the helper
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        from .dispatch import warn_once
+        warn_once(f"normrnn: removing {lock}, {age / 60:.0f} minutes old: left by a build of the C++ CPU backend that "
+                  "was interrupted, it would keep every later build waiting")
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+    else:
+        print(f"normrnn: waiting for another process's build of the C++ CPU backend ({lock} is {age:.0f} s old; "
+              "if no other process is building it, delete that file)", file=sys.stderr, flush=True)
+
+
 def extension():
     """The compiled module, built on first call; raises RuntimeError with the reason if it cannot be."""
     global _extension, _build_error
@@ -77,6 +106,7 @@ def extension():
                             with open(os.path.join(folder, name), "rb") as handle:
                                 digest.update(name.encode() + handle.read())
                     name = f"normrnn_cpu_{digest.hexdigest()[:12]}"
+                    _clear_stale_build_lock(name)
                     if not _is_built(name):
                         print("normrnn: building the C++ CPU backend (first use, about a minute; cached "
                               "afterwards)", file=sys.stderr, flush=True)

@@ -1,0 +1,42 @@
+"""A build of the C++ backend interrupted midway leaves torch's lock file behind, and torch waits
+on it without end and without a word: an old one is removed with a warning, a recent one (another
+process building) is waited on, and the wait is said."""
+import os
+import time
+
+import pytest
+import torch.utils.cpp_extension
+
+from normrnn import cpp_backend, dispatch
+
+
+@pytest.fixture
+def build_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    return tmp_path
+
+
+def test_an_interrupted_build_lock_is_removed_with_a_warning(build_folder):
+    lock = build_folder / "lock"
+    lock.touch()
+    old = time.time() - cpp_backend.STALE_BUILD_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="left by a build of the C\\+\\+ CPU backend that was interrupted"):
+        cpp_backend._clear_stale_build_lock("normrnn_cpu_test")
+    assert not lock.exists()
+
+
+def test_a_build_under_way_is_waited_for_and_said(build_folder, capsys, recwarn):
+    lock = build_folder / "lock"
+    lock.touch()
+    cpp_backend._clear_stale_build_lock("normrnn_cpu_test")
+    assert lock.exists()
+    assert "waiting for another process's build" in capsys.readouterr().err
+    assert not [warning for warning in recwarn if "normrnn" in str(warning.message)]
+
+
+def test_without_a_lock_nothing_happens(build_folder, capsys):
+    cpp_backend._clear_stale_build_lock("normrnn_cpu_test")
+    assert capsys.readouterr().err == ""
+    assert list(build_folder.iterdir()) == []
