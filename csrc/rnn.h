@@ -107,8 +107,9 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
     }
     recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
   }
-  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh), sum_over_steps_and_rows(grad_pre),
-                                   saved.ih.gain_grad(grad_pre), saved.hh.gain_grad(grad_pre)};
+  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
+                                   sum_over_steps_and_rows(grad_pre), saved.ih.gain_grad(grad_pre),
+                                   saved.hh.gain_grad(grad_pre)};
   for (auto* buffer : {&grad_pre, &grad_wx, &grad_wh}) {
     workspace().recycle(*buffer);  // only what is not returned: grads hold the others
   }

@@ -52,27 +52,34 @@ def _sources():
     return None, None
 
 
-def _is_built(name: str) -> bool:
-    """Whether torch's extension cache already holds this build (only to tell the user that a
-    first build takes a while; a torch without this private helper just gets the message)."""
+def _build_directory(name: str) -> Optional[str]:
+    """torch's build folder of extension ``name``, or None from a torch without this private helper
+    (then the messages below are not given; the build itself does not need them)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+        return _get_build_directory(name, verbose=False)
     except Exception:
-        return False
+        return None
 
 
-def _clear_stale_build_lock(name: str) -> None:
+def _is_built(build_directory: Optional[str], name: str) -> bool:
+    """Whether torch's extension cache already holds this build (only to tell the user that a
+    first build takes a while)."""
+    return build_directory is not None and os.path.exists(os.path.join(build_directory, f"{name}.so"))
+
+
+def _clear_stale_build_lock(build_directory: Optional[str]) -> None:
     """torch.utils.cpp_extension guards a build with a ``lock`` file in its build folder and, while
     that file exists, waits without end and without a word; a build interrupted midway (Ctrl-C, a
     timeout) leaves it behind, and every later process would hang on it. A lock older than
     ``STALE_BUILD_LOCK_SECONDS`` is removed, with a warning; a younger one is taken for another
     process's build under way, and the wait is said, with what to do if there is none."""
+    if build_directory is None:
+        return
+    lock = os.path.join(build_directory, "lock")
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
         age = time.time() - os.path.getmtime(lock)
-    except (ImportError, AttributeError, OSError):  # no lock (the usual case), or a torch without the helper
+    except OSError:  # no lock: the usual case
         return
     if age > STALE_BUILD_LOCK_SECONDS:
         from .dispatch import warn_once
@@ -106,8 +113,9 @@ def extension():
                             with open(os.path.join(folder, name), "rb") as handle:
                                 digest.update(name.encode() + handle.read())
                     name = f"normrnn_cpu_{digest.hexdigest()[:12]}"
-                    _clear_stale_build_lock(name)
-                    if not _is_built(name):
+                    build_directory = _build_directory(name)
+                    _clear_stale_build_lock(build_directory)
+                    if not _is_built(build_directory, name):
                         print("normrnn: building the C++ CPU backend (first use, about a minute; cached "
                               "afterwards)", file=sys.stderr, flush=True)
                     _extension = load(name=name, sources=sources, extra_include_paths=[folder],
