@@ -168,17 +168,15 @@ def weights_streamed():
 
 def weights_streamed_anyway(case: Case) -> Optional[str]:
     """Why normrnn-persistent already streams W_hh at ``case`` (None: it holds it on chip, as the
-    launchers decide with ``resident_weights``), so that streaming it would change nothing."""
-    from normrnn.kernels.layout import (NORM_LAYER, NORM_NONE, dot_precision, resident_weights, state_dtype,
-                                        step_layout)
+    launchers decide with ``resident_tiles``), so that streaming it would change nothing."""
+    from normrnn.kernels.layout import NORM_LAYER, NORM_NONE, resident_tiles, step_layout
     if case.norm not in (None, "layer"):
         return ("only the persistent forward without norm or with layer norm holds W_hh on chip (under batch "
                 "norm h and the product stay float32)")
     dtype = _dtype(case)
     norm = NORM_NONE if case.norm is None else NORM_LAYER
     layout = step_layout(case.batch, case.hidden_size, norm, training=False)
-    if not resident_weights(layout.block_b, layout.block_h, CELL_GATES[case.cell], case.hidden_size,
-                            state_dtype(dtype, norm), dot_precision(dtype, norm)):
+    if not resident_tiles(layout, CELL_GATES[case.cell], case.hidden_size, dtype, norm)["RESIDENT"]:
         return ("W_hh is not held on chip at this shape and dtype (resident_weights): normrnn-persistent "
                 "streams it already")
     return None

@@ -24,10 +24,10 @@ import triton
 import triton.language as tl
 
 from .batch_norm import batch_norm_backward, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
 
 
@@ -306,20 +306,15 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
         partials[:, :, 3].zero_()
     row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (steps, wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
+    arguments = (wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
                  saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, dwh_low, partials, row_partial,
                  lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,
                      CHUNKED=layout.chunked)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        gru_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
-                                                    **persistent_launch_options(device.type))
-    else:
-        launch_steps(gru_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True,
-                     phases=2 if norm == NORM_LAYER else 1)
+    launch_sequence(gru_backward_step_kernel, gru_backward_persistent_kernel, layout, steps, arguments, constants,
+                    device, backward=True, phases=2 if norm == NORM_LAYER else 1)
     # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
     grad_h0 = torch.matmul(dwh[0], w_hh.float()) + dh_carry
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -5,8 +5,9 @@ Program p owns ``BLOCK_H`` = 16 hidden units of every gate (grid axis 0) for a t
 rows (grid axis 1 tiles the batch); under batch norm in training it owns the whole batch of its
 columns instead, so that their statistics are local to it, and walks a batch of more than one tile
 in chunks (``batch_norm.py``). A persistent kernel keeps its rows of W_hh on chip where they fit
-(``resident_weights``). h is kept between steps in the weights' dtype, or in float32 under batch
-norm (``state_dtype``), and the recurrent products multiply as ``dot_precision`` says.
+(``resident_weights``, ``resident_tiles``). h is kept between steps in the weights' dtype, or in
+float32 under batch norm (``state_dtype``), and the recurrent products multiply as
+``dot_precision`` says.
 """
 from __future__ import annotations
 
@@ -123,6 +124,16 @@ def resident_weights(block_b: int, block_h: int, gates: int, hidden_size: int, d
         return False
     operand_bytes = (block_b + gates * block_h) * resident_k_tile(hidden_size) * (torch.finfo(dtype).bits // 8)
     return operand_bytes <= RESIDENT_OPERAND_BYTES
+
+
+def resident_tiles(layout: StepLayout, gates: int, hidden_size: int, dtype: torch.dtype, norm: int) -> dict:
+    """The constants of a persistent forward kernel that say where its ``gates`` x ``block_h`` rows
+    of W_hh live: ``RESIDENT``, as ``resident_weights`` decides for the layout's tiles with h in
+    ``state_dtype`` and the products in ``dot_precision``, and ``BLOCK_K``: all of K in one tile
+    where they stay on chip (``resident_k_tile``), the layout's streamed K tile otherwise."""
+    resident = resident_weights(layout.block_b, layout.block_h, gates, hidden_size, state_dtype(dtype, norm),
+                                dot_precision(dtype, norm))
+    return {"RESIDENT": resident, "BLOCK_K": resident_k_tile(hidden_size) if resident else layout.block_k}
 
 
 def state_dtype(dtype: torch.dtype, norm: int) -> torch.dtype:

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chunk_rows, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layout import NORM_BATCH, dot_precision, low_precision_gradient, step_layout
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
 
 
@@ -396,18 +396,14 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
         partials[:, :, 1:].zero_()
         cell_partials.zero_()
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (steps, wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
+    arguments = (wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
                  saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
                  dc_carry, dwx, dwh, dwh_low, partials, cell_partials, lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), LOW_GRAD=low_grad, CHUNKED=layout.chunked)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        lstm_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
-                                                     **persistent_launch_options(device.type))
-    else:
-        launch_steps(lstm_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True)
+    launch_sequence(lstm_backward_step_kernel, lstm_backward_persistent_kernel, layout, steps, arguments, constants,
+                    device, backward=True)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

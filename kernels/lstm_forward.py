@@ -25,10 +25,10 @@ import triton.language as tl
 
 from .batch_norm import (batch_statistics, chunk_moments, chunk_rows, merge_moments, merge_pair_moments,
                          pair_statistics, statistics_from_moments)
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
-from .layout import NORM_BATCH, dot_precision, resident_k_tile, resident_weights, state_dtype, step_layout
+from .buffers import new_buffer
+from .layout import NORM_BATCH, dot_precision, resident_tiles, state_dtype, step_layout
 from .lstm_projection import load_recurrent_weights, recurrent_projection
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
 
 
@@ -360,16 +360,8 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), CHUNKED=layout.chunked)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(layout.block_b, layout.block_h, 4, hidden, state_dtype(w_hh.dtype, norm),
-                                    constants["DOT_PRECISION"])
-        if resident:
-            constants["BLOCK_K"] = resident_k_tile(hidden)
-        lstm_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-                                                    **persistent_launch_options(device.type))
-    else:
-        launch_steps(lstm_forward_step_kernel, layout.grid, arguments, constants, steps)
+    launch_sequence(lstm_forward_step_kernel, lstm_forward_persistent_kernel, layout, steps, arguments, constants,
+                    device, persistent_constants=lambda: resident_tiles(layout, 4, hidden, w_hh.dtype, norm))
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats, cell_stats=cell_stats)

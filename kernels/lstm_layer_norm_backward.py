@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .lstm_layer_norm_forward import _gate
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity, tanh
 
 
@@ -257,19 +257,14 @@ def layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, b
     cell_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     hh_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (steps, wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
+    arguments = (wx, saved["wh"], w_hh, bias, hh_weight, cell_weight, cell_bias, saved["c"],
                  grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, dwh_low, saved["hh_stats"],
                  saved["cell_stats"], cell_partial, hh_partial, partials, cell_partials, lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER),
                      BLOCK_P=layout.block_p, LOW_GRAD=low_grad)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        layer_norm_lstm_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
-                                                                **persistent_launch_options(device.type))
-    else:
-        launch_steps(layer_norm_lstm_backward_phase_kernel, layout.grid, arguments, constants, steps, reverse=True,
-                     phases=3)
+    launch_sequence(layer_norm_lstm_backward_phase_kernel, layer_norm_lstm_backward_persistent_kernel, layout,
+                    steps, arguments, constants, device, backward=True, phases=3)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(dwh[0].to(w_hh.dtype), w_hh).float()
     return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "dc0": dc_carry, "partials": partials.sum(1),

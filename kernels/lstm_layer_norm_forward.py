@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layer_norm import combine_row_statistics, publish_row_statistics, store_row_partials
-from .layout import NORM_LAYER, dot_precision, resident_k_tile, resident_weights, step_layout
+from .layout import NORM_LAYER, dot_precision, resident_tiles, step_layout
 from .lstm_projection import load_recurrent_weights, recurrent_projection
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
 
 
@@ -217,16 +217,9 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     constants = dict(**layout.tile_constants(),
                      H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_P=layout.block_p)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(layout.block_b, layout.block_h, 4, hidden, w_hh.dtype, constants["DOT_PRECISION"])
-        if resident:
-            constants["BLOCK_K"] = resident_k_tile(hidden)
-        layer_norm_lstm_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants,
-                                                               RESIDENT=resident,
-                                                               **persistent_launch_options(device.type))
-    else:
-        launch_steps(layer_norm_lstm_forward_phase_kernel, layout.grid, arguments, constants, steps, phases=3)
+    launch_sequence(layer_norm_lstm_forward_phase_kernel, layer_norm_lstm_forward_persistent_kernel, layout, steps,
+                    arguments, constants, device, phases=3,
+                    persistent_constants=lambda: resident_tiles(layout, 4, hidden, w_hh.dtype, NORM_LAYER))
     result = {"output": output, "h": h, "c": c}
     if save:
         result.update(wh=wh, hh_stats=hh_stats, cell_stats=cell_stats)

@@ -23,10 +23,10 @@ import triton
 import triton.language as tl
 
 from .batch_norm import batch_norm_backward, chunked_pair_backward
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
-from .step_launch import launch_steps
+from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
 
 
@@ -240,19 +240,14 @@ def rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_wei
         partials[:, :, 1:].zero_()
     row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (steps, wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
+    arguments = (wx, saved["u"], w_hh, bias, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"],
                  grad_output.contiguous(), dh_carry, dwx, du, du_low, partials, row_partial, lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,
                      CHUNKED=layout.chunked)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        rnn_backward_persistent_kernel[layout.grid](arguments[0], barrier, *arguments[1:], **constants,
-                                                    **persistent_launch_options(device.type))
-    else:
-        launch_steps(rnn_backward_step_kernel, layout.grid, arguments, constants, steps, reverse=True,
-                     phases=2 if norm == NORM_LAYER else 1)
+    launch_sequence(rnn_backward_step_kernel, rnn_backward_persistent_kernel, layout, steps, arguments, constants,
+                    device, backward=True, phases=2 if norm == NORM_LAYER else 1)
     # Every sequence is active at step 0 (lengths >= 1), so dL/dh_0 comes through W_hh alone.
     grad_h0 = torch.matmul(du[0], w_hh.float())
     return {"dwx": dwx, "du": du, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 
 from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
-from .buffers import PERSISTENT, launch_mode, new_buffer, persistent_launch_options
+from .buffers import new_buffer
 from .layer_norm import combine_row_statistics, publish_row_statistics
-from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_k_tile, resident_weights, step_layout
-from .step_launch import launch_steps
+from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
+from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
                     store_step_statistics, tanh, weight_rows)
 
@@ -287,17 +287,9 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm),
                      BLOCK_P=layout.block_p, OPERAND_COPY=h_operand is not h, CHUNKED=layout.chunked)
-    if launch_mode(layout.programs, device) == PERSISTENT:
-        barrier = torch.zeros(1, dtype=torch.int32, device=device)
-        resident = resident_weights(layout.block_b, layout.block_h, 1, hidden, h_operand.dtype,
-                                    constants["DOT_PRECISION"])
-        if resident:
-            constants["BLOCK_K"] = resident_k_tile(hidden)
-        rnn_forward_persistent_kernel[layout.grid](steps, barrier, *arguments, **constants, RESIDENT=resident,
-                                                   **persistent_launch_options(device.type))
-    else:
-        launch_steps(rnn_forward_step_kernel, layout.grid, arguments, constants, steps,
-                     phases=2 if norm == NORM_LAYER else 1)
+    launch_sequence(rnn_forward_step_kernel, rnn_forward_persistent_kernel, layout, steps, arguments, constants, device,
+                    phases=2 if norm == NORM_LAYER else 1,
+                    persistent_constants=lambda: resident_tiles(layout, 1, hidden, w_hh.dtype, norm))
     result = {"output": output, "h": h}
     if save:
         result.update(u=u, ih_stats=ih_stats, hh_stats=hh_stats)

@@ -218,24 +218,21 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
         pytest.skip("needs CUDA or the Triton interpreter")
     from normrnn.bench import implementations
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
-    from normrnn.kernels import layout, lstm_layer_norm_forward
+    from normrnn.kernels import layout
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = []
     rule = layout.resident_weights
 
     def decide(*args):  # as on a GPU at a shape that fits: on chip unless the budget is taken away
-        return layout.RESIDENT_OPERAND_BYTES > 0
-
-    def recorded(*args):
-        chosen.append(decide(*args))
+        chosen.append(layout.RESIDENT_OPERAND_BYTES > 0)
         return chosen[-1]
 
-    monkeypatch.setattr(layout, "resident_weights", decide)  # what the bench's builder asks
-    monkeypatch.setattr(lstm_layer_norm_forward, "resident_weights", recorded)  # what the launcher asks
+    monkeypatch.setattr(layout, "resident_weights", decide)  # what the bench's builder and the launcher ask
     case = cases.Case("lstm", "layer", "float32", 3, 16, 2)  # one program: persistent under the interpreter
     for name, resident in (("normrnn-persistent", True), ("normrnn-persistent-streamed", False)):
-        chosen.clear()
-        IMPLEMENTATIONS[name](case, device).forward_eval()
+        runner = IMPLEMENTATIONS[name](case, device)
+        chosen.clear()  # what the launcher is asked as the layer runs
+        runner.forward_eval()
         assert chosen == [resident], name
     assert layout.RESIDENT_OPERAND_BYTES > 0  # restored after the call
     build = IMPLEMENTATIONS["normrnn-persistent-streamed"]

@@ -28,14 +28,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from concurrent_interpreter import LaunchTimeout, concurrent_programs  # noqa: E402
-from normrnn.kernels import buffers  # noqa: E402
+from normrnn.kernels import buffers, layout  # noqa: E402
 
 CELLS = {"LSTM": normrnn.LSTM, "GRU": normrnn.GRU, "RNN": normrnn.RNN}
-
-
-def _forward_module(cell, norm):
-    name = "lstm_layer_norm_forward" if cell == "LSTM" and norm == "layer" else f"{cell.lower()}_forward"
-    return importlib.import_module(f"normrnn.kernels.{name}")
 
 
 def _lengths(batch, longest):
@@ -65,7 +60,7 @@ def test_three_programs(monkeypatch, cell, norm, resident):
     """H=35: three programs of 16 units, the last one's partly masked; lengths and an initial
     state; the forward's W_hh loaded once before the step loop or streamed every step (forced:
     under the interpreter the rule would always stream)."""
-    monkeypatch.setattr(_forward_module(cell, norm), "resident_weights", lambda *args: resident)
+    monkeypatch.setattr(layout, "resident_weights", lambda *args: resident)
     reference, fused = make_pair(CELLS[cell], norm, torch.float32, input_size=3, hidden_size=35)
     h0 = torch.randn(1, 7, 35, dtype=torch.float64)
     hx = (h0, torch.randn(1, 7, 35, dtype=torch.float64)) if cell == "LSTM" else h0

@@ -6,7 +6,8 @@ import torch
 
 import fused_helpers  # noqa: F401 - before Triton: on a CPU the kernels it imports are interpreted
 from normrnn.kernels.layout import (NORM_BATCH, NORM_LAYER, NORM_NONE, dot_precision, grid_programs,
-                                    low_precision_gradient, resident_weights, state_dtype, step_layout)
+                                    low_precision_gradient, resident_tiles, resident_weights, state_dtype,
+                                    step_layout)
 
 
 @pytest.mark.parametrize("norm", [NORM_NONE, NORM_LAYER, NORM_BATCH])
@@ -59,6 +60,23 @@ def test_weights_on_chip_only_for_warpgroup_products_that_fit():
     assert not resident_weights(16, 16, 4, 512, torch.bfloat16, "native")
     assert not resident_weights(64, 16, 4, 1024, torch.bfloat16, "native")
     assert resident_weights(64, 16, 1, 512, torch.bfloat16, "native")  # the RNN's one gate: 80 KiB
+
+
+def test_resident_tiles_widen_k_only_where_the_weights_stay(monkeypatch):
+    """What a persistent forward is launched with on a GPU: at B=64, H=512 in bfloat16 all of K in
+    one tile of 512 without norm and with layer norm; under batch norm (float32 h and products) and
+    in float32, W_hh streamed in the layout's K tiles (32 and 64)."""
+    from normrnn.kernels import layout
+    monkeypatch.setattr(layout, "interpreted", lambda: False)  # what a GPU would multiply with
+    for norm in (NORM_NONE, NORM_LAYER):
+        tiles = resident_tiles(step_layout(64, 512, norm, training=True), 4, 512, torch.bfloat16, norm)
+        assert tiles == {"RESIDENT": True, "BLOCK_K": 512}
+    assert resident_tiles(step_layout(64, 512, NORM_BATCH, training=True), 4, 512, torch.bfloat16,
+                          NORM_BATCH) == {"RESIDENT": False, "BLOCK_K": 32}
+    assert resident_tiles(step_layout(64, 512, NORM_NONE, training=True), 4, 512, torch.float32,
+                          NORM_NONE) == {"RESIDENT": False, "BLOCK_K": 64}
+    assert resident_tiles(step_layout(64, 300, NORM_NONE, training=True), 3, 300, torch.bfloat16,
+                          NORM_NONE) == {"RESIDENT": True, "BLOCK_K": 512}  # K padded to a power of two
 
 
 def test_precision_follows_the_state_dtype(monkeypatch):

@@ -97,12 +97,11 @@ def test_persistent_kernel_with_grid_barrier(monkeypatch, norm, resident):
     once before the loop or streamed every step, whichever ``resident_weights`` would choose on a
     GPU (forced here: the rule is tested on its own). The interpreter runs programs one after
     another, so it can run it with a single program (H <= 16)."""
-    from normrnn.kernels import lstm_forward, lstm_layer_norm_forward
+    from normrnn.kernels import layout
     from normrnn.kernels.buffers import PERSISTENT, launch_mode
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     asked = []
-    module = lstm_layer_norm_forward if norm == "layer" else lstm_forward
-    monkeypatch.setattr(module, "resident_weights", lambda *args: asked.append(args) or resident)
+    monkeypatch.setattr(layout, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     assert launch_mode(1, torch.device(DEVICE)) == PERSISTENT
     _compare(reference, fused, torch.randn(5, 4, 3, dtype=torch.float64), None, torch.tensor([5, 5, 2, 4]),

@@ -58,10 +58,10 @@ def test_persistent_kernel_and_batch_tiles(monkeypatch, norm, resident):
     loaded once before the loop or streamed every step, whichever ``resident_weights`` would choose
     on a GPU (forced here); 70 rows make two batch tiles, or under batch norm two chunks that one
     program walks (more in ``test_batch_norm_chunks.py``)."""
-    from normrnn.kernels import rnn_forward
+    from normrnn.kernels import layout
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     asked = []
-    monkeypatch.setattr(rnn_forward, "resident_weights", lambda *args: asked.append(args) or resident)
+    monkeypatch.setattr(layout, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     _compare(reference, fused, torch.randn(4, 4, 3, dtype=torch.float64), None, torch.tensor([4, 4, 2, 3]),
              torch.float32)
