@@ -17,16 +17,11 @@ from torch import Tensor
 
 from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
-from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
+from .kernels.layout import NORM_LAYER
 from .params import DirectionParams, Padding
-from .triton_backend import (no_second_derivative, on_the_tensors_device, pair_norm_tensors, project_inputs,
-                             recurrent_weight_gradient, store_running_statistics)
-
-_NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
-
-
-def _empty(like: Tensor, shape, dtype=None) -> Tensor:
-    return like.new_empty(shape, dtype=dtype or like.dtype)
+from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, needs_gradient, new_empty,
+                         no_second_derivative, nothing_saved, on_the_tensors_device, pair_norm_tensors, project_inputs,
+                         recurrent_weight_gradient, require_saved, store_running_statistics)
 
 
 @torch.library.custom_op("normrnn::gru_forward", mutates_args=())
@@ -43,7 +38,7 @@ def gru_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias_ih: Tensor, bias_h
     h = result["h"]
     h_n = h[-1].to(h0.dtype, copy=True)
     if not save:
-        return (result["output"], h_n, updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+        return (result["output"], h_n, updated, *nothing_saved(wx, 4))
     return result["output"], h_n, updated, h, result["wh"], result["ih_stats"], result["hh_stats"]
 
 
@@ -51,14 +46,14 @@ def gru_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias_ih: Tensor, bias_h
 def _(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm, training, save, momentum, eps):
     steps, batch, gates = wx.shape
     hidden = gates // 3
-    output = _empty(wx, (steps, batch, hidden), w_hh.dtype)
-    updated = [_empty(statistic, statistic.shape) for statistic in running]
+    output = new_empty(wx, (steps, batch, hidden), w_hh.dtype)
+    updated = [new_empty(statistic, statistic.shape) for statistic in running]
     if not save:
-        return (output, _empty(h0, h0.shape), updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
-    return (output, _empty(h0, h0.shape), updated,
-            _empty(wx, (steps + 1, batch, hidden), torch.float32),
-            _empty(wx, (steps, batch, gates), torch.float32), _empty(wx, (steps, 2, gates), torch.float32),
-            _empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32))
+        return (output, new_empty(h0, h0.shape), updated, *nothing_saved(wx, 4))
+    return (output, new_empty(h0, h0.shape), updated,
+            new_empty(wx, (steps + 1, batch, hidden), torch.float32),
+            new_empty(wx, (steps, batch, gates), torch.float32), new_empty(wx, (steps, 2, gates), torch.float32),
+            new_empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32))
 
 
 @torch.library.custom_op("normrnn::gru_backward", mutates_args=())
@@ -82,8 +77,8 @@ def _(grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h
       norm, training):
     batch, gates = wx.shape[1], wx.shape[2]
     f32 = torch.float32
-    return (_empty(wx, wx.shape), _empty(w_hh, (batch, gates // 3)), _empty(w_hh, w_hh.shape),
-            *[_empty(wx, (gates,), f32) for _ in range(4)])
+    return (new_empty(wx, wx.shape), new_empty(w_hh, (batch, gates // 3)), new_empty(w_hh, w_hh.shape),
+            *[new_empty(wx, (gates,), f32) for _ in range(4)])
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,12 +90,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
     wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, h, wh, ih_stats, hh_stats = ctx.saved_tensors
-    if h.numel() == 0:
-        raise RuntimeError("normrnn: this GRU forward ran without saving for backward (save=False); "
-                           "run it with gradients enabled to differentiate it")
+    require_saved(h, "GRU")
     grads = torch.ops.normrnn.gru_backward(
-        grad_output if grad_output is not None else torch.zeros_like(h[1:], dtype=w_hh.dtype),
-        grad_h_n if grad_h_n is not None else torch.zeros_like(h[0], dtype=w_hh.dtype),
+        gradient_or_zeros(grad_output, h[1:], w_hh.dtype), gradient_or_zeros(grad_h_n, h[0], w_hh.dtype),
         wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, lengths, ctx.norm, ctx.training)
     return (*grads, [None] * ctx.statistics, None, None, None, None, None, None)
 
@@ -113,16 +105,15 @@ def run_gru(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
             training: bool, momentum: float, eps: float) -> Tuple[Tensor, Tuple[Tensor]]:
     """One GRU layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
     wx = project_inputs(x, params, norm, padding, training, momentum, eps)
+    # apart, not summed: b_hn sits inside r * (h W_hn^T + b_hn)
     zeros = x.new_zeros(params.weight_hh.shape[0], dtype=torch.float32)
     bias_ih = params.bias_ih.float() if params.bias_ih is not None else zeros
     bias_hh = params.bias_hh.float() if params.bias_hh is not None else zeros
     ih_weight, hh_weight, running = pair_norm_tensors(params, norm, x)
-    lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
     (h0,) = state
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (wx, h0, params.weight_hh, bias_ih, bias_hh, ih_weight, hh_weight))
     output, h_n, updated, *_ = torch.ops.normrnn.gru_forward(
-        wx, h0.contiguous(), params.weight_hh.contiguous(), bias_ih, bias_hh, ih_weight, hh_weight, running, lengths,
-        _NORM_CODES[norm], bool(training), bool(needs_grad), float(momentum), float(eps))
+        wx, h0.contiguous(), params.weight_hh.contiguous(), bias_ih, bias_hh, ih_weight, hh_weight, running,
+        kernel_lengths(padding, x), NORM_CODES[norm], bool(training),
+        needs_gradient(wx, h0, params.weight_hh, bias_ih, bias_hh, ih_weight, hh_weight), float(momentum), float(eps))
     store_running_statistics(norm, training, running, updated)
     return output, (h_n,)

@@ -14,18 +14,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
+from .kernels.layout import NORM_LAYER
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .params import DirectionParams, Padding
-from .triton_backend import (no_second_derivative, on_the_tensors_device, pair_norm_tensors, project_inputs,
-                             recurrent_weight_gradient, store_running_statistics)
-
-_NORM_CODES = {None: NORM_NONE, "seqbatch": NORM_NONE, "layer": NORM_LAYER, "batch": NORM_BATCH}
-
-
-def _empty(like: Tensor, shape, dtype=None) -> Tensor:
-    return like.new_empty(shape, dtype=dtype or like.dtype)
+from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, needs_gradient, new_empty,
+                         no_second_derivative, nothing_saved, on_the_tensors_device, pair_norm_tensors, project_inputs,
+                         recurrent_weight_gradient, require_saved, store_running_statistics, summed_bias)
 
 
 @torch.library.custom_op("normrnn::rnn_forward", mutates_args=())
@@ -42,22 +37,22 @@ def rnn_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias: Tensor, ih_weight
     h = result["h"]
     h_n = h[-1].to(h0.dtype, copy=True)
     if not save:
-        return (result["output"], h_n, updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+        return (result["output"], h_n, updated, *nothing_saved(wx, 4))
     return result["output"], h_n, updated, h, result["u"], result["ih_stats"], result["hh_stats"]
 
 
 @rnn_forward_op.register_fake
 def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activation, training, save, momentum, eps):
     steps, batch, hidden = wx.shape
-    output = _empty(wx, (steps, batch, hidden), w_hh.dtype)
-    updated = [_empty(statistic, statistic.shape) for statistic in running]
+    output = new_empty(wx, (steps, batch, hidden), w_hh.dtype)
+    updated = [new_empty(statistic, statistic.shape) for statistic in running]
     if not save:
-        return (output, _empty(h0, h0.shape), updated, *[_empty(wx, (0,), torch.float32) for _ in range(4)])
+        return (output, new_empty(h0, h0.shape), updated, *nothing_saved(wx, 4))
     stats_width = batch if norm == NORM_LAYER else hidden
-    return (output, _empty(h0, h0.shape), updated,
-            _empty(wx, (steps + 1, batch, hidden), torch.float32),
-            _empty(wx, (steps, batch, hidden), torch.float32), _empty(wx, (steps, 2, hidden), torch.float32),
-            _empty(wx, (steps, 2, stats_width), torch.float32))
+    return (output, new_empty(h0, h0.shape), updated,
+            new_empty(wx, (steps + 1, batch, hidden), torch.float32),
+            new_empty(wx, (steps, batch, hidden), torch.float32), new_empty(wx, (steps, 2, hidden), torch.float32),
+            new_empty(wx, (steps, 2, stats_width), torch.float32))
 
 
 @torch.library.custom_op("normrnn::rnn_backward", mutates_args=())
@@ -81,8 +76,8 @@ def _(grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stat
       activation, training):
     batch, hidden = wx.shape[1], wx.shape[2]
     f32 = torch.float32
-    return (_empty(wx, wx.shape), _empty(w_hh, (batch, hidden)), _empty(w_hh, w_hh.shape), _empty(wx, (hidden,), f32),
-            _empty(wx, (hidden,), f32), _empty(wx, (hidden,), f32))
+    return (new_empty(wx, wx.shape), new_empty(w_hh, (batch, hidden)), new_empty(w_hh, w_hh.shape),
+            *[new_empty(wx, (hidden,), f32) for _ in range(3)])
 
 
 def _setup_context(ctx, inputs, output):
@@ -93,17 +88,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
     wx, w_hh, bias, ih_weight, hh_weight, lengths, h, u, ih_stats, hh_stats = ctx.saved_tensors
-    if h.numel() == 0:
-        raise RuntimeError("normrnn: this RNN forward ran without saving for backward (save=False); "
-                           "run it with gradients enabled to differentiate it")
+    require_saved(h, "RNN")
     grads = torch.ops.normrnn.rnn_backward(
-        grad_output if grad_output is not None else torch.zeros_like(h[1:], dtype=w_hh.dtype),
-        grad_h_n if grad_h_n is not None else torch.zeros_like(h[0], dtype=w_hh.dtype),
+        gradient_or_zeros(grad_output, h[1:], w_hh.dtype), gradient_or_zeros(grad_h_n, h[0], w_hh.dtype),
         wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, ctx.norm, ctx.activation,
         ctx.training)
-    grad_wx, grad_h0, grad_w_hh, grad_bias, grad_ih, grad_hh = grads
-    return (grad_wx, grad_h0, grad_w_hh, grad_bias, grad_ih, grad_hh, [None] * ctx.statistics, None, None, None, None,
-            None, None, None)
+    return (*grads, [None] * ctx.statistics, None, None, None, None, None, None, None)
 
 
 rnn_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -114,16 +104,12 @@ def run_rnn(norm: Optional[str], x: Tensor, state: Tuple[Tensor], params: Direct
             training: bool, momentum: float, eps: float, nonlinearity: Optional[str]) -> Tuple[Tensor, Tuple[Tensor]]:
     """One RNN layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
     wx = project_inputs(x, params, norm, padding, training, momentum, eps)
-    hidden = params.hidden_size
-    biases = [b.float() for b in (params.bias_ih, params.bias_hh) if b is not None]
-    bias = sum(biases) if biases else x.new_zeros(hidden, dtype=torch.float32)
+    bias = summed_bias(params, x)
     ih_weight, hh_weight, running = pair_norm_tensors(params, norm, x)
-    lengths = padding.lengths.to(x.device, torch.int32) if padding.padded else None
     (h0,) = state
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (wx, h0, params.weight_hh, bias, ih_weight, hh_weight))
     output, h_n, updated, *_ = torch.ops.normrnn.rnn_forward(
-        wx, h0.contiguous(), params.weight_hh.contiguous(), bias, ih_weight, hh_weight, running, lengths,
-        _NORM_CODES[norm], ACTIVATIONS[nonlinearity], bool(training), bool(needs_grad), float(momentum), float(eps))
+        wx, h0.contiguous(), params.weight_hh.contiguous(), bias, ih_weight, hh_weight, running,
+        kernel_lengths(padding, x), NORM_CODES[norm], ACTIVATIONS[nonlinearity], bool(training),
+        needs_gradient(wx, h0, params.weight_hh, bias, ih_weight, hh_weight), float(momentum), float(eps))
     store_running_statistics(norm, training, running, updated)
     return output, (h_n,)

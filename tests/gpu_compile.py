@@ -327,10 +327,8 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
     import torch
 
     import normrnn
-    import normrnn.triton_backend  # noqa: F401 - the launchers' modules, for persistent_launches
+    import normrnn.triton_backend  # noqa: F401 - every cell's launchers' modules, for persistent_launches
     from normrnn.params import CELL_GATES
-    import normrnn.triton_gru  # noqa: F401
-    import normrnn.triton_rnn  # noqa: F401
 
     shape = case.layer
     layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[shape.cell]

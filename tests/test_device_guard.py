@@ -1,24 +1,24 @@
 """The fused layers launch on their tensors' GPU, not on whichever is current: Triton launches on
 the current CUDA device, so every custom op of the fused layers sets it to its first tensor's
-(``triton_backend.on_the_tensors_device``)."""
+(``triton_ops.on_the_tensors_device``)."""
 import contextlib
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from fused_helpers import DEVICE  # noqa: E402 - the interpreter on a CPU, before triton is imported
+# first: on a CPU it turns the interpreter on, which Triton reads as it is imported (then it skips
+# the module where Triton is missing); Triton imported before it ran the kernels of the next test
+# file uninterpreted ("Cannot call @triton.jit'd outside of the scope of a kernel")
+from fused_helpers import DEVICE  # noqa: E402
 
 import normrnn  # noqa: E402
-from normrnn import triton_backend  # noqa: E402
-import normrnn.triton_gru  # noqa: E402,F401 - registers the GRU's ops
-import normrnn.triton_rnn  # noqa: E402,F401 - registers the RNN's ops
+import normrnn.triton_backend  # noqa: E402,F401 - registers every cell's ops
+from normrnn import triton_ops  # noqa: E402
 
 
 def test_every_custom_op_of_the_fused_layers_is_guarded():
     ops = {f"{cell}_{direction}_op" for cell in ("lstm", "gru", "rnn") for direction in ("forward", "backward")}
-    assert triton_backend.GUARDED_OPS == ops
+    assert triton_ops.GUARDED_OPS == ops
 
 
 class _OnSecondGPU(torch.Tensor):
@@ -46,8 +46,8 @@ def test_the_guard_makes_the_first_tensors_device_current(monkeypatch):
     def op(flag, tensor, other):
         return entered[:]
 
-    guarded = triton_backend.on_the_tensors_device(op)
-    triton_backend.GUARDED_OPS.discard("op")
+    guarded = triton_ops.on_the_tensors_device(op)
+    triton_ops.GUARDED_OPS.discard("op")
     on_second = torch.Tensor._make_subclass(_OnSecondGPU, torch.zeros(1))
     assert guarded(True, on_second, torch.zeros(1)) == [torch.device("cuda", 1)]
     entered.clear()
