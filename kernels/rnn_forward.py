@@ -33,7 +33,7 @@ from .layer_norm import combine_row_statistics, publish_row_statistics
 from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
-                    store_step_statistics, tanh, weight_rows)
+                    store_hidden_state, store_step_statistics, tanh, weight_rows)
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -141,15 +141,9 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
             tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
         pre = wx + u + bias[None, :]
     h_new = _activate(pre, ACTIVATION)
-    keep = active[:, None]
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    h_next = tl.where(keep, h_new, h_prev.to(tl.float32))
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
-    if OPERAND_COPY:
-        tl.store(h_operand_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
-                 mask=tile_mask)
-    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
-             mask=tile_mask)
+    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H, state_offsets, tile_mask, active, h_new, h_prev,
+                       OPERAND_COPY)
 
 
 @triton.jit

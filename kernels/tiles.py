@@ -1,6 +1,7 @@
 """Pieces of the step functions that every fused cell shares: tanh, which rows and hidden units a
 program owns, the rows of W_hh a persistent kernel keeps on chip and the recurrent product in the
-precision the cell chose, which rows are still running, the backward's one cross-program read,
+precision the cell chose, which rows are still running, how the GRU and the RNN store h_t, the
+backward's one cross-program read,
 dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], the grid barrier of
 the persistent kernels, and the layout of the per-step statistics the backward reads."""
 from __future__ import annotations
@@ -76,6 +77,22 @@ def row_activity(t, steps, rows, row_mask, lengths_ptr, HAS_LENGTHS: tl.constexp
         active = row_mask
         active_next = row_mask & (t + 1 < steps)
     return active, active_next
+
+
+@triton.jit
+def store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H: tl.constexpr, state_offsets, tile_mask, active, h_new,
+                       h_prev, OPERAND_COPY: tl.constexpr):
+    """The GRU's and RNN's step ends: h_t = h_new where the row is still running and h_{t-1} where
+    its sequence has ended (row t + 1 of h, and of its rounded copy ``h_operand`` where the
+    recurrent product reads one: ``OPERAND_COPY``), and the output h_new, zero past the end."""
+    keep = active[:, None]
+    h_next = tl.where(keep, h_new, h_prev)
+    tl.store(h_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    if OPERAND_COPY:
+        tl.store(h_operand_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
+                 mask=tile_mask)
+    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
 
 
 @triton.jit
