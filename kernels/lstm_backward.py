@@ -24,12 +24,7 @@ from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chun
 from .buffers import new_buffer
 from .layout import NORM_BATCH, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity
-
-
-@triton.jit
-def tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """Pieces of the step functions that every fused cell shares: tanh, which rows and hidden units a
 program owns, the rows of W_hh a persistent kernel keeps on chip and the recurrent product in the
 precision the cell chose, which rows are still running, how the GRU and the RNN store h_t, the
-backward's one cross-program read,
-dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units], the grid barrier of
-the persistent kernels, and the layout of the per-step statistics the backward reads."""
+backward's one cross-program read, dL/dh_{t} = sum over gates of dwh_{t+1}[:, gate] W_hh[gate, :, units],
+the grid barrier of the persistent kernels, and the layout of the per-step statistics the backward
+reads."""
 from __future__ import annotations
 
 import triton
