@@ -382,9 +382,16 @@ class LSTM(_NormRNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
-                 backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
+                 backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None,
+                 proj_size: int = 0):
+        # torch's argument, taken so that code passing nn.LSTM's configuration (proj_size=0) runs:
+        # an output projection is not implemented, and asking for one must not be ignored
+        if proj_size != 0:
+            raise ValueError(f"proj_size={proj_size!r} is not supported: normrnn's LSTM has no output projection "
+                             "(expected 0)")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
                          momentum, eps, max_steps, backend, gamma_init, None, device, dtype)
+        self.proj_size = 0
 
 
 class GRU(_NormRNNBase):

@@ -25,6 +25,16 @@ def test_bad_constructor_arguments(kwargs, match):
         normrnn.LSTM(**config)
 
 
+def test_projection_is_refused_and_its_absence_accepted():
+    """``proj_size=0`` (torch's default, in configurations copied from ``nn.LSTM``) builds the
+    layer; a projection raises instead of being ignored."""
+    assert normrnn.LSTM(3, 4, proj_size=0).proj_size == 0
+    with pytest.raises(ValueError, match="proj_size=2 is not supported"):
+        normrnn.LSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="module: proj_size=2 is not supported"):
+        normrnn.LSTM.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
+
+
 def test_unknown_nonlinearity():
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         normrnn.RNN(3, 4, nonlinearity="sigmoid")
