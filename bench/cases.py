@@ -68,8 +68,9 @@ def quick_skip(implementation: str, case: Case) -> Optional[str]:
     is timed), so that the quick grid stays within five minutes on an H100: compiling the unrolled
     reference takes about a minute per case (--quick compiles it once, for QUICK_COMPILED_REFERENCE,
     after the grid), the eager reference about 2 s per step at T=1000, normrnn-graphs a compile
-    and a capture per case, and normrnn-triton-rebinding differs from normrnn-triton only in host time
-    per launch. The full grid times all of them everywhere."""
+    and a capture per case, normrnn-triton-rebinding differs from normrnn-triton only in host time
+    per launch, and FlashRNN compiles a CUDA kernel per configuration (cell, dtype, batch, hidden
+    size; not T). The full grid times all of them everywhere."""
     if implementation == COMPILED_REFERENCE:
         return ("--quick compiles the reference for one case only (LSTM, batch norm, bf16, B=64, H=512, "
                 "T=100), after every other case: a compile takes about a minute; the full grid times it everywhere")
@@ -79,6 +80,10 @@ def quick_skip(implementation: str, case: Case) -> Optional[str]:
                                                   or case.dtype != "bfloat16"):
         return (f"--quick times {QUICK_HEADLINE_ONLY[implementation]} for the bf16 LSTM at T=100 only; the full "
                 "grid times them everywhere")
+    if implementation == "flashrnn" and (case.cell != "lstm" or case.dtype != "bfloat16"):
+        return ("--quick times FlashRNN for the bf16 LSTM only (one compiled kernel serves T=100 and 1000): it "
+                "compiles its CUDA kernels with nvcc at the first call of each configuration; the full grid times "
+                "it everywhere")
     return None
 
 

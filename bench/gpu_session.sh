@@ -44,6 +44,15 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$log"
+# a peer the machine lacks (FlashRNN) where the session carried its wheel in .whl (here:
+# `pip download --no-deps -d .whl flashrnn==1.0.8`, a folder .gitignore leaves out, and the run
+# carries ".whl"); it compiles its CUDA kernel in the first case, minutes that the rest of the
+# bench then lacks, so carry it once normrnn's own numbers are in
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    echo "=== carried wheels: $(ls .whl)" >>"$log"
+fi
 
 # Triton compiling a few hundred small specializations bounds the tests: 16 pytest processes on 16
 # cores. A grid barrier that never opens would spin until pytest-timeout names the test; its thread

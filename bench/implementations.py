@@ -17,7 +17,8 @@ missing peer is never skipped silently.
     reference-compiled  the reference layer under torch.compile
     cudnn               torch.nn.LSTM / GRU / RNN: no normalization, the speed bar of every row
     haste               haste_pytorch LSTM / LayerNormLSTM / GRU / LayerNormGRU when it imports
-    flashrnn            FlashRNN's fused CUDA LSTM / GRU / Elman when it imports
+    flashrnn            FlashRNN's fused CUDA LSTM / GRU / Elman when it imports, with its input
+                        projection (``flashrnn_peer.py``)
 
 CPU section: normrnn-cpp (the C++ backend), normrnn-reference, torch-cpu (torch's CPU module),
 and gemm-floor: only the matrix products that every implementation of the cell must run, with
@@ -39,6 +40,7 @@ from normrnn import dispatch
 from normrnn.params import CELL_GATES
 
 from .cases import Case
+from .flashrnn_peer import FlashRNNLayer
 
 # The eager reference and torch.compile of its unrolled loop take minutes at these sizes: they
 # are timed up to this many hidden units x timesteps and skipped, with this reason, above it.
@@ -254,33 +256,16 @@ def haste(case: Case, device) -> Runner:
 
 def flashrnn(case: Case, device) -> Runner:
     try:
-        module = importlib.import_module("flashrnn.flashrnn")
+        importlib.import_module("flashrnn.flashrnn")
     except ImportError as error:
         raise Skip(f"flashrnn is not installed ({error})")
+    if device.type != "cuda":
+        raise Skip("FlashRNN's fused kernels run on CUDA only")
     if case.norm is not None:
         raise Skip("FlashRNN has no normalized cells")
-    function = {"lstm": "lstm", "gru": "gru", "rnn": "elman"}[case.cell]
-    gates = {"lstm": 4, "gru": 4, "rnn": 1}[case.cell]
-    dtype = _dtype(case)
-    heads, head_dim = 1, case.hidden_size
-    # FlashRNN's layout: inputs (B, T, gates, heads, head_dim), R (heads, head_dim, gates, head_dim),
-    # b (heads, gates, head_dim); it compiles its CUDA kernels on first use.
-    wx = torch.randn(case.batch, case.steps, gates, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-    recurrent = torch.randn(heads, head_dim, gates, head_dim, device=device, dtype=dtype, requires_grad=True)
-    bias = torch.randn(heads, gates, head_dim, device=device, dtype=dtype, requires_grad=True)
-
-    def run():
-        return module.flashrnn(wx, recurrent, bias, function=function, backend="cuda_fused",
-                               dtype=case.dtype)[0]
-
-    def forward_eval():
-        with torch.no_grad():
-            run()
-
-    def train_step():
-        run().float().sum().backward()
-
-    return Runner(forward_eval, train_step)
+    # its fused kernel compiles (nvcc) at the first call: in the warm-up, outside the timing
+    layer = FlashRNNLayer(case.cell, case.input_size, case.hidden_size, "cuda_fused", device, _dtype(case))
+    return _module_runner(layer, _inputs(case, device))
 
 
 IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {

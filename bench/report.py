@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -22,6 +23,21 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+PEER_PACKAGES = ("flashrnn", "haste_pytorch")
+
+
+def peer_versions() -> Dict[str, Optional[str]]:
+    """The installed version of each peer package, None where it is not installed (its rows then
+    say it was skipped)."""
+    versions = {}
+    for package in PEER_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def environment(device: torch.device) -> Dict:
     try:
         import triton
@@ -31,7 +47,7 @@ def environment(device: torch.device) -> Dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat(),
+            "date": datetime.date.today().isoformat(), "peers": peer_versions(),
             # launcher settings in force for the whole run (the GPU session sets NORMRNN_STEP_LAUNCH=triton
             # when the bound launches fail their check): what the fused rows ran
             "settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("NORMRNN_")}}
@@ -128,7 +144,9 @@ def markdown(results: Dict) -> str:
     floor = any("ratio_to_gemm-floor" in row for row in results["timings"])
     lines = [f"# normrnn bench: {env['device']} ({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['cpu_threads']} CPU threads"
-             + "".join(f", {name}={value}" for name, value in env.get("settings", {}).items()) + ". "
+             + "".join(f", {name}={value}" for name, value in env.get("settings", {}).items())
+             + ("".join(f", {package} {version or 'not installed'}" for package, version in env.get("peers", {}).items())
+                if results["section"] == "cuda" else "") + ". "
              "Median ms, and ratios to torch's unnormalized module of the same cell and shape (the speed bar "
              "of every norm) and to the eager reference; below 1 is faster."
              + (" The last column: the ratio to gemm-floor, the matrix products alone that every implementation "

@@ -33,9 +33,9 @@ def test_quick_grid_is_the_documented_subset():
 
 
 def test_quick_times_the_slow_implementations_where_the_docstring_says():
-    """--quick keeps the compiled reference to the headline case, the eager reference to T=100 and
-    CUDA graphs and the rebound launches to the LSTM at T=100, each skip with its reason; the
-    builder wrapper raises it."""
+    """--quick keeps the compiled reference to the headline case, the eager reference to T=100,
+    CUDA graphs and the rebound launches to the LSTM at T=100 and FlashRNN to the bf16 LSTM, each
+    skip with its reason; the builder wrapper raises it."""
     from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
     quick = cases.quick_grid()
     timed = {name: [case for case in quick if cases.quick_skip(name, case) is None] for name in IMPLEMENTATIONS}
@@ -43,7 +43,9 @@ def test_quick_times_the_slow_implementations_where_the_docstring_says():
     assert {case.steps for case in timed["normrnn-reference"]} == {100}
     for name in ("normrnn-graphs", "normrnn-triton-rebinding"):
         assert {(case.cell, case.dtype, case.steps) for case in timed[name]} == {("lstm", "bfloat16", 100)}, name
-    for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste", "flashrnn"):
+    assert {(case.cell, case.dtype) for case in timed["flashrnn"]} == {("lstm", "bfloat16")}
+    assert {case.steps for case in timed["flashrnn"]} == {100, 1000}
+    for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste"):
         assert timed[name] == quick, name
     def never(case):
         raise AssertionError("built although --quick skips it")
@@ -71,7 +73,8 @@ def test_partial_results_say_they_are_incomplete(tmp_path):
 
 def test_the_results_name_the_launcher_settings_in_force(monkeypatch):
     """The GPU session runs the bench with NORMRNN_STEP_LAUNCH=triton where the bound launches fail
-    their check: the fused rows then ran something else, and the results must say so."""
+    their check: the fused rows then ran something else, and the results must say so; they name the
+    peers' versions too."""
     monkeypatch.delenv("NORMRNN_PERSISTENT", raising=False)
     monkeypatch.setenv("NORMRNN_STEP_LAUNCH", "triton")
     env = report.environment(torch.device("cpu"))
@@ -79,6 +82,10 @@ def test_the_results_name_the_launcher_settings_in_force(monkeypatch):
     text = report.markdown({"section": "cuda", "environment": env, "timings": [], "correctness": []})
     header = text.splitlines()[2]
     assert header.startswith("torch ") and ", NORMRNN_STEP_LAUNCH=triton" in header, header
+    # and which peers were there to time, with their versions
+    assert set(env["peers"]) == {"flashrnn", "haste_pytorch"}
+    for package, version in env["peers"].items():
+        assert f", {package} {version or 'not installed'}" in header, header
 
 
 def test_warmup_compiles_every_launch_mode_in_worker_processes_and_reports_failures():
