@@ -16,22 +16,19 @@ def _pair(norm, dtype, **config):
     return make_pair(normrnn.GRU, norm, dtype, **config)
 
 
-_compare = compare
-
-
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_layer_with_state_and_lengths(norm, dtype):
     reference, fused = _pair(norm, dtype, input_size=5, hidden_size=19)
     x = torch.randn(6, 9, 5, dtype=torch.float64)  # odd sizes, at least five active rows a step
-    _compare(reference, fused, x, torch.randn(1, 9, 19, dtype=torch.float64), torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5]),
+    compare(reference, fused, x, torch.randn(1, 9, 19, dtype=torch.float64), torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5]),
              dtype)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_without_bias(norm):
     reference, fused = _pair(norm, torch.float32, input_size=4, hidden_size=17, bias=False)
-    _compare(reference, fused, torch.randn(5, 8, 4, dtype=torch.float64), None, None, torch.float32)
+    compare(reference, fused, torch.randn(5, 8, 4, dtype=torch.float64), None, None, torch.float32)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
@@ -39,7 +36,7 @@ def test_two_layers_bidirectional_and_eval(norm):
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=7, num_layers=2, bidirectional=True,
                              max_steps=3)
     x = torch.randn(5, 8, 3, dtype=torch.float64)
-    _compare(reference, fused, x, None, torch.tensor([5, 2, 4, 3, 5, 5, 5, 5]), torch.float32)
+    compare(reference, fused, x, None, torch.tensor([5, 2, 4, 3, 5, 5, 5, 5]), torch.float32)
     reference.eval()
     fused.eval()
     with torch.no_grad():  # beyond max_steps: the last step's running statistics
@@ -60,13 +57,13 @@ def test_persistent_kernel_and_batch_tiles(monkeypatch, norm, resident):
     asked = []
     monkeypatch.setattr(layout, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
-    _compare(reference, fused, torch.randn(4, 4, 3, dtype=torch.float64), None, torch.tensor([4, 4, 2, 3]),
+    compare(reference, fused, torch.randn(4, 4, 3, dtype=torch.float64), None, torch.tensor([4, 4, 2, 3]),
              torch.float32)
     assert asked  # the persistent launcher asked, and ran the path the answer chose
     monkeypatch.delenv("NORMRNN_PERSISTENT")
     lengths = torch.randint(1, 4, (70,))
     lengths[:8] = 3
-    _compare(reference, fused, torch.randn(3, 70, 3, dtype=torch.float64), None, lengths, torch.float32)
+    compare(reference, fused, torch.randn(3, 70, 3, dtype=torch.float64), None, lengths, torch.float32)
 
 
 def test_torch_compile_fullgraph():

@@ -16,9 +16,6 @@ def _pair(norm, dtype, **config):
     return make_pair(normrnn.LSTM, norm, dtype, **config)
 
 
-_compare = compare
-
-
 @pytest.mark.parametrize("norm", [None, "batch", "layer", "seqbatch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_layer_with_state_and_lengths(norm, dtype):
@@ -26,7 +23,7 @@ def test_single_layer_with_state_and_lengths(norm, dtype):
     # odd sizes, batch not a multiple of the block, at least five active rows at every step
     x = torch.randn(6, 9, 5, dtype=torch.float64)
     hx = (torch.randn(1, 9, 19, dtype=torch.float64), torch.randn(1, 9, 19, dtype=torch.float64))
-    _compare(reference, fused, x, hx, torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5]), dtype)
+    compare(reference, fused, x, hx, torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5]), dtype)
 
 
 def test_batch_norm_over_few_rows_is_as_accurate_as_float32_allows():
@@ -58,8 +55,8 @@ def test_two_layers_bidirectional(norm):
     # at least five active rows at every step: batch norm over two or three rows amplifies fp32
     # rounding to about 2e-4 (see the issue notes)
     x = torch.randn(5, 8, 3, dtype=torch.float64)
-    _compare(reference, fused, x, None, torch.tensor([5, 2, 4, 3, 5, 5, 5, 5]), torch.float32)
-    _compare(reference, fused, x, None, None, torch.float32)
+    compare(reference, fused, x, None, torch.tensor([5, 2, 4, 3, 5, 5, 5, 5]), torch.float32)
+    compare(reference, fused, x, None, None, torch.float32)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
@@ -104,7 +101,7 @@ def test_persistent_kernel_with_grid_barrier(monkeypatch, norm, resident):
     monkeypatch.setattr(layout, "resident_weights", lambda *args: asked.append(args) or resident)
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=9)
     assert launch_mode(1, torch.device(DEVICE)) == PERSISTENT
-    _compare(reference, fused, torch.randn(5, 4, 3, dtype=torch.float64), None, torch.tensor([5, 5, 2, 4]),
+    compare(reference, fused, torch.randn(5, 4, 3, dtype=torch.float64), None, torch.tensor([5, 5, 2, 4]),
              torch.float32)
     assert asked  # the persistent launcher asked, and ran the path the answer chose
 
@@ -207,4 +204,4 @@ def test_batch_larger_than_one_tile(norm):
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=19)
     lengths = torch.randint(1, 4, (70,))
     lengths[:8] = 3
-    _compare(reference, fused, torch.randn(3, 70, 3, dtype=torch.float64), None, lengths, torch.float32)
+    compare(reference, fused, torch.randn(3, 70, 3, dtype=torch.float64), None, lengths, torch.float32)
