@@ -368,6 +368,28 @@ class _NormRNNBase(nn.Module):
         assert not unexpected, unexpected
         return layer
 
+    def to_torch(self) -> nn.RNNBase:
+        """The ``torch.nn`` LSTM, GRU or RNN (cuDNN on a GPU) with this layer's configuration and
+        weights, which computes what the layer computes: the inverse of ``from_torch``, for a layer
+        with ``norm=None`` (torch's modules have no normalization) and, for the RNN, tanh or relu."""
+        if self.norm is not None:
+            raise ValueError(f"norm={self.norm!r}: torch's modules have no normalization (to_torch needs norm=None)")
+        config = dict(input_size=self.input_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                      bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                      bidirectional=self.bidirectional)
+        if self.cell == "rnn":
+            if self.nonlinearity is None:
+                raise ValueError("nonlinearity=None: torch's RNN takes 'tanh' or 'relu'")
+            config["nonlinearity"] = self.nonlinearity
+        weight = self.weight_hh_l0
+        with warnings.catch_warnings():  # this layer warned already of dropout with one layer
+            warnings.simplefilter("ignore")
+            module = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[self.cell](**config, device=weight.device,
+                                                                               dtype=weight.dtype)
+        module.load_state_dict(self.state_dict())
+        module.train(self.training)
+        return module
+
 
 class LSTM(_NormRNNBase):
     r"""LSTM with optional normalization (see ``normrnn.reference.lstm`` for the equations).

@@ -118,3 +118,24 @@ def test_the_weight_accessors_of_torchs_modules(ours_class, torch_class, extra):
     names = {id(parameter): name for name, parameter in normalized.named_parameters()}
     assert [names[id(parameter)] for parameter in normalized.all_weights[1]][:2] == ["weight_ih_l1", "weight_hh_l1"]
     assert "hh_norm_weight_l1" in [names[id(parameter)] for parameter in normalized.all_weights[1]]
+
+
+@pytest.mark.parametrize("ours_class,torch_class,extra", PAIRS)
+def test_to_torch_gives_the_module_that_computes_the_layer(ours_class, torch_class, extra):
+    """A layer without norm exported to torch's module (cuDNN on a GPU) computes what it computes,
+    forward and gradients; a normalized layer, or an RNN without activation, has no such module."""
+    ours = ours_class(4, 5, num_layers=2, bidirectional=True, batch_first=True, backend="reference", **extra).double()
+    theirs = ours.to_torch()
+    assert type(theirs) is torch_class and theirs.batch_first and theirs.bidirectional and theirs.num_layers == 2
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    hx = _state(ours_class, 4, 3, 5)
+    expected = outputs_and_grads(ours, x, hx)
+    got = outputs_and_grads(theirs, x, hx)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert relative_error(got[key], value) < 1e-10, key
+    with pytest.raises(ValueError, match="norm='layer': torch's modules have no normalization"):
+        ours_class(4, 5, norm="layer").to_torch()
+    if ours_class is normrnn.RNN:
+        with pytest.raises(ValueError, match="nonlinearity=None"):
+            normrnn.RNN(4, 5, nonlinearity=None).to_torch()
