@@ -17,7 +17,7 @@ import normrnn
 # Subcommands live in their own modules, imported only when asked for.
 SUBCOMMANDS = {
     "demo": ("normrnn.demo", "train LSTM, BN-LSTM, LN-LSTM and RNNs on sequential digits, report gradient flow"),
-    "experiment": ("normrnn.experiments", "run a study: rnn-gradient-flow, digits, longer-sequences"),
+    "experiment": ("normrnn.experiments", "run a study: rnn-gradient-flow, digits, longer-sequences, bn-eps"),
     "bench": ("normrnn.bench.cli", "time normrnn against cuDNN, Haste, FlashRNN, eager and compiled PyTorch"),
 }
 

@@ -10,6 +10,13 @@
     longer-sequences    LSTM, BN-LSTM and LN-LSTM trained on the adding problem at T_train, then
                         tested at 2 T_train and 4 T_train (batch norm uses the population
                         statistics of its last step beyond max_steps = T_train).
+    bn-eps              batch norm's eps on sequential digits: BN-LSTM (gamma 0.1 and 1.0) and
+                        the RNN with BN in place of tanh and bias, eps 1e-5, 1e-3, 1e-1. Gradient
+                        flow at initialization and after training, test accuracy per epoch, and
+                        the batch variance of the recurrent pre-activations h_(t-1) W_hh^T against
+                        eps: BN(a) = gamma (a - mean) / sqrt(var + eps) is a gain of
+                        gamma / sqrt(var + eps), which normalizes where var >> eps and only scales
+                        by gamma / sqrt(eps) where var << eps.
 
 Each run takes ``--seeds`` seeds, shows a progress bar and writes ``results.json``, plots and a
 short ``report.md`` to ``--out`` (default ``normrnn-experiments/NAME``). ``--quick`` shrinks
@@ -29,7 +36,7 @@ from torch import nn
 
 import normrnn
 from normrnn import diagnostics, tasks
-from normrnn.demo import SequenceClassifier, accuracy
+from normrnn.demo import SequenceClassifier, accuracy, flow_at
 
 ADDING_SUCCESS_MSE = 0.05
 
@@ -144,6 +151,21 @@ def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
     }
 
 
+def _train_digits_epoch(model: nn.Module, optimizer, split: tasks.DigitsSplit, generator: torch.Generator,
+                        batch: int = 64) -> None:
+    """One pass over ``split`` in shuffled batches (the last partial batch dropped: batch norm's
+    statistics need a full batch), cross-entropy, gradient norm clipped at 1."""
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(split.targets.shape[0], generator=generator)
+    for start in range(0, len(order) - batch + 1, batch):
+        rows = order[start:start + batch]
+        loss = loss_fn(model(split.inputs[:, rows]), split.targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
 def digits_study(args) -> Dict:
     """Pixel-by-pixel 8x8 digits, plain and permuted, with the LSTM variants of ``_digits_models``:
     test accuracy per epoch, per seed."""
@@ -152,7 +174,6 @@ def digits_study(args) -> Dict:
     models = _digits_models(hidden)
     runs = []
     step, close = _progress(len(models) * 2 * args.seeds, args.quiet, "digits")
-    loss_fn = nn.CrossEntropyLoss()
     for permuted in (False, True):
         train_split, test_split, _ = tasks.digits(permuted=permuted, seed=0)
         if args.quick:
@@ -166,14 +187,7 @@ def digits_study(args) -> Dict:
                 curve = []
                 started = time.perf_counter()
                 for _ in range(epochs):
-                    order = torch.randperm(train_split.targets.shape[0], generator=generator)
-                    for start in range(0, len(order) - 63, 64):
-                        rows = order[start:start + 64]
-                        loss = loss_fn(model(train_split.inputs[:, rows]), train_split.targets[rows])
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                        optimizer.step()
+                    _train_digits_epoch(model, optimizer, train_split, generator)
                     curve.append(accuracy(model, test_split, "cpu"))
                 runs.append({"model": name, "permuted": permuted, "seed": seed, "accuracy_by_epoch": curve,
                              "final_accuracy": curve[-1], "seconds": time.perf_counter() - started})
@@ -207,7 +221,67 @@ def longer_sequences(args) -> Dict:
     return {"train_steps": train_steps, "iterations": iterations, "hidden_size": hidden, "runs": runs}
 
 
-STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "digits": digits_study, "longer-sequences": longer_sequences}
+BN_EPS_VALUES = (1e-5, 1e-3, 1e-1)
+
+
+def _bn_eps_models(hidden: int, eps: float) -> Dict[str, Callable[[], nn.Module]]:
+    return {
+        "BN-LSTM gamma 0.1": lambda: normrnn.LSTM(1, hidden, norm="batch", max_steps=64, eps=eps),
+        "BN-LSTM gamma 1.0": lambda: normrnn.LSTM(1, hidden, norm="batch", max_steps=64, eps=eps, gamma_init=1.0),
+        "RNN BN in place of tanh": lambda: normrnn.RNN(1, hidden, norm="batch", nonlinearity=None, bias=False,
+                                                       max_steps=64, eps=eps),
+    }
+
+
+def recurrent_variance(layer: nn.Module, inputs: torch.Tensor) -> float:
+    """Median over timesteps t >= 2 and features of Var_batch[(h_(t-1) W_hh^T)_j]: the batch
+    variance that the horizontal batch norm of a one-layer, one-direction ``layer`` divides by
+    (the population form, as the normalization uses; t = 1 is left out, h_0 = 0 has none)."""
+    with torch.no_grad():
+        output, _ = layer(inputs)
+        preactivations = output[:-1] @ layer.weight_hh_l0.T
+        return float(preactivations[1:].var(dim=1, unbiased=False).median())
+
+
+def bn_eps_study(args) -> Dict:
+    """Sequential digits with the models of ``_bn_eps_models`` at every eps of ``BN_EPS_VALUES``:
+    gradient flow and the recurrent pre-activations' batch variance at initialization and after
+    training, and test accuracy per epoch, per seed."""
+    epochs = args.epochs or (1 if args.quick else 25)
+    hidden = 16 if args.quick else 48
+    train_split, test_split, _ = tasks.digits(permuted=False, seed=0)
+    if args.quick:
+        train_split = tasks.DigitsSplit(train_split.inputs[:, :256], train_split.targets[:256])
+    probe = train_split.inputs[:, :128]
+    runs = []
+    total = len(BN_EPS_VALUES) * len(_bn_eps_models(hidden, 1.0)) * args.seeds
+    step, close = _progress(total, args.quiet, "bn-eps")
+    for eps in BN_EPS_VALUES:
+        for name, build in _bn_eps_models(hidden, eps).items():
+            for seed in range(args.seeds):
+                torch.manual_seed(seed)
+                model = SequenceClassifier(build(), 10)
+                flow_initial = flow_at(model, train_split, "cpu").tolist()
+                variance_initial = recurrent_variance(model.recurrent, probe)
+                optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+                generator = torch.Generator().manual_seed(seed)
+                curve = []
+                started = time.perf_counter()
+                for _ in range(epochs):
+                    _train_digits_epoch(model, optimizer, train_split, generator)
+                    curve.append(accuracy(model, test_split, "cpu"))
+                runs.append({"model": name, "eps": eps, "seed": seed, "accuracy_by_epoch": curve,
+                             "final_accuracy": curve[-1], "seconds": time.perf_counter() - started,
+                             "flow_initial": flow_initial, "flow_final": flow_at(model, train_split, "cpu").tolist(),
+                             "recurrent_variance_initial": variance_initial,
+                             "recurrent_variance_final": recurrent_variance(model.recurrent, probe)})
+                step(f"{name} eps={eps:g}: {curve[-1]:.3f}")
+    close()
+    return {"epochs": epochs, "hidden_size": hidden, "eps_values": list(BN_EPS_VALUES), "runs": runs}
+
+
+STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "digits": digits_study, "longer-sequences": longer_sequences,
+           "bn-eps": bn_eps_study}
 
 
 def _mean(values: List[float]) -> float:
@@ -239,6 +313,18 @@ def report(name: str, results: Dict) -> str:
             reach_text = ", ".join("-" if r is None else str(r) for r in reach)
             lines.append(f"| {model} | {_mean([r['final_accuracy'] for r in plain]):.3f} | "
                          f"{_mean([r['final_accuracy'] for r in permuted]):.3f} | {reach_text} |")
+    elif name == "bn-eps":
+        lines += ["| model | eps | test accuracy | dL/dh_1 / dL/dh_T init | after training | "
+                  "var(h W_hh) / eps init | after training |", "|---|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(run["model"] for run in runs):
+            for eps in results["eps_values"]:
+                chosen = [run for run in runs if run["model"] == model and run["eps"] == eps]
+                lines.append(
+                    f"| {model} | {eps:g} | {_mean([run['final_accuracy'] for run in chosen]):.3f} | "
+                    f"{_mean([diagnostics.flow_ratio(run['flow_initial']) for run in chosen]):.2e} | "
+                    f"{_mean([diagnostics.flow_ratio(run['flow_final']) for run in chosen]):.2e} | "
+                    f"{_mean([run['recurrent_variance_initial'] / eps for run in chosen]):.2e} | "
+                    f"{_mean([run['recurrent_variance_final'] / eps for run in chosen]):.2e} |")
     else:
         lengths = list(runs[0]["test_mse_by_length"]) if runs else []
         lines += ["| model | " + " | ".join(f"test MSE at T={length}" for length in lengths) + " |",
@@ -285,6 +371,32 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
             figure.savefig(path, dpi=120)
             plt.close(figure)
             paths.append(path)
+    elif name == "bn-eps":
+        models = list(dict.fromkeys(run["model"] for run in runs))
+        figure, grid = plt.subplots(2, len(models), figsize=(4 * len(models), 6.5), sharey=True, squeeze=False)
+        for row, key in enumerate(("flow_initial", "flow_final")):
+            for column, model in enumerate(models):
+                axes = grid[row][column]
+                for eps in results["eps_values"]:
+                    # relative to the last step, so that models and eps with different loss scales
+                    # compare; a step whose gradient underflowed to zero is left out (a gap)
+                    flows = torch.stack([torch.tensor(run[key]) / run[key][-1] for run in runs
+                                         if run["model"] == model and run["eps"] == eps]).mean(0)
+                    flows = torch.where(flows > 0, flows, torch.full_like(flows, float("nan")))
+                    axes.plot(range(1, len(flows) + 1), flows.numpy(), label=f"eps {eps:g}")
+                axes.set_yscale("log")
+                axes.set_ylim(1e-25, 1e8)
+                axes.set_title(f"{model} ({'init' if row == 0 else 'trained'})", fontsize=9)
+                axes.set_xlabel("timestep t")
+                if column == 0:
+                    axes.set_ylabel("||dL/dh_t|| / ||dL/dh_T||")
+                axes.legend(fontsize=7)
+        figure.suptitle("Sequential digits: gradient flow by batch norm eps (mean over seeds)")
+        figure.tight_layout()
+        path = os.path.join(out, "flow_by_eps.png")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
     else:
         figure, axes = plt.subplots(figsize=(7, 4))
         for model in dict.fromkeys(run["model"] for run in runs):
@@ -312,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("name", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--epochs", type=int, default=None, help="digits: training epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=None, help="digits and bn-eps: training epochs (default 8 and 25)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="adding-problem studies: training iterations (default 800)")
     parser.add_argument("--out", default=None)

@@ -128,7 +128,7 @@ def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
         assert len(result["flow_final"]) == 64 and 0.0 <= result["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences"])
+@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences", "bn-eps"])
 def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
@@ -140,3 +140,24 @@ def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["study"] == study and results["runs"]
     assert list(tmp_path.glob("*.png"))
+    if study == "bn-eps":
+        # one row per model and eps, and every run measured the variance its eps is compared with
+        assert report.count("| BN-LSTM gamma 0.1 |") == len(results["eps_values"]) == 3
+        for run in results["runs"]:
+            assert 0.0 < run["recurrent_variance_initial"] < float("inf")
+
+
+def test_recurrent_variance_is_the_batch_variance_of_the_recurrent_projection():
+    from normrnn import experiments
+    torch.manual_seed(0)
+    layer = normrnn.LSTM(3, 5, norm="batch", max_steps=8)
+    same = torch.randn(8, 1, 3).expand(8, 6, 3).contiguous()
+    # identical sequences have identical states: nothing for the horizontal batch norm to normalize
+    assert experiments.recurrent_variance(layer, same) == pytest.approx(0.0, abs=1e-12)
+    inputs = torch.randn(8, 6, 3)
+    output, _ = layer(inputs)
+    with torch.no_grad():
+        by_hand = torch.stack([torch.stack([
+            ((output[t - 1] @ layer.weight_hh_l0[j]) - (output[t - 1] @ layer.weight_hh_l0[j]).mean()).pow(2).mean()
+            for j in range(20)]) for t in range(2, 8)])
+    assert experiments.recurrent_variance(layer, inputs) == pytest.approx(float(by_hand.median()), rel=1e-5)
