@@ -151,19 +151,35 @@ def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
     }
 
 
-def _train_digits_epoch(model: nn.Module, optimizer, split: tasks.DigitsSplit, generator: torch.Generator,
-                        batch: int = 64) -> None:
-    """One pass over ``split`` in shuffled batches (the last partial batch dropped: batch norm's
-    statistics need a full batch), cross-entropy, gradient norm clipped at 1."""
+def _digits_splits(permuted: bool, quick: bool):
+    """The digits' train and test splits (``--quick``: the first 256 training images)."""
+    train_split, test_split, _ = tasks.digits(permuted=permuted, seed=0)
+    if quick:
+        train_split = tasks.DigitsSplit(train_split.inputs[:, :256], train_split.targets[:256])
+    return train_split, test_split
+
+
+def _train_digits(model: nn.Module, train_split: tasks.DigitsSplit, test_split: tasks.DigitsSplit, epochs: int,
+                  seed: int, learning_rate: float, batch: int = 64) -> Dict:
+    """Adam on the cross-entropy (gradient norm clipped at 1) over ``epochs`` passes of
+    ``train_split`` in batches shuffled by ``seed``, the last partial batch dropped (batch norm's
+    statistics need a full batch); test accuracy after every epoch and the seconds it took."""
     loss_fn = nn.CrossEntropyLoss()
-    order = torch.randperm(split.targets.shape[0], generator=generator)
-    for start in range(0, len(order) - batch + 1, batch):
-        rows = order[start:start + batch]
-        loss = loss_fn(model(split.inputs[:, rows]), split.targets[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    curve = []
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(train_split.targets.shape[0], generator=generator)
+        for start in range(0, len(order) - batch + 1, batch):
+            rows = order[start:start + batch]
+            loss = loss_fn(model(train_split.inputs[:, rows]), train_split.targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        curve.append(accuracy(model, test_split, "cpu"))
+    return {"accuracy_by_epoch": curve, "final_accuracy": curve[-1], "seconds": time.perf_counter() - started}
 
 
 def digits_study(args) -> Dict:
@@ -175,23 +191,14 @@ def digits_study(args) -> Dict:
     runs = []
     step, close = _progress(len(models) * 2 * args.seeds, args.quiet, "digits")
     for permuted in (False, True):
-        train_split, test_split, _ = tasks.digits(permuted=permuted, seed=0)
-        if args.quick:
-            train_split = tasks.DigitsSplit(train_split.inputs[:, :256], train_split.targets[:256])
+        train_split, test_split = _digits_splits(permuted, args.quick)
         for name, build in models.items():
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
                 model = SequenceClassifier(build(), 10)
-                optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-                generator = torch.Generator().manual_seed(seed)
-                curve = []
-                started = time.perf_counter()
-                for _ in range(epochs):
-                    _train_digits_epoch(model, optimizer, train_split, generator)
-                    curve.append(accuracy(model, test_split, "cpu"))
-                runs.append({"model": name, "permuted": permuted, "seed": seed, "accuracy_by_epoch": curve,
-                             "final_accuracy": curve[-1], "seconds": time.perf_counter() - started})
-                step(f"{'p' if permuted else 's'}MNIST-digits {name}: {curve[-1]:.3f}")
+                trained = _train_digits(model, train_split, test_split, epochs, seed, args.lr)
+                runs.append({"model": name, "permuted": permuted, "seed": seed, **trained})
+                step(f"{'p' if permuted else 's'}MNIST-digits {name}: {trained['final_accuracy']:.3f}")
     close()
     return {"epochs": epochs, "hidden_size": hidden, "runs": runs}
 
@@ -249,33 +256,24 @@ def bn_eps_study(args) -> Dict:
     training, and test accuracy per epoch, per seed."""
     epochs = args.epochs or (1 if args.quick else 25)
     hidden = 16 if args.quick else 48
-    train_split, test_split, _ = tasks.digits(permuted=False, seed=0)
-    if args.quick:
-        train_split = tasks.DigitsSplit(train_split.inputs[:, :256], train_split.targets[:256])
+    train_split, test_split = _digits_splits(False, args.quick)
     probe = train_split.inputs[:, :128]
+    builders = {eps: _bn_eps_models(hidden, eps) for eps in BN_EPS_VALUES}
     runs = []
-    total = len(BN_EPS_VALUES) * len(_bn_eps_models(hidden, 1.0)) * args.seeds
-    step, close = _progress(total, args.quiet, "bn-eps")
-    for eps in BN_EPS_VALUES:
-        for name, build in _bn_eps_models(hidden, eps).items():
+    step, close = _progress(sum(map(len, builders.values())) * args.seeds, args.quiet, "bn-eps")
+    for eps, models in builders.items():
+        for name, build in models.items():
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
                 model = SequenceClassifier(build(), 10)
                 flow_initial = flow_at(model, train_split, "cpu").tolist()
                 variance_initial = recurrent_variance(model.recurrent, probe)
-                optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-                generator = torch.Generator().manual_seed(seed)
-                curve = []
-                started = time.perf_counter()
-                for _ in range(epochs):
-                    _train_digits_epoch(model, optimizer, train_split, generator)
-                    curve.append(accuracy(model, test_split, "cpu"))
-                runs.append({"model": name, "eps": eps, "seed": seed, "accuracy_by_epoch": curve,
-                             "final_accuracy": curve[-1], "seconds": time.perf_counter() - started,
+                trained = _train_digits(model, train_split, test_split, epochs, seed, args.lr)
+                runs.append({"model": name, "eps": eps, "seed": seed, **trained,
                              "flow_initial": flow_initial, "flow_final": flow_at(model, train_split, "cpu").tolist(),
                              "recurrent_variance_initial": variance_initial,
                              "recurrent_variance_final": recurrent_variance(model.recurrent, probe)})
-                step(f"{name} eps={eps:g}: {curve[-1]:.3f}")
+                step(f"{name} eps={eps:g}: {trained['final_accuracy']:.3f}")
     close()
     return {"epochs": epochs, "hidden_size": hidden, "eps_values": list(BN_EPS_VALUES), "runs": runs}
 
