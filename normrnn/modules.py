@@ -40,7 +40,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import dispatch
 from .params import CELL_GATES, DirectionParams, Padding
-from .validation import check_constructor, check_input, check_lengths, check_state
+from .validation import check_constructor, check_first_step, check_input, check_lengths, check_state
 
 _DEFAULT_GAMMA = {"batch": 0.1, "layer": 1.0, "seqbatch": 1.0}
 
@@ -195,14 +195,23 @@ class _NormRNNBase(nn.Module):
         dtype = torch.get_autocast_dtype(device_type)
         return None if dtype == weight.dtype else dtype
 
-    def direction_params(self, suffix: str, dtype: Optional[torch.dtype] = None) -> DirectionParams:
+    def direction_params(self, suffix: str, dtype: Optional[torch.dtype] = None,
+                         first_step: int = 0) -> DirectionParams:
         """The parameters and running statistics of one layer and direction; with ``dtype`` the
         parameters cast to it (differentiably: their gradients come back in their own dtype) and
-        the running statistics as they are (float32, updated in place)."""
+        the running statistics as they are (float32, updated in place). With ``first_step`` the
+        per-timestep running statistics (norm="batch") are the view that starts at slot
+        ``min(first_step, max_steps - 1)``: every backend takes step t's slot as
+        ``min(t, rows - 1)`` of the rows it is given, which on the view is slot
+        ``min(first_step + t, max_steps - 1)`` of the buffer."""
+        first_slot = min(first_step, self.max_steps - 1)
+
         def get(name):
             value = getattr(self, name + suffix, None)
             if dtype is not None and isinstance(value, nn.Parameter):
                 return value.to(dtype)
+            if first_slot and value is not None and "running_" in name and self.norm == "batch":
+                return value[first_slot:]
             return value
         return DirectionParams(
             get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
@@ -251,7 +260,7 @@ class _NormRNNBase(nn.Module):
         return tuple(checked)
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None,
-                lengths: Union[Tensor, Sequence[int], None] = None):
+                lengths: Union[Tensor, Sequence[int], None] = None, first_step: int = 0):
         """Runs the layers over ``input`` and returns what the torch module returns:
         ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM).
 
@@ -260,7 +269,20 @@ class _NormRNNBase(nn.Module):
         ``lengths`` (B,) marks padding: positions past a sequence's length take no part in any
         statistic, do not change the state, and produce zero output; ``h_n``/``c_n`` are taken at
         each sequence's own last step.
+
+        ``first_step`` is the time index, within its sequences, of ``input``'s first step (default
+        0). Where sequences are fed in pieces with the state carried in ``hx`` (truncated
+        backpropagation through time, or one step at a time when generating), per-timestep batch
+        norm then normalizes piece step t as step ``first_step + t``: the running statistics of
+        slot ``min(first_step + t, max_steps - 1)`` in evaluation, and that slot's update in
+        training, so that the pieces compute what the whole sequence computes. The other norms
+        have no per-step statistics and compute the same for any ``first_step``. A bidirectional
+        layer takes only 0: its reverse direction starts at each sequence's end. Under
+        ``torch.compile`` the value is a constant of the graph (one compile per value; all values
+        from ``max_steps - 1`` on compute the same, so passing ``min(first_step, max_steps - 1)``
+        bounds the compiles).
         """
+        first_step = check_first_step(first_step, self.bidirectional)
         reference = self.weight_hh_l0
         compute_dtype = self.autocast_dtype()
         if compute_dtype is None:
@@ -306,10 +328,10 @@ class _NormRNNBase(nn.Module):
                 if isinstance(hx, (tuple, list)) else _autocast_lowered(hx, compute_dtype)
         initial = self._initial_state(hx, batch, unbatched, input.dtype, input.device)
         if compute_dtype is None:
-            output, final = self._run_layers(input, initial, padding)
+            output, final = self._run_layers(input, initial, padding, first_step=first_step)
         else:
             with torch.autocast(reference.device.type, enabled=False):
-                output, final = self._run_layers(input, initial, padding, compute_dtype)
+                output, final = self._run_layers(input, initial, padding, compute_dtype, first_step)
         if packed:
             return _packed_from_padded(output, template), self._format_state(final)
         if unbatched:
@@ -323,7 +345,7 @@ class _NormRNNBase(nn.Module):
         return (final[0], final[1]) if self.cell == "lstm" else final[0]
 
     def _run_layers(self, x: Tensor, initial: Tuple[Tensor, ...], padding: Padding,
-                    dtype: Optional[torch.dtype] = None):
+                    dtype: Optional[torch.dtype] = None, first_step: int = 0):
         directions = 2 if self.bidirectional else 1
         finals: List[List[Tensor]] = [[] for _ in initial]
         for layer in range(self.num_layers):
@@ -333,8 +355,9 @@ class _NormRNNBase(nn.Module):
                 suffix = self._suffixes[index]
                 state = tuple(s[index] for s in initial)
                 source = reverse_within_lengths(x, padding) if direction else x
+                params = self.direction_params(suffix, dtype, first_step)
                 out, final = dispatch.run_direction(
-                    self.backend, self.cell, self.norm, source, state, self.direction_params(suffix, dtype), padding,
+                    self.backend, self.cell, self.norm, source, state, params, padding,
                     self.training, self.momentum, self.eps, self.nonlinearity)
                 outputs.append(reverse_within_lengths(out, padding) if direction else out)
                 for collected, value in zip(finals, final):

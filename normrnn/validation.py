@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -54,6 +55,23 @@ def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torc
                          f"got one on {input.device}")
     if input.dim() == 3 and (input.shape[0] == 0 or input.shape[1] == 0):
         raise ValueError(f"input: expected at least one timestep and one sequence, got shape {tuple(input.shape)}")
+
+
+def check_first_step(first_step, bidirectional: bool) -> int:
+    """Returns ``first_step`` as an int after checking it is a non-negative integer, and 0 for a
+    bidirectional layer (whose reverse direction has no place in a continued sequence)."""
+    if isinstance(first_step, Tensor) or isinstance(first_step, bool):
+        raise TypeError(f"first_step must be a non-negative Python int, got {type(first_step).__name__}")
+    try:
+        value = operator.index(first_step)
+    except TypeError:
+        raise TypeError(f"first_step must be a non-negative Python int, got {first_step!r}") from None
+    if value < 0:
+        raise ValueError(f"first_step must be a non-negative int, got {value}")
+    if value and bidirectional:
+        raise ValueError(f"first_step={value}: a bidirectional layer takes only first_step=0 (its reverse "
+                         "direction reads each sequence from its end, so a piece of a sequence has no place in it)")
+    return value
 
 
 def check_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, steps: int) -> Optional[Tensor]:
