@@ -17,6 +17,11 @@
                         eps: BN(a) = gamma (a - mean) / sqrt(var + eps) is a gain of
                         gamma / sqrt(var + eps), which normalizes where var >> eps and only scales
                         by gamma / sqrt(eps) where var << eps.
+    truncated-bptt      a character model of Python's docstrings trained by truncated
+                        backpropagation through time (streams read in pieces, the state carried):
+                        BN-LSTM whose per-timestep statistics restart at every piece or continue
+                        through the stream (``first_step``), against LSTM and LN-LSTM; test bits
+                        per character read in pieces and one character at a time.
 
 Each run takes ``--seeds`` seeds, shows a progress bar and writes ``results.json``, plots and a
 short ``report.md`` to ``--out`` (default ``normrnn-experiments/NAME``). ``--quick`` shrinks
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -278,8 +284,112 @@ def bn_eps_study(args) -> Dict:
     return {"epochs": epochs, "hidden_size": hidden, "eps_values": list(BN_EPS_VALUES), "runs": runs}
 
 
+class CharacterModel(nn.Module):
+    """Next-character logits: one-hot characters -> ``recurrent`` -> a linear readout. The
+    recurrent state and ``first_step`` pass through, for reading a stream in pieces."""
+
+    def __init__(self, recurrent: nn.Module, vocabulary_size: int):
+        super().__init__()
+        self.recurrent = recurrent
+        self.vocabulary_size = vocabulary_size
+        self.readout = nn.Linear(recurrent.hidden_size, vocabulary_size)
+
+    def forward(self, characters: torch.Tensor, state=None, first_step: int = 0):
+        inputs = nn.functional.one_hot(characters, self.vocabulary_size).float()
+        output, state = self.recurrent(inputs, state, first_step=first_step)
+        return self.readout(output), state
+
+
+# how a BN-LSTM read in pieces numbers its steps for the per-timestep statistics
+PIECE_STATISTICS = ("restart", "continue")
+
+
+def _read_streams(model: CharacterModel, streams: torch.Tensor, piece: int, statistics_mode: str,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+    """One pass over ``streams`` (L, B) in pieces of ``piece`` characters, the state carried from
+    piece to piece and detached (truncated backpropagation through time), each piece told that it
+    starts at step 0 (``statistics_mode`` "restart") or at its position in the stream
+    ("continue"); with ``optimizer`` a training step per piece (Adam, gradient norm clipped at 1).
+    Returns bits per character over the pass, over its first piece and over the rest."""
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    state = None
+    total = first = 0.0
+    characters = first_characters = 0
+    for start in range(0, streams.shape[0] - piece, piece):
+        inputs, targets = streams[start:start + piece], streams[start + 1:start + piece + 1]
+        with torch.set_grad_enabled(optimizer is not None):
+            logits, state = model(inputs, state, first_step=start if statistics_mode == "continue" else 0)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            (loss / targets.numel()).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        state = tuple(value.detach() for value in state)
+        total += float(loss.detach())
+        characters += targets.numel()
+        if start == 0:
+            first, first_characters = float(loss.detach()), targets.numel()
+    bits = 1.0 / math.log(2.0)
+    rest = characters - first_characters
+    return {"bpc": total / characters * bits, "bpc_first_piece": first / first_characters * bits,
+            "bpc_rest": (total - first) / rest * bits if rest else float("nan")}
+
+
+def truncated_bptt_study(args) -> Dict:
+    """A character-level language model of ``tasks.text_corpus`` (the first 90% to train on, the
+    rest to test) trained by truncated backpropagation through time: 32 streams read in pieces of
+    50 characters with the state carried. The BN-LSTM's per-timestep statistics restart at every
+    piece (``first_step=0``, what a layer without ``first_step`` does) or continue through the
+    stream (``first_step`` = the piece's position; with ``max_steps`` = the piece length every
+    piece after the first takes the last slot); LSTM and LN-LSTM, which have no per-step
+    statistics, for comparison. Test bits per character after every epoch; after training, the
+    test stream read both ways, in pieces and one character at a time (as when generating)."""
+    quick = args.quick
+    epochs = args.epochs or (1 if quick else 20)
+    hidden, piece, batch = (16, 10, 8) if quick else (128, 50, 32)
+    text = tasks.text_corpus(20_000 if quick else None)
+    vocabulary = "".join(sorted(set(text)))
+    split = int(0.9 * len(text))
+    train_streams = tasks.character_streams(text[:split], batch, vocabulary)
+    test_streams = tasks.character_streams(text[split:], batch, vocabulary)
+    # whole pieces only, so that read in pieces and one character at a time it is the same characters
+    test_streams = test_streams[:(test_streams.shape[0] - 1) // piece * piece + 1]
+    size = len(vocabulary)
+    builders = {
+        "LSTM": (lambda: normrnn.LSTM(size, hidden), "restart"),
+        "LN-LSTM": (lambda: normrnn.LSTM(size, hidden, norm="layer"), "restart"),
+        "BN-LSTM, statistics restart": (lambda: normrnn.LSTM(size, hidden, norm="batch", max_steps=piece), "restart"),
+        "BN-LSTM, statistics continue": (lambda: normrnn.LSTM(size, hidden, norm="batch", max_steps=piece),
+                                         "continue"),
+    }
+    runs = []
+    step, close = _progress(len(builders) * args.seeds, args.quiet, "truncated-bptt")
+    for name, (build, trained_mode) in builders.items():
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            model = CharacterModel(build(), size)
+            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+            started = time.perf_counter()
+            curve = []
+            for _ in range(epochs):
+                model.train()
+                _read_streams(model, train_streams, piece, trained_mode, optimizer)
+                model.eval()
+                curve.append(_read_streams(model, test_streams, piece, trained_mode)["bpc"])
+            # in pieces as in training, and one character at a time as when generating text
+            tested = {mode: _read_streams(model, test_streams, piece, mode) for mode in PIECE_STATISTICS}
+            stepwise = {mode: _read_streams(model, test_streams, 1, mode) for mode in PIECE_STATISTICS}
+            runs.append({"model": name, "seed": seed, "trained_with": trained_mode, "test_bpc_by_epoch": curve,
+                         "test": tested, "test_one_at_a_time": stepwise, "seconds": time.perf_counter() - started})
+            step(f"{name}: {curve[-1]:.3f} bpc")
+    close()
+    return {"epochs": epochs, "hidden_size": hidden, "piece": piece, "batch": batch, "vocabulary": size,
+            "train_characters": split, "test_characters": len(text) - split, "runs": runs}
+
+
 STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "digits": digits_study, "longer-sequences": longer_sequences,
-           "bn-eps": bn_eps_study}
+           "bn-eps": bn_eps_study, "truncated-bptt": truncated_bptt_study}
 
 
 def _mean(values: List[float]) -> float:
@@ -323,6 +433,27 @@ def report(name: str, results: Dict) -> str:
                     f"{_mean([diagnostics.flow_ratio(run['flow_final']) for run in chosen]):.2e} | "
                     f"{_mean([run['recurrent_variance_initial'] / eps for run in chosen]):.2e} | "
                     f"{_mean([run['recurrent_variance_final'] / eps for run in chosen]):.2e} |")
+    elif name == "truncated-bptt":
+        lines += ["Test bits per character (lower is better), the state carried through the stream; each BN-LSTM read "
+                  "with its statistics restarting at every piece (first_step=0) or continuing (first_step = position).",
+                  "", f"| model | statistics in training | best epoch: bpc (epoch) | last epoch, pieces of "
+                  f"{results['piece']}: restart | continue | as trained: first piece / the rest | one character at a "
+                  "time: restart | continue |", "|---|---|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(run["model"] for run in runs):
+            chosen = [run for run in runs if run["model"] == model]
+
+            def mean_of(key, mode, value="bpc"):
+                return _mean([run[key][mode][value] for run in chosen])
+            trained_with = chosen[0]["trained_with"] if model.startswith("BN") else "-"
+            # read as in training, after every epoch: where the curve turns up, the model overfits
+            curve = torch.tensor([run["test_bpc_by_epoch"] for run in chosen]).mean(0)
+            lines.append(f"| {model} | {trained_with} | {float(curve.min()):.3f} ({int(curve.argmin()) + 1}) | "
+                         f"{mean_of('test', 'restart'):.3f} | "
+                         f"{mean_of('test', 'continue'):.3f} | "
+                         f"{mean_of('test', chosen[0]['trained_with'], 'bpc_first_piece'):.3f} / "
+                         f"{mean_of('test', chosen[0]['trained_with'], 'bpc_rest'):.3f} | "
+                         f"{mean_of('test_one_at_a_time', 'restart'):.3f} | "
+                         f"{mean_of('test_one_at_a_time', 'continue'):.3f} |")
     else:
         lengths = list(runs[0]["test_mse_by_length"]) if runs else []
         lines += ["| model | " + " | ".join(f"test MSE at T={length}" for length in lengths) + " |",
@@ -395,6 +526,20 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         paths.append(path)
+    elif name == "truncated-bptt":
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for model in dict.fromkeys(run["model"] for run in runs):
+            curves = torch.tensor([run["test_bpc_by_epoch"] for run in runs if run["model"] == model])
+            axes.plot(range(1, curves.shape[1] + 1), curves.mean(0).numpy(), marker="o", markersize=3, label=model)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("test bits per character")
+        axes.set_title(f"Character model, truncated BPTT in pieces of {results['piece']} (mean over seeds)")
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(out, "test_bpc.png")
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
     else:
         figure, axes = plt.subplots(figsize=(7, 4))
         for model in dict.fromkeys(run["model"] for run in runs):
@@ -422,7 +567,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("name", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--epochs", type=int, default=None, help="digits and bn-eps: training epochs (default 8 and 25)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="digits, bn-eps and truncated-bptt: training epochs (default 8, 25 and 20)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="adding-problem studies: training iterations (default 800)")
     parser.add_argument("--out", default=None)

@@ -11,7 +11,9 @@ downloaded.
   pixel (T = 64, one input): the small sibling of sequential MNIST; ``permuted=True`` applies one
   fixed permutation of the pixels, which spreads the dependencies over the whole sequence.
 - ``text_corpus``: a character corpus made of the docstrings of Python's standard library
-  modules (present wherever Python is; its exact text follows the Python version).
+  modules (present wherever Python is; its exact text follows the Python version):
+  ``character_batches`` takes random windows of it, ``character_streams`` cuts it into contiguous
+  streams for truncated backpropagation through time.
 """
 from __future__ import annotations
 
@@ -136,3 +138,19 @@ def character_batches(text: str, steps: int, batch: int, seed: Optional[int] = N
     starts = torch.randint(0, len(encoded) - steps - 1, (batch,), generator=_generator(seed))
     windows = torch.stack([encoded[start:start + steps + 1] for start in starts.tolist()], dim=1)
     return windows[:-1], windows[1:], vocabulary
+
+
+def character_streams(text: str, batch: int, vocabulary: str) -> Tensor:
+    """``text`` as ``batch`` contiguous streams for truncated backpropagation through time, which
+    reads them in pieces and carries the state from piece to piece: (L, batch) indices into
+    ``vocabulary``, stream b the b-th of ``batch`` consecutive equal parts of the text (the
+    remainder of ``len(text) / batch`` left off its end)."""
+    index = {character: position for position, character in enumerate(vocabulary)}
+    missing = sorted(set(text) - set(index))
+    if missing:
+        raise ValueError(f"text: characters {missing[:5]!r} are not in the vocabulary")
+    length = len(text) // batch
+    if length < 2:
+        raise ValueError(f"text: expected at least {2 * batch} characters for {batch} streams, got {len(text)}")
+    encoded = torch.tensor([index[character] for character in text[:length * batch]], dtype=torch.long)
+    return encoded.view(batch, length).t().contiguous()

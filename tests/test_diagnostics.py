@@ -114,6 +114,19 @@ def test_text_corpus_ships_with_python_and_makes_next_character_targets():
     assert int(inputs.max()) < len(vocabulary)
 
 
+def test_character_streams_are_consecutive_parts_of_the_text():
+    text = "abcdefghij" * 3 + "xy"  # 32 characters: 3 streams of 10, the last 2 left off
+    vocabulary = "".join(sorted(set(text)))
+    streams = tasks.character_streams(text, 3, vocabulary)
+    assert streams.shape == (10, 3)
+    for stream in range(3):
+        assert "".join(vocabulary[i] for i in streams[:, stream]) == text[10 * stream:10 * stream + 10]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tasks.character_streams(text, 3, "abc")
+    with pytest.raises(ValueError, match="at least 8 characters for 4 streams"):
+        tasks.character_streams("abcd", 4, "abcd")
+
+
 def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
@@ -128,7 +141,7 @@ def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
         assert len(result["flow_final"]) == 64 and 0.0 <= result["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences", "bn-eps"])
+@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences", "bn-eps", "truncated-bptt"])
 def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
@@ -145,6 +158,14 @@ def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
         assert report.count("| BN-LSTM gamma 0.1 |") == len(results["eps_values"]) == 3
         for run in results["runs"]:
             assert 0.0 < run["recurrent_variance_initial"] < float("inf")
+    if study == "truncated-bptt":
+        for run in results["runs"]:
+            # read one character at a time with first_step, a layer computes what it does in pieces;
+            # layers without per-step statistics compute the same whichever way their steps are numbered
+            assert run["test_one_at_a_time"]["continue"]["bpc"] == pytest.approx(run["test"]["continue"]["bpc"],
+                                                                                  rel=1e-5)
+            if not run["model"].startswith("BN"):
+                assert run["test"]["restart"]["bpc"] == pytest.approx(run["test"]["continue"]["bpc"], rel=1e-5)
 
 
 def test_recurrent_variance_is_the_batch_variance_of_the_recurrent_projection():

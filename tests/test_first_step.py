@@ -96,6 +96,35 @@ def test_pieces_that_all_start_at_step_0_differ(training):
     assert max(errors.values()) > 1e-2
 
 
+class StartingAt(nn.Module):
+    """``layer`` run over its whole input as if it started at step ``first_step``."""
+
+    def __init__(self, layer: nn.Module, first_step: int):
+        super().__init__()
+        self.layer = layer
+        self.first_step = first_step
+
+    def forward(self, x, hx=None):
+        return self.layer(x, hx, first_step=self.first_step)
+
+
+def test_in_training_first_step_moves_only_the_running_statistics():
+    """Training normalizes every step with its batch's statistics: ``first_step`` chooses which
+    running slot a step updates, and nothing else (docs/findings.md, section 6)."""
+    reference, layer = _layers("lstm", "reference", torch.float64, "cpu")
+    layer.load_state_dict(reference.state_dict())
+    initial = {name: buffer.clone() for name, buffer in reference.named_buffers()}
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    at_0 = outputs_and_grads(reference, x)
+    at_2 = {key.replace("layer.", ""): value for key, value in outputs_and_grads(StartingAt(layer, 2), x).items()}
+    for key, value in at_0.items():
+        if key in initial:  # steps 0, 1, 2 updated slots 0, 1, 2 there and slots 2, 3, 3 here
+            assert not torch.equal(value[0], initial[key][0]), key
+            assert torch.equal(at_2[key][:2], initial[key][:2]), key
+        else:
+            assert torch.equal(at_2[key], value), key
+
+
 def test_first_step_past_max_steps_uses_the_last_slot():
     """One step at a time, in evaluation, far past ``max_steps``: the last slot's statistics."""
     reference, layer = _layers("gru", "reference", torch.float64, "cpu")
