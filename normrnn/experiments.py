@@ -325,7 +325,7 @@ def _read_streams(model: CharacterModel, streams: torch.Tensor, piece: int, stat
             (loss / targets.numel()).backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-        state = tuple(value.detach() for value in state)
+        state = tuple(value.detach() for value in state) if isinstance(state, tuple) else state.detach()
         total += float(loss.detach())
         characters += targets.numel()
         if start == 0:
