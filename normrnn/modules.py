@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import dispatch
+from .cumulative import with_scratch_statistics
 from .params import CELL_GATES, DirectionParams, Padding
 from .validation import check_constructor, check_first_step, check_input, check_lengths, check_state
 
@@ -83,7 +84,7 @@ class _NormRNNBase(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, nonlinearity: Optional[str] = None,
                  device=None, dtype=None):
         super().__init__()
@@ -100,7 +101,7 @@ class _NormRNNBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.norm = norm
-        self.momentum = float(momentum)
+        self.momentum = None if momentum is None else float(momentum)
         self.eps = float(eps)
         self.max_steps = max_steps
         self.backend = backend
@@ -129,6 +130,11 @@ class _NormRNNBase(nn.Module):
             return
         stats = {"device": factory["device"], "dtype": torch.float32}
         self.register_parameter("ih_norm_weight" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+        if self.momentum is None and self.norm in ("batch", "seqbatch"):
+            # the updates each slot has had, which its cumulative average weighs (normrnn.cumulative)
+            shape = (self.max_steps,) if self.norm == "batch" else ()
+            self.register_buffer("num_batches_tracked" + suffix,
+                                 torch.zeros(shape, dtype=torch.long, device=factory["device"]))
         if self.norm == "seqbatch":
             self.register_buffer("ih_running_mean" + suffix, torch.zeros(gates, **stats))
             self.register_buffer("ih_running_var" + suffix, torch.ones(gates, **stats))
@@ -162,6 +168,8 @@ class _NormRNNBase(nn.Module):
                 buffer.zero_()
             elif "running_var" in name:
                 buffer.fill_(1.0)
+            elif "num_batches_tracked" in name:
+                buffer.zero_()
 
     def flatten_parameters(self) -> None:
         """Does nothing: ``nn.LSTM`` packs its weights into one buffer for cuDNN, while normrnn's
@@ -356,9 +364,17 @@ class _NormRNNBase(nn.Module):
                 state = tuple(s[index] for s in initial)
                 source = reverse_within_lengths(x, padding) if direction else x
                 params = self.direction_params(suffix, dtype, first_step)
+                # momentum None outside of a cumulative update: nothing is updated (evaluation, or no running statistics)
+                momentum, fold = self.momentum, None
+                if momentum is None and self.training and self.norm in ("batch", "seqbatch"):
+                    params, fold = with_scratch_statistics(params, self.norm, self._update_counts(suffix, first_step),
+                                                           padding)
+                    momentum = 1.0
                 out, final = dispatch.run_direction(
                     self.backend, self.cell, self.norm, source, state, params, padding,
-                    self.training, self.momentum, self.eps, self.nonlinearity)
+                    self.training, 0.0 if momentum is None else momentum, self.eps, self.nonlinearity)
+                if fold is not None:
+                    fold()
                 outputs.append(reverse_within_lengths(out, padding) if direction else out)
                 for collected, value in zip(finals, final):
                     collected.append(value)
@@ -366,6 +382,14 @@ class _NormRNNBase(nn.Module):
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, tuple(torch.stack(collected) for collected in finals)
+
+    def _update_counts(self, suffix: str, first_step: int) -> Tensor:
+        """The count of updates per slot (``momentum=None``), from ``first_step``'s slot on."""
+        counts = getattr(self, "num_batches_tracked" + suffix, None)
+        if counts is None:
+            raise ValueError("momentum=None was set after the layer was built: build it with momentum=None, "
+                             "which gives it the count of updates per slot that a cumulative average needs")
+        return counts[min(first_step, self.max_steps - 1):] if self.norm == "batch" else counts
 
     # ------------------------------------------------------------------------------ conversion
     @classmethod
@@ -426,7 +450,7 @@ class LSTM(_NormRNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None,
                  proj_size: int = 0):
         # torch's argument, taken so that code passing nn.LSTM's configuration (proj_size=0) runs:
@@ -450,7 +474,7 @@ class GRU(_NormRNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
                          momentum, eps, max_steps, backend, gamma_init, None, device, dtype)
@@ -469,7 +493,7 @@ class RNN(_NormRNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: Optional[str] = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 norm: Optional[str] = None, momentum: float = 0.1, eps: float = 1e-5, max_steps: int = 100,
+                 norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
                          momentum, eps, max_steps, backend, gamma_init, nonlinearity, device, dtype)

@@ -25,8 +25,10 @@ def check_constructor(input_size, hidden_size, num_layers, dropout, norm, moment
         raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not isinstance(momentum, (int, float)) or not math.isfinite(momentum) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a finite number in [0, 1], got {momentum!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not math.isfinite(momentum) or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a finite number in [0, 1], or None for a cumulative average; "
+                         f"got {momentum!r}")
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0.0:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
     if backend not in BACKENDS:
