@@ -20,8 +20,10 @@
     truncated-bptt      a character model of Python's docstrings trained by truncated
                         backpropagation through time (streams read in pieces, the state carried):
                         BN-LSTM whose per-timestep statistics restart at every piece or continue
-                        through the stream (``first_step``), against LSTM and LN-LSTM; test bits
-                        per character read in pieces and one character at a time.
+                        through the stream (``first_step``), each with its population statistics
+                        an exponential average in training or re-estimated after every epoch
+                        (``momentum=None``, one pass), against LSTM and LN-LSTM; test bits per
+                        character read in pieces and one character at a time.
 
 Each run takes ``--seeds`` seeds, shows a progress bar and writes ``results.json``, plots and a
 short ``report.md`` to ``--out`` (default ``normrnn-experiments/NAME``). ``--quick`` shrinks
@@ -343,8 +345,11 @@ def truncated_bptt_study(args) -> Dict:
     piece (``first_step=0``, what a layer without ``first_step`` does) or continue through the
     stream (``first_step`` = the piece's position; with ``max_steps`` = the piece length every
     piece after the first takes the last slot); LSTM and LN-LSTM, which have no per-step
-    statistics, for comparison. Test bits per character after every epoch; after training, the
-    test stream read both ways, in pieces and one character at a time (as when generating)."""
+    statistics, for comparison; and both BN-LSTMs with their population statistics re-estimated
+    after every epoch, as the cumulative average (``momentum=None``) of one pass over the training
+    streams with the epoch's final weights. Test bits per character after every epoch; after
+    training, the test stream read both ways, in pieces and one character at a time (as when
+    generating)."""
     quick = args.quick
     epochs = args.epochs or (1 if quick else 20)
     hidden, piece, batch = (16, 10, 8) if quick else (128, 50, 32)
@@ -356,16 +361,21 @@ def truncated_bptt_study(args) -> Dict:
     # whole pieces only, so that read in pieces and one character at a time it is the same characters
     test_streams = test_streams[:(test_streams.shape[0] - 1) // piece * piece + 1]
     size = len(vocabulary)
+    def batch_norm(momentum: Optional[float] = 0.1) -> Callable[[], nn.Module]:
+        return lambda: normrnn.LSTM(size, hidden, norm="batch", max_steps=piece, momentum=momentum)
+    # model: (builder, how its pieces number their steps, whether its population statistics are
+    # re-estimated after every epoch)
     builders = {
-        "LSTM": (lambda: normrnn.LSTM(size, hidden), "restart"),
-        "LN-LSTM": (lambda: normrnn.LSTM(size, hidden, norm="layer"), "restart"),
-        "BN-LSTM, statistics restart": (lambda: normrnn.LSTM(size, hidden, norm="batch", max_steps=piece), "restart"),
-        "BN-LSTM, statistics continue": (lambda: normrnn.LSTM(size, hidden, norm="batch", max_steps=piece),
-                                         "continue"),
+        "LSTM": (lambda: normrnn.LSTM(size, hidden), "restart", False),
+        "LN-LSTM": (lambda: normrnn.LSTM(size, hidden, norm="layer"), "restart", False),
+        "BN-LSTM, statistics restart": (batch_norm(), "restart", False),
+        "BN-LSTM, statistics continue": (batch_norm(), "continue", False),
+        "BN-LSTM, statistics restart, re-estimated": (batch_norm(None), "restart", True),
+        "BN-LSTM, statistics continue, re-estimated": (batch_norm(None), "continue", True),
     }
     runs = []
     step, close = _progress(len(builders) * args.seeds, args.quiet, "truncated-bptt")
-    for name, (build, trained_mode) in builders.items():
+    for name, (build, trained_mode, reestimate) in builders.items():
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             model = CharacterModel(build(), size)
@@ -375,12 +385,18 @@ def truncated_bptt_study(args) -> Dict:
             for _ in range(epochs):
                 model.train()
                 _read_streams(model, train_streams, piece, trained_mode, optimizer)
+                if reestimate:
+                    # the cumulative average of one pass with the epoch's final weights (still in
+                    # training mode, so that the statistics update; no optimizer, no weight changes)
+                    model.recurrent.reset_running_stats()
+                    _read_streams(model, train_streams, piece, trained_mode)
                 model.eval()
                 curve.append(_read_streams(model, test_streams, piece, trained_mode)["bpc"])
             # in pieces as in training, and one character at a time as when generating text
             tested = {mode: _read_streams(model, test_streams, piece, mode) for mode in PIECE_STATISTICS}
             stepwise = {mode: _read_streams(model, test_streams, 1, mode) for mode in PIECE_STATISTICS}
-            runs.append({"model": name, "seed": seed, "trained_with": trained_mode, "test_bpc_by_epoch": curve,
+            runs.append({"model": name, "seed": seed, "trained_with": trained_mode, "reestimated": reestimate,
+                         "test_bpc_by_epoch": curve,
                          "test": tested, "test_one_at_a_time": stepwise, "seconds": time.perf_counter() - started})
             step(f"{name}: {curve[-1]:.3f} bpc")
     close()
