@@ -384,11 +384,20 @@ class _NormRNNBase(nn.Module):
         return x, tuple(torch.stack(collected) for collected in finals)
 
     def _update_counts(self, suffix: str, first_step: int) -> Tensor:
-        """The count of updates per slot (``momentum=None``), from ``first_step``'s slot on."""
+        """The count of updates per slot (``momentum=None``), from ``first_step``'s slot on. Where
+        ``momentum`` was set to None after the layer was built, the counts begin now, at zero: the
+        next update of each slot replaces what it held (re-estimating a trained layer's statistics)."""
         counts = getattr(self, "num_batches_tracked" + suffix, None)
         if counts is None:
-            raise ValueError("momentum=None was set after the layer was built: build it with momentum=None, "
-                             "which gives it the count of updates per slot that a cumulative average needs")
+            if torch.compiler.is_compiling():
+                raise ValueError("momentum=None was set after the layer was built, and a compiled graph cannot add "
+                                 "the counts of updates it needs: build the layer with momentum=None, or run it "
+                                 "once eagerly first")
+            shape = (self.max_steps,) if self.norm == "batch" else ()
+            for each in self._suffixes:
+                self.register_buffer("num_batches_tracked" + each,
+                                     torch.zeros(shape, dtype=torch.long, device=self.weight_hh_l0.device))
+            counts = getattr(self, "num_batches_tracked" + suffix)
         return counts[min(first_step, self.max_steps - 1):] if self.norm == "batch" else counts
 
     # ------------------------------------------------------------------------------ conversion

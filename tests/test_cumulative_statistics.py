@@ -113,11 +113,22 @@ def test_evaluation_and_other_norms_keep_no_count():
     assert not any("num_batches" in name for name, _ in normrnn.LSTM(3, 5, norm="batch").named_buffers())
 
 
-def test_momentum_none_set_after_construction_is_refused():
-    layer = normrnn.LSTM(3, 5, norm="batch", backend="reference")
+def test_momentum_none_set_on_a_trained_layer_re_estimates_its_statistics():
+    """Set after construction, the counts begin at zero: the next update of a slot replaces it."""
+    layer = normrnn.LSTM(3, 5, norm="batch", max_steps=MAX_STEPS, backend="reference").double()
+    layer(torch.randn(2, 4, 3, dtype=torch.float64))  # exponential statistics, momentum 0.1
+    fresh = normrnn.LSTM(3, 5, norm="batch", max_steps=MAX_STEPS, momentum=None, backend="reference").double()
+    fresh.load_state_dict(layer.state_dict(), strict=False)
     layer.momentum = None
-    with pytest.raises(ValueError, match="momentum=None was set after the layer was built"):
-        layer(torch.randn(2, 4, 3))
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    layer(x)
+    fresh.reset_running_stats()
+    fresh(x)
+    assert layer.num_batches_tracked_l0.tolist() == [1, 1, 1, 0]
+    for name, buffer in fresh.named_buffers():
+        # slot 3 of the running statistics is not reached by three steps: as it was, in both
+        if "running_" in name:
+            assert torch.equal(getattr(layer, name)[:3], buffer[:3]), name
 
 
 @pytest.mark.parametrize("momentum", [True, -0.1, "0.1"])
