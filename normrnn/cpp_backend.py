@@ -68,30 +68,38 @@ def _is_built(build_directory: Optional[str], name: str) -> bool:
     return build_directory is not None and os.path.exists(os.path.join(build_directory, f"{name}.so"))
 
 
-def _clear_stale_build_lock(build_directory: Optional[str]) -> None:
+def _clear_stale_build_lock(build_directory: Optional[str], poll_seconds: float = 1.0) -> None:
     """torch.utils.cpp_extension guards a build with a ``lock`` file in its build folder and, while
     that file exists, waits without end and without a word; a build interrupted midway (Ctrl-C, a
-    timeout) leaves it behind, and every later process would hang on it. A lock older than
-    ``STALE_BUILD_LOCK_SECONDS`` is removed, with a warning; a younger one is taken for another
-    process's build under way, and the wait is said, with what to do if there is none."""
+    timeout, a killed process) leaves it behind, and every later process would hang on it. A lock
+    younger than ``STALE_BUILD_LOCK_SECONDS`` is taken for another process's build under way: it
+    is waited for here, the wait said, until it is gone (that build ended) or has grown older than
+    that, which no build takes, and is then removed with a warning. Only then does torch look."""
     if build_directory is None:
         return
     lock = os.path.join(build_directory, "lock")
-    try:
-        age = time.time() - os.path.getmtime(lock)
-    except OSError:  # no lock: the usual case
-        return
-    if age > STALE_BUILD_LOCK_SECONDS:
-        from .dispatch import warn_once
-        warn_once(f"normrnn: removing {lock}, {age / 60:.0f} minutes old: left by a build of the C++ CPU backend that "
-                  "was interrupted, it would keep every later build waiting")
+    said = False
+    while True:
         try:
-            os.remove(lock)
-        except OSError:
-            pass
-    else:
-        print(f"normrnn: waiting for another process's build of the C++ CPU backend ({lock} is {age:.0f} s old; "
-              "if no other process is building it, delete that file)", file=sys.stderr, flush=True)
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:  # no lock (the usual case), or the other build has ended
+            return
+        if age > STALE_BUILD_LOCK_SECONDS:
+            from .dispatch import warn_once
+            warn_once(f"normrnn: removing {lock}, {age / 60:.0f} minutes old: left by a build of the C++ CPU backend "
+                      "that was interrupted, it would keep every later build waiting")
+            try:
+                os.remove(lock)
+            except OSError:
+                pass
+            return
+        if not said:
+            print(f"normrnn: waiting for another process's build of the C++ CPU backend ({lock} is {age:.0f} s old; "
+                  f"a lock still there at {STALE_BUILD_LOCK_SECONDS / 60:.0f} minutes is taken for one left by an "
+                  "interrupted build and removed; delete it yourself if no other process is building)",
+                  file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll_seconds)
 
 
 def extension():

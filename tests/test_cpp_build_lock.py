@@ -1,7 +1,8 @@
 """A build of the C++ backend interrupted midway leaves torch's lock file behind, and torch waits
-on it without end and without a word: an old one is removed with a warning, a recent one (another
-process building) is waited on, and the wait is said."""
+on it without end and without a word: an old one is removed with a warning; a recent one (another
+process building) is waited for, the wait said, until it goes or grows old and is removed."""
 import os
+import threading
 import time
 
 import pytest
@@ -26,12 +27,28 @@ def test_an_interrupted_build_lock_is_removed_with_a_warning(build_folder):
 
 
 def test_a_build_under_way_is_waited_for_and_said(build_folder, capsys, recwarn):
+    """The other build ends (its lock goes) while this process waits: it goes on, without a warning."""
     lock = build_folder / "lock"
     lock.touch()
-    cpp_backend._clear_stale_build_lock(str(build_folder))
-    assert lock.exists()
+    other = threading.Timer(0.3, lock.unlink)
+    other.start()
+    started = time.monotonic()
+    cpp_backend._clear_stale_build_lock(str(build_folder), poll_seconds=0.05)
+    other.join()
+    assert time.monotonic() - started >= 0.25
     assert "waiting for another process's build" in capsys.readouterr().err
     assert not [warning for warning in recwarn if "normrnn" in str(warning.message)]
+
+
+def test_a_lock_that_grows_old_while_waited_for_is_removed(build_folder, capsys, monkeypatch):
+    """A build interrupted moments before this process began: its lock is young, then never goes."""
+    monkeypatch.setattr(cpp_backend, "STALE_BUILD_LOCK_SECONDS", 0.3)
+    lock = build_folder / "lock"
+    lock.touch()
+    with pytest.warns(RuntimeWarning, match="left by a build of the C\\+\\+ CPU backend that was interrupted"):
+        cpp_backend._clear_stale_build_lock(str(build_folder), poll_seconds=0.05)
+    assert not lock.exists()
+    assert "waiting for another process's build" in capsys.readouterr().err
 
 
 def test_the_build_folder_is_torchs(monkeypatch, tmp_path):
