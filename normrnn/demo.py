@@ -161,11 +161,7 @@ def save_plots(results: Dict[str, Dict], out: str) -> List[str]:
     axes.set_ylabel("training cross-entropy")
     axes.set_title("Sequential digits: training loss (same wall-time budget)")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = os.path.join(out, "loss.png")
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    paths.append(path)
+    paths.append(diagnostics.save_figure(figure, os.path.join(out, "loss.png")))
     return paths
 
 

@@ -185,9 +185,18 @@ def plot_gradient_flow(results: Dict[str, Tensor], path, title: str = "Gradient 
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path, dpi: int = 120) -> str:
+    """Lays out ``figure``, saves it as an image at ``path`` and closes it (pyplot keeps every open
+    figure alive); returns ``path``."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
+    return path
 
 
 def flow_ratio(flow: Tensor) -> float:

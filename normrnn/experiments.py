@@ -511,11 +511,8 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
             axes.set_ylabel("test accuracy")
             axes.set_title(f"{'Permuted' if permuted else 'Sequential'} digits (mean over seeds)")
             axes.legend(fontsize=8)
-            figure.tight_layout()
-            path = os.path.join(out, f"{'permuted' if permuted else 'sequential'}_digits.png")
-            figure.savefig(path, dpi=120)
-            plt.close(figure)
-            paths.append(path)
+            name_of_plot = f"{'permuted' if permuted else 'sequential'}_digits.png"
+            paths.append(diagnostics.save_figure(figure, os.path.join(out, name_of_plot)))
     elif name == "bn-eps":
         models = list(dict.fromkeys(run["model"] for run in runs))
         figure, grid = plt.subplots(2, len(models), figsize=(4 * len(models), 6.5), sharey=True, squeeze=False)
@@ -537,11 +534,7 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
                     axes.set_ylabel("||dL/dh_t|| / ||dL/dh_T||")
                 axes.legend(fontsize=7)
         figure.suptitle("Sequential digits: gradient flow by batch norm eps (mean over seeds)")
-        figure.tight_layout()
-        path = os.path.join(out, "flow_by_eps.png")
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(diagnostics.save_figure(figure, os.path.join(out, "flow_by_eps.png"), dpi=110))
     elif name == "truncated-bptt":
         figure, axes = plt.subplots(figsize=(7, 4))
         for model in dict.fromkeys(run["model"] for run in runs):
@@ -551,11 +544,7 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
         axes.set_ylabel("test bits per character")
         axes.set_title(f"Character model, truncated BPTT in pieces of {results['piece']} (mean over seeds)")
         axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(out, "test_bpc.png")
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(diagnostics.save_figure(figure, os.path.join(out, "test_bpc.png")))
     else:
         figure, axes = plt.subplots(figsize=(7, 4))
         for model in dict.fromkeys(run["model"] for run in runs):
@@ -569,11 +558,7 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
         axes.set_ylabel("test MSE")
         axes.set_title(f"Adding problem trained at T={results['train_steps']}")
         axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(out, "longer_sequences.png")
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(diagnostics.save_figure(figure, os.path.join(out, "longer_sequences.png")))
     return paths
 
 

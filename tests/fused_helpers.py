@@ -59,6 +59,19 @@ if DEVICE == "cpu" and not INTERPRETER_OFF:
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
+def every_backend(float64_tolerance: float):
+    """(backend, dtype, device, tolerance) of every backend usable here: the reference and the C++
+    backend in float64 (to ``float64_tolerance``), the Triton kernels in float32 (interpreted on a
+    CPU), for tests that run one check on each."""
+    import normrnn
+    found = [("reference", torch.float64, "cpu", float64_tolerance)]
+    if normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1)) is None:
+        found.append(("cpp", torch.float64, "cpu", float64_tolerance))
+    if not INTERPRETER_OFF:
+        found.append(("triton", torch.float32, DEVICE, TOLERANCE[torch.float32]))
+    return found
+
+
 def make_pair(layer_class, norm, dtype, **config):
     """A float64 reference layer and a fused layer in ``dtype`` with the same weights, the
     reference holding them as rounded to ``dtype``; norm gains away from their initial value."""

@@ -8,20 +8,11 @@ import torch
 
 import normrnn
 from conftest import CELLS, outputs_and_grads, relative_error
-from fused_helpers import DEVICE, INTERPRETER_OFF
+from fused_helpers import DEVICE, INTERPRETER_OFF, every_backend
 
 STEPS, MAX_STEPS = 7, 4
 # one active sequence at the last two steps: they update nothing
 LENGTHS = torch.tensor([7, 3, 5, 4])
-
-
-def _backends():
-    found = [("reference", torch.float64, "cpu", 1e-12)]
-    if normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1)) is None:
-        found.append(("cpp", torch.float64, "cpu", 1e-12))
-    if not INTERPRETER_OFF:
-        found.append(("triton", torch.float32, DEVICE, 1e-4))
-    return found
 
 
 def _statistics(layer):
@@ -48,7 +39,7 @@ def _expected_batch_averages(layer, inputs, lengths):
     return {name: total / counts.unsqueeze(1) for name, total in sums.items()}, counts
 
 
-@pytest.mark.parametrize("backend, dtype, device, tolerance", _backends(), ids=lambda value: str(value))
+@pytest.mark.parametrize("backend, dtype, device, tolerance", every_backend(1e-12), ids=lambda value: str(value))
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_batch_norm_slots_are_the_average_of_their_updates(backend, dtype, device, tolerance, cell):
     layer = CELLS[cell](3, 5, norm="batch", momentum=None, max_steps=MAX_STEPS, backend=backend).to(device, dtype)
@@ -63,7 +54,7 @@ def test_batch_norm_slots_are_the_average_of_their_updates(backend, dtype, devic
         assert relative_error(value.cpu(), expected[name]) < tolerance, name
 
 
-@pytest.mark.parametrize("backend, dtype, device, tolerance", _backends(), ids=lambda value: str(value))
+@pytest.mark.parametrize("backend, dtype, device, tolerance", every_backend(1e-12), ids=lambda value: str(value))
 def test_sequence_batch_norm_is_the_average_of_its_calls(backend, dtype, device, tolerance):
     layer = normrnn.GRU(3, 5, norm="seqbatch", momentum=None, backend=backend).to(device, dtype)
     per_call = normrnn.GRU(3, 5, norm="seqbatch", momentum=1.0, backend="reference").double()

@@ -9,7 +9,7 @@ from torch import nn
 
 import normrnn
 from conftest import CELLS, outputs_and_grads, relative_error
-from fused_helpers import DEVICE, INTERPRETER_OFF
+from fused_helpers import DEVICE, INTERPRETER_OFF, every_backend
 
 # the last piece runs past max_steps=4, where training updates the last slot once per step
 PIECES = ((0, 2), (2, 3), (3, 7))
@@ -54,15 +54,6 @@ def _layers(cell, backend, dtype, device, **config):
     return reference, layer
 
 
-def _backends():
-    found = [("reference", torch.float64, "cpu", 1e-10)]
-    if normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1)) is None:
-        found.append(("cpp", torch.float64, "cpu", 1e-10))
-    if not INTERPRETER_OFF:
-        found.append(("triton", torch.float32, DEVICE, 1e-4))
-    return found
-
-
 def _compare_pieces_with_whole(reference, layer, x, lengths, tolerance, tell_first_step=True):
     expected = outputs_and_grads(reference, x, None, lengths)
     got = outputs_and_grads(InPieces(layer, tell_first_step), x.to(layer.weight_hh_l0), None, lengths)
@@ -71,7 +62,7 @@ def _compare_pieces_with_whole(reference, layer, x, lengths, tolerance, tell_fir
     return {key: relative_error(got[key].cpu(), value) for key, value in expected.items()}
 
 
-@pytest.mark.parametrize("backend, dtype, device, tolerance", _backends(), ids=lambda value: str(value))
+@pytest.mark.parametrize("backend, dtype, device, tolerance", every_backend(1e-10), ids=lambda value: str(value))
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_pieces_compute_the_whole_sequence(backend, dtype, device, tolerance, cell, training):
