@@ -23,7 +23,7 @@ the backward anyway.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -58,12 +58,13 @@ def with_scratch_statistics(params: DirectionParams, norm: str, counts: Tensor, 
     device = counts.device
     slots = torch.arange(padding.steps, device=device).clamp(max=slots_in_buffer - 1)
     scratch = {name: getattr(params, name).index_select(0, slots) for name in names}
-    # a step of fewer than two active sequences updates nothing (batch statistics do not exist)
-    updated: Optional[Tensor] = None if padding.mask is None else padding.mask.sum(1).to(device) >= 2
+    # 1 where a step updates its slot; a step of fewer than two active sequences updates nothing
+    # (batch statistics do not exist)
+    weights = (torch.ones(padding.steps, device=device) if padding.mask is None
+               else (padding.mask.sum(1).to(device) >= 2).to(torch.float32))
 
     def fold_steps() -> None:
         with torch.no_grad():
-            weights = torch.ones(padding.steps, device=device) if updated is None else updated.to(torch.float32)
             new = torch.zeros(slots_in_buffer, device=device).index_add_(0, slots, weights)
             previous = counts.to(torch.float32)
             for name in names:

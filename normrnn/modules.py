@@ -131,10 +131,7 @@ class _NormRNNBase(nn.Module):
         stats = {"device": factory["device"], "dtype": torch.float32}
         self.register_parameter("ih_norm_weight" + suffix, nn.Parameter(torch.empty(gates, **factory)))
         if self.momentum is None and self.norm in ("batch", "seqbatch"):
-            # the updates each slot has had, which its cumulative average weighs (normrnn.cumulative)
-            shape = (self.max_steps,) if self.norm == "batch" else ()
-            self.register_buffer("num_batches_tracked" + suffix,
-                                 torch.zeros(shape, dtype=torch.long, device=factory["device"]))
+            self._register_update_counts(suffix, factory["device"])
         if self.norm == "seqbatch":
             self.register_buffer("ih_running_mean" + suffix, torch.zeros(gates, **stats))
             self.register_buffer("ih_running_var" + suffix, torch.ones(gates, **stats))
@@ -148,6 +145,12 @@ class _NormRNNBase(nn.Module):
             for which, features in names:
                 self.register_buffer(f"{which}_running_mean{suffix}", torch.zeros(self.max_steps, features, **stats))
                 self.register_buffer(f"{which}_running_var{suffix}", torch.ones(self.max_steps, features, **stats))
+
+    def _register_update_counts(self, suffix: str, device) -> None:
+        """The updates each slot has had, which its cumulative average weighs (``momentum=None``,
+        normrnn.cumulative): (max_steps,) for per-timestep batch norm, one for sequence-wise."""
+        shape = (self.max_steps,) if self.norm == "batch" else ()
+        self.register_buffer("num_batches_tracked" + suffix, torch.zeros(shape, dtype=torch.long, device=device))
 
     def reset_parameters(self) -> None:
         """Weights and biases uniform in +-1/sqrt(hidden_size) as in torch; gains ``gamma_init``,
@@ -364,15 +367,17 @@ class _NormRNNBase(nn.Module):
                 state = tuple(s[index] for s in initial)
                 source = reverse_within_lengths(x, padding) if direction else x
                 params = self.direction_params(suffix, dtype, first_step)
-                # momentum None outside of a cumulative update: nothing is updated (evaluation, or no running statistics)
                 momentum, fold = self.momentum, None
-                if momentum is None and self.training and self.norm in ("batch", "seqbatch"):
-                    params, fold = with_scratch_statistics(params, self.norm, self._update_counts(suffix, first_step),
-                                                           padding)
-                    momentum = 1.0
+                if momentum is None:
+                    if self.training and self.norm in ("batch", "seqbatch"):
+                        params, fold = with_scratch_statistics(params, self.norm,
+                                                               self._update_counts(suffix, first_step), padding)
+                        momentum = 1.0
+                    else:  # nothing is updated (evaluation, or no running statistics)
+                        momentum = 0.0
                 out, final = dispatch.run_direction(
                     self.backend, self.cell, self.norm, source, state, params, padding,
-                    self.training, 0.0 if momentum is None else momentum, self.eps, self.nonlinearity)
+                    self.training, momentum, self.eps, self.nonlinearity)
                 if fold is not None:
                     fold()
                 outputs.append(reverse_within_lengths(out, padding) if direction else out)
@@ -393,10 +398,8 @@ class _NormRNNBase(nn.Module):
                 raise ValueError("momentum=None was set after the layer was built, and a compiled graph cannot add "
                                  "the counts of updates it needs: build the layer with momentum=None, or run it "
                                  "once eagerly first")
-            shape = (self.max_steps,) if self.norm == "batch" else ()
             for each in self._suffixes:
-                self.register_buffer("num_batches_tracked" + each,
-                                     torch.zeros(shape, dtype=torch.long, device=self.weight_hh_l0.device))
+                self._register_update_counts(each, self.weight_hh_l0.device)
             counts = getattr(self, "num_batches_tracked" + suffix)
         return counts[min(first_step, self.max_steps - 1):] if self.norm == "batch" else counts
 

@@ -60,8 +60,8 @@ def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torc
 
 
 def check_first_step(first_step, bidirectional: bool) -> int:
-    """Returns ``first_step`` as an int after checking it is a non-negative integer, and 0 for a
-    bidirectional layer (whose reverse direction has no place in a continued sequence)."""
+    """Returns ``first_step`` as an int after checking it is a non-negative integer, and 0 where
+    the layer is bidirectional (its reverse direction has no place in a continued sequence)."""
     if isinstance(first_step, Tensor) or isinstance(first_step, bool):
         raise TypeError(f"first_step must be a non-negative Python int, got {type(first_step).__name__}")
     try:
