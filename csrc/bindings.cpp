@@ -1,5 +1,6 @@
 // Python bindings of the C++ CPU backend (normrnn/cpp_backend.py builds and calls them): the
-// forward of each cell returns its outputs and an opaque Sequence, which its backward consumes.
+// forward of each cell returns its outputs and an opaque Sequence, which its backward consumes
+// (`keep`: whether a backward will; without one the Sequence holds no step's values).
 #include <memory>
 
 #include "gru.h"
@@ -33,28 +34,28 @@ py::tuple lstm_forward(const at::Tensor& wx, const at::Tensor& h0, const at::Ten
                        const at::Tensor& bias, const at::Tensor& ih_weight, const at::Tensor& hh_weight,
                        const at::Tensor& cell_weight, const at::Tensor& cell_bias,
                        const std::vector<at::Tensor>& running, const at::Tensor& lengths, int64_t ih_norm,
-                       int64_t hh_norm, int64_t cell_norm, bool training, double momentum, double eps) {
+                       int64_t hh_norm, int64_t cell_norm, bool training, double momentum, double eps, bool keep) {
   auto sequence = make_sequence(w_hh, ih_weight, hh_weight, cell_weight, running, ih_norm, hh_norm, cell_norm);
-  auto out = normrnn::lstm_forward(*sequence, wx, h0, c0, bias, cell_bias, lengths, training, momentum, eps);
+  auto out = normrnn::lstm_forward(*sequence, wx, h0, c0, bias, cell_bias, lengths, training, momentum, eps, keep);
   return py::make_tuple(out[0], out[1], out[2], sequence);
 }
 
 py::tuple gru_forward(const at::Tensor& wx, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& bias_ih,
                       const at::Tensor& bias_hh, const at::Tensor& ih_weight, const at::Tensor& hh_weight,
                       const std::vector<at::Tensor>& running, const at::Tensor& lengths, int64_t ih_norm,
-                      int64_t hh_norm, bool training, double momentum, double eps) {
+                      int64_t hh_norm, bool training, double momentum, double eps, bool keep) {
   auto sequence = make_sequence(w_hh, ih_weight, hh_weight, at::Tensor(), running, ih_norm, hh_norm, 0);
-  auto out = normrnn::gru_forward(*sequence, wx, h0, bias_ih, bias_hh, lengths, training, momentum, eps);
+  auto out = normrnn::gru_forward(*sequence, wx, h0, bias_ih, bias_hh, lengths, training, momentum, eps, keep);
   return py::make_tuple(out[0], out[1], sequence);
 }
 
 py::tuple rnn_forward(const at::Tensor& wx, const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& bias,
                       const at::Tensor& ih_weight, const at::Tensor& hh_weight, const std::vector<at::Tensor>& running,
                       const at::Tensor& lengths, int64_t ih_norm, int64_t hh_norm, int64_t activation, bool training,
-                      double momentum, double eps) {
+                      double momentum, double eps, bool keep) {
   auto sequence = make_sequence(w_hh, ih_weight, hh_weight, at::Tensor(), running, ih_norm, hh_norm, 0);
   sequence->activation = activation;
-  auto out = normrnn::rnn_forward(*sequence, wx, h0, bias, lengths, training, momentum, eps);
+  auto out = normrnn::rnn_forward(*sequence, wx, h0, bias, lengths, training, momentum, eps, keep);
   return py::make_tuple(out[0], out[1], sequence);
 }
 

@@ -34,27 +34,30 @@ void gru_preactivation(const at::Tensor& a, const at::Tensor& u, at::Tensor& gat
 
 inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias_ih, const at::Tensor& bias_hh,
-                                           const at::Tensor& lengths, bool training, double momentum, double eps) {
+                                           const at::Tensor& lengths, bool training, double momentum, double eps,
+                                           bool keep) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
-  saved.begin(lengths, steps, h0, 3 * hidden);
-  saved.activations = workspace().empty({steps, batch, 3 * hidden}, wx.options());
-  saved.extra = workspace().empty({steps, batch, 3 * hidden}, wx.options());
+  saved.begin(lengths, steps, h0, 3 * hidden, keep);
+  saved.activations = saved.per_step(3 * hidden, wx.options());
+  saved.extra = saved.per_step(3 * hidden, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
   auto w_hh_t = saved.w_hh.t();
-  // without a per-step normalization of the input projection, its bias joins it once
-  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias_ih) : wx;
-  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
+  // a = wx_t + b_ih, step by step (a (T, B, 3H) sum would double the memory of the input); under a
+  // per-step normalization the norm's output is a
+  auto a = at::empty({batch, 3 * hidden}, wx.options());
   auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
-    auto h = saved.states[t], gates = saved.activations[t], u = saved.extra[t];
+    const int64_t slot = saved.step_slot(t);
+    auto h = saved.states[saved.state_slot(t)], gates = saved.activations[slot], u = saved.extra[slot];
     Normalized ih, hh;
     if (saved.ih.norm != kNone) {
-      ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, input_part, row_lengths, count, t, training, momentum,
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, a, row_lengths, count, t, training, momentum,
                             eps);
+    } else {
+      at::add_out(a, wx[t], bias_ih);
     }
-    const auto& a = saved.ih.norm == kNone ? inputs[t] : input_part;
     if (saved.hh.norm == kNone) {
       at::addmm_out(u, bias_hh, h, w_hh_t);
     } else {
@@ -62,7 +65,7 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
                             saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
                             momentum, eps);
     }
-    auto h_next = saved.states[t + 1], out = output[t];
+    auto h_next = saved.states[saved.state_slot(t + 1)], out = output[t];
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "gru_step", [&] {
       gru_preactivation<scalar_t>(a, u, gates, true);
       gates.narrow(1, 0, 2 * hidden).sigmoid_();
@@ -74,10 +77,9 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
         return n + z * (previous - n);  // h_t = (1 - z) n + z h_{t-1}
       });
     });
-    saved.ih_norm.push_back(ih);
-    saved.hh_norm.push_back(hh);
+    saved.record(ih, hh);
   }
-  return {output, saved.states[steps].clone()};  // fresh: see lstm.h
+  return {output, saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
 }
 
 // dL/da and dL/du (B, 3H) of one step from dL/dh_t = grad_output + dh, and dh_direct, the part of
@@ -123,6 +125,7 @@ void gru_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
 // Returns dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
+  saved.check_kept("GRU");
   const int64_t steps = saved.steps, gates = saved.w_hh.size(0), batch = grad_h_n.size(0);
   auto options = grad_h_n.options();
   auto dh = grad_h_n.clone(), dh_direct = at::empty_like(dh);

@@ -37,28 +37,30 @@ void lstm_cell_update(const at::Tensor& gates, const at::Tensor& c_prev, at::Ten
 inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                             const at::Tensor& c0, const at::Tensor& bias,
                                             const at::Tensor& cell_bias, const at::Tensor& lengths, bool training,
-                                            double momentum, double eps) {
+                                            double momentum, double eps, bool keep) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
-  saved.begin(lengths, steps, h0, 4 * hidden);
-  saved.cells = workspace().empty({steps + 1, batch, hidden}, wx.options());
+  saved.begin(lengths, steps, h0, 4 * hidden, keep);
+  saved.cells = saved.per_state(hidden, wx.options());
   saved.cells[0].copy_(c0);
-  saved.activations = workspace().empty({steps, batch, 4 * hidden}, wx.options());
-  saved.extra = workspace().empty({steps, batch, hidden}, wx.options());
+  saved.activations = saved.per_step(4 * hidden, wx.options());
+  saved.extra = saved.per_step(hidden, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
   auto w_hh_t = saved.w_hh.t();
-  // without a per-step normalization of the input projection, the bias joins it once
-  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias) : wx;
-  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
+  // wx_t + b, step by step (a (T, B, 4H) sum would double the memory of the input); under a
+  // per-step normalization of wx the norm's output
+  auto input = at::empty({batch, 4 * hidden}, wx.options());
   auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
-    auto h = saved.states[t], c = saved.cells[t], gates = saved.activations[t];
+    const int64_t now = saved.state_slot(t), next = saved.state_slot(t + 1);
+    auto h = saved.states[now], c = saved.cells[now], gates = saved.activations[saved.step_slot(t)];
     Normalized ih, hh, cn;
     if (saved.ih.norm != kNone) {
-      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input_part, row_lengths, count, t, training, momentum, eps);
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum, eps);
+    } else {
+      at::add_out(input, wx[t], bias);
     }
-    const auto& input = saved.ih.norm == kNone ? inputs[t] : input_part;
     if (saved.hh.norm == kNone) {
       at::addmm_out(gates, input, h, w_hh_t);
     } else {
@@ -69,7 +71,8 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
     gates.narrow(1, 0, 2 * hidden).sigmoid_();
     gates.narrow(1, 2 * hidden, hidden).tanh_();
     gates.narrow(1, 3 * hidden, hidden).sigmoid_();
-    auto c_next = saved.cells[t + 1], h_next = saved.states[t + 1], tanh_y = saved.extra[t], out = output[t];
+    auto c_next = saved.cells[next], h_next = saved.states[next], tanh_y = saved.extra[saved.step_slot(t)];
+    auto out = output[t];
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_cell_update",
                                [&] { lstm_cell_update<scalar_t>(gates, c, c_next, row_lengths, t); });
     // rows past their length carry c_{t-1} in c_next: outside the batch statistics and, with a
@@ -87,13 +90,12 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
         return gate[row * 4 * hidden + 3 * hidden + j] * activation[row * hidden + j];
       });
     });
-    saved.ih_norm.push_back(ih);
-    saved.hh_norm.push_back(hh);
-    saved.cell_norm.push_back(cn);
+    saved.record(ih, hh, cn);
   }
   // fresh final states: a returned tensor that the Sequence also held would tie the autograd node
   // that owns the Sequence to itself, a cycle Python's collector cannot see through C++
-  return {output, saved.states[steps].clone(), saved.cells[steps].clone()};
+  const int64_t last = saved.state_slot(steps);
+  return {output, saved.states[last].clone(), saved.cells[last].clone()};
 }
 
 // From dL/dh_t (the output's gradient plus the carried dh): grad_h (zero past a row's length) and
@@ -165,6 +167,7 @@ void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const
 // Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c.
 inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Tensor& grad_output,
                                              const at::Tensor& grad_h_n, const at::Tensor& grad_c_n) {
+  saved.check_kept("LSTM");
   const int64_t steps = saved.steps, gates = saved.w_hh.size(0), hidden = saved.w_hh.size(1);
   const int64_t batch = grad_h_n.size(0);
   auto options = grad_h_n.options();

@@ -231,11 +231,12 @@ void batch_norm_backward(const at::Tensor& g, const at::Tensor& weight, const No
 struct StepNorm {
   int64_t norm = kNone;
   at::Tensor running_mean, running_var;  // (S, F), batch norm only: slot min(t, S - 1)
-  at::Tensor hats;                       // (T, B, F): hat of every step
+  at::Tensor hats;                       // (T, B, F): hat of every step (or (1, B, F), see begin)
 
-  void begin(int64_t steps, int64_t batch, int64_t width, const at::TensorOptions& options) {
+  // slots: the steps whose hats are kept (T), or 1 when no backward follows and every step reuses it.
+  void begin(int64_t slots, int64_t batch, int64_t width, const at::TensorOptions& options) {
     if (norm != kNone) {
-      hats = workspace().empty({steps, batch, width}, options);
+      hats = workspace().empty({slots, batch, width}, options);
     }
   }
 
@@ -244,7 +245,7 @@ struct StepNorm {
                      const int64_t* lengths, int64_t count, int64_t step, bool training, double momentum,
                      double eps) {
     Normalized result;
-    result.hat = hats[step];
+    result.hat = hats[std::min<int64_t>(step, hats.size(0) - 1)];  // one slot: a forward that keeps nothing
     const auto type = v.scalar_type();
     if (norm == kLayer) {
       result.rstd = at::empty({v.size(0)}, v.options());

@@ -9,26 +9,27 @@ namespace normrnn {
 
 inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                            const at::Tensor& bias, const at::Tensor& lengths, bool training,
-                                           double momentum, double eps) {
+                                           double momentum, double eps, bool keep) {
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
-  saved.begin(lengths, steps, h0, hidden);
-  saved.activations = workspace().empty({steps, batch, hidden}, wx.options());
+  saved.begin(lengths, steps, h0, hidden, keep);
+  saved.activations = saved.per_step(hidden, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
   auto w_hh_t = saved.w_hh.t();
-  // without a per-step normalization of the input projection, the bias joins it once
-  auto inputs = saved.ih.norm == kNone ? at::add(wx, bias) : wx;
-  auto input_part = saved.ih.norm == kNone ? at::Tensor() : at::empty({batch, hidden}, wx.options());
+  // wx_t + b, step by step (a (T, B, H) sum would double the memory of the input); under a
+  // per-step normalization of wx the norm's output
+  auto input = at::empty({batch, hidden}, wx.options());
   auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
-    auto h = saved.states[t], h_new = saved.activations[t];
+    auto h = saved.states[saved.state_slot(t)], h_new = saved.activations[saved.step_slot(t)];
     Normalized ih, hh;
     if (saved.ih.norm != kNone) {
-      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input_part, row_lengths, count, t, training, momentum,
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum,
                             eps);
+    } else {
+      at::add_out(input, wx[t], bias);
     }
-    const auto& input = saved.ih.norm == kNone ? inputs[t] : input_part;
     if (saved.hh.norm == kNone) {
       at::addmm_out(h_new, input, h, w_hh_t);
     } else {
@@ -41,16 +42,15 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
     } else if (saved.activation == 1) {
       h_new.relu_();
     }
-    auto h_next = saved.states[t + 1], out = output[t];
+    auto h_next = saved.states[saved.state_slot(t + 1)], out = output[t];
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "rnn_emit", [&] {
       const scalar_t* value = h_new.data_ptr<scalar_t>();
       emit_state<scalar_t>(h, out, h_next, row_lengths, t,
                            [&](int64_t row, int64_t j, scalar_t) { return value[row * hidden + j]; });
     });
-    saved.ih_norm.push_back(ih);
-    saved.hh_norm.push_back(hh);
+    saved.record(ih, hh);
   }
-  return {output, saved.states[steps].clone()};  // fresh: see lstm.h
+  return {output, saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
 }
 
 // dL/dpre of one step from dL/dh_t = grad_output + dh, and dh_direct: dh on rows past their length.
@@ -84,6 +84,7 @@ void rnn_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
 // Returns dwx, dh0, dW_hh, d bias, d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
+  saved.check_kept("RNN");
   const int64_t steps = saved.steps, hidden = saved.w_hh.size(0), batch = grad_h_n.size(0);
   auto options = grad_h_n.options();
   auto dh = grad_h_n.clone(), dh_direct = at::empty_like(dh);

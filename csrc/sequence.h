@@ -2,7 +2,10 @@
 //
 // Every per-step value lives in one buffer for the whole sequence, (T, B, F), written in place:
 // a step allocates nothing, and the weight gradient dW_hh = sum_t dwh_t^T h_{t-1} is one matmul
-// over the buffers with no stacking.
+// over the buffers with no stacking. A forward that no backward follows (`keep` false: gradients
+// off, or nothing that asks for one) keeps nothing: its buffers hold one step, reused, and h and c
+// two slots (the previous and the new), so that inference on a long sequence needs memory for the
+// projected input and the output only, not some 16 values a step and feature more.
 #pragma once
 
 #include <algorithm>
@@ -13,12 +16,14 @@
 namespace normrnn {
 
 struct Sequence {
-  int64_t steps = 0;
+  int64_t steps = 0, batch = 0;
+  bool keep = true;  // a backward will follow: every step's values are kept
   StepNorm ih, hh, cell;  // cell: the LSTM's normalization of c_t
   at::Tensor w_hh, ih_weight, hh_weight, cell_weight;
   at::Tensor lengths;  // (B,) int64; undefined when every sequence runs the whole length
   std::vector<int64_t> counts;  // active rows of each step
   std::vector<Normalized> ih_norm, hh_norm, cell_norm;  // empty entries where the norm is None
+  // Indexed by state_slot and step_slot (the step itself when kept):
   at::Tensor states;       // (T + 1, B, H): [t] is h_{t-1} of step t (the state kept by each row)
   at::Tensor cells;        // LSTM (T + 1, B, H): c likewise
   at::Tensor activations;  // (T, B, F): each cell's gate values after their nonlinearity
@@ -28,16 +33,49 @@ struct Sequence {
 
   // Sets up the buffers common to every cell: h, and the hats of the normalizations of the
   // projections (width: their number of features, G) and of the cell (H).
-  void begin(const at::Tensor& sequence_lengths, int64_t num_steps, const at::Tensor& h0, int64_t width) {
+  void begin(const at::Tensor& sequence_lengths, int64_t num_steps, const at::Tensor& h0, int64_t width,
+             bool keep_steps) {
     steps = num_steps;
+    batch = h0.size(0);
+    keep = keep_steps;
     padded = sequence_lengths.defined() && sequence_lengths.numel() > 0;
     lengths = padded ? sequence_lengths.to(at::kLong).contiguous() : at::Tensor();
-    const int64_t batch = h0.size(0), hidden = h0.size(1);
-    states = workspace().empty({steps + 1, batch, hidden}, h0.options());
+    const int64_t hidden = h0.size(1);
+    states = per_state(hidden, h0.options());
     states[0].copy_(h0);
-    ih.begin(steps, batch, width, h0.options());
-    hh.begin(steps, batch, width, h0.options());
-    cell.begin(steps, batch, hidden, h0.options());
+    const int64_t slots = keep ? steps : 1;
+    ih.begin(slots, batch, width, h0.options());
+    hh.begin(slots, batch, width, h0.options());
+    cell.begin(slots, batch, hidden, h0.options());
+  }
+
+  // Where step t's values are in a buffer of per_step, and h_{t-1} (c_{t-1}) in one of per_state.
+  int64_t step_slot(int64_t step) const { return keep ? step : 0; }
+  int64_t state_slot(int64_t step) const { return keep ? step : step % 2; }
+
+  // A buffer for a value of `width` features at every step (T, B, width), or at one (1, B, width).
+  at::Tensor per_step(int64_t width, const at::TensorOptions& options) const {
+    return workspace().empty({keep ? steps : 1, batch, width}, options);
+  }
+
+  // A buffer for a state carried from step to step: T + 1 slots, or 2 (the previous and the new).
+  at::Tensor per_state(int64_t width, const at::TensorOptions& options) const {
+    return workspace().empty({keep ? steps + 1 : 2, batch, width}, options);
+  }
+
+  // The normalizations of step t, for its backward (nothing when none follows).
+  void record(const Normalized& input, const Normalized& recurrent, const Normalized& of_cell = Normalized()) {
+    if (keep) {
+      ih_norm.push_back(input);
+      hh_norm.push_back(recurrent);
+      cell_norm.push_back(of_cell);
+    }
+  }
+
+  // A backward needs every step's values: it is only reached after a forward that kept them.
+  void check_kept(const char* cell_name) const {
+    TORCH_CHECK(keep, "normrnn (cpp backend): ", cell_name, " backward after a forward that kept nothing for it "
+                "(it ran with gradients disabled, or with no input that requires one)");
   }
 
   // The number of rows active at step t, recorded for the backward.

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .first_derivatives import first_derivatives_only
+from .first_derivatives import first_derivatives_only, needs_gradient
 from .params import DirectionParams, Padding
 from .reference.common import zero_padding
 from .reference.norms import sequence_batch_norm
@@ -183,10 +183,10 @@ def describe_availability(probe: Tensor) -> str:
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, config):
-        running, lengths, norms, training, momentum, eps = config
+        running, lengths, norms, training, momentum, eps, keep = config
         output, h_n, c_n, saved = extension().lstm_forward(
             wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, *norms, training,
-            momentum, eps)
+            momentum, eps, keep)
         ctx.saved = saved
         return output, h_n, c_n
 
@@ -202,9 +202,9 @@ class _LSTMFunction(torch.autograd.Function):
 class _GRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, config):
-        running, lengths, norms, training, momentum, eps = config
+        running, lengths, norms, training, momentum, eps, keep = config
         output, h_n, saved = extension().gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running,
-                                                     lengths, norms[0], norms[1], training, momentum, eps)
+                                                     lengths, norms[0], norms[1], training, momentum, eps, keep)
         ctx.saved = saved
         return output, h_n
 
@@ -219,9 +219,9 @@ class _GRUFunction(torch.autograd.Function):
 class _RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wx, h0, w_hh, bias, ih_weight, hh_weight, config):
-        running, lengths, norms, training, momentum, eps, activation = config
+        running, lengths, norms, training, momentum, eps, activation, keep = config
         output, h_n, saved = extension().rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths,
-                                                     norms[0], norms[1], activation, training, momentum, eps)
+                                                     norms[0], norms[1], activation, training, momentum, eps, keep)
         ctx.saved = saved
         return output, h_n
 
@@ -282,19 +282,23 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
         cell_weight = params.cell_norm_weight if in_loop else like.new_ones(hidden)
         cell_bias = params.cell_norm_bias if in_loop else like.new_zeros(hidden)
         cell_code = {"batch": BATCH, "layer": LAYER}.get(norm, NONE)
-        config = (running, lengths, (ih_code, hh_code, cell_code), bool(training), float(momentum), float(eps))
-        output, h_n, c_n = _LSTMFunction.apply(wx, h0, state[1].contiguous(), w_hh, bias, ih_weight, hh_weight,
-                                               cell_weight, cell_bias, config)
+        c0 = state[1].contiguous()
+        keep = needs_gradient(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias)
+        config = (running, lengths, (ih_code, hh_code, cell_code), bool(training), float(momentum), float(eps), keep)
+        output, h_n, c_n = _LSTMFunction.apply(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
+                                               config)
         return output, (h_n, c_n)
     if cell == "gru":
         bias_ih = params.bias_ih if params.bias_ih is not None else zeros_gates
         bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates
-        config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps))
+        keep = needs_gradient(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight)
+        config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps), keep)
         output, h_n = _GRUFunction.apply(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, config)
         return output, (h_n,)
     biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
     bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
+    keep = needs_gradient(wx, h0, w_hh, bias, ih_weight, hh_weight)
     config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps),
-              ACTIVATIONS[nonlinearity])
+              ACTIVATIONS[nonlinearity], keep)
     output, h_n = _RNNFunction.apply(wx, h0, w_hh, bias, ih_weight, hh_weight, config)
     return output, (h_n,)

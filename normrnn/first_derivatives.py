@@ -5,13 +5,21 @@ use instead, rather than leaving their second-order terms silently out. The refe
 differentiable to any order.
 
 The first backward itself runs under ``create_graph=True`` as usual: a model whose gradient
-penalty does not pass through the recurrent layer is unaffected.
+penalty does not pass through the recurrent layer is unaffected. Whether a fused forward keeps
+anything for a backward at all is ``needs_gradient``'s answer.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
+from torch import Tensor
+
+
+def needs_gradient(*tensors: Optional[Tensor]) -> bool:
+    """Whether a forward must save for backward: gradients are enabled and one input asks for one."""
+    return torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
 
 
 def message(backend: str) -> str:

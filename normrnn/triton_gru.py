@@ -18,8 +18,9 @@ from torch import Tensor
 from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
 from .kernels.layout import NORM_LAYER
+from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
-from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, needs_gradient, new_empty,
+from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, new_empty,
                          no_second_derivative, nothing_saved, on_the_tensors_device, pair_norm_tensors, project_inputs,
                          recurrent_weight_gradient, require_saved, store_running_statistics)
 

@@ -22,8 +22,9 @@ from .kernels.lstm_backward import lstm_backward
 from .kernels.lstm_forward import lstm_forward
 from .kernels.lstm_layer_norm_backward import layer_norm_lstm_backward
 from .kernels.lstm_layer_norm_forward import layer_norm_lstm_forward
+from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
-from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, needs_gradient, new_empty,
+from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, new_empty,
                          no_second_derivative, nothing_saved, on_the_tensors_device, pair_norm_tensors, project_inputs,
                          recurrent_weight_gradient, require_saved, store_running_statistics, summed_bias)
 

@@ -84,11 +84,6 @@ def kernel_lengths(padding: Padding, like: Tensor) -> Optional[Tensor]:
     return padding.lengths.to(like.device, torch.int32) if padding.padded else None
 
 
-def needs_gradient(*tensors: Optional[Tensor]) -> bool:
-    """Whether a forward must save for backward: gradients are enabled and one input asks for one."""
-    return torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
-
-
 def pair_norm_tensors(params: DirectionParams, norm: Optional[str], like: Tensor
                       ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """The float32 gains of N_ih and N_hh and the four running statistics (ih mean, var, hh mean,

@@ -159,6 +159,68 @@ def test_pooled_buffers_never_overwrite_what_a_call_returned(cell, norm):
         assert torch.equal(before, after)
 
 
+def _finals(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("training", [False, True])
+def test_a_forward_no_backward_follows_computes_what_one_kept_for_it_does(cell, norm, training):
+    """Under no_grad the loops keep one step's values instead of every step's (nothing is kept for a
+    backward): outputs, final states and the running statistics' update are bit for bit those of
+    the forward that keeps everything, padded rows, two layers, both directions."""
+    import copy
+    layer = CELLS[cell](4, 5, num_layers=2, bidirectional=True, norm=norm, max_steps=3, backend="cpp")
+    for name, buffer in layer.named_buffers():
+        buffer.copy_(torch.rand_like(buffer) + 0.5 if "var" in name else torch.randn_like(buffer))
+    twin = copy.deepcopy(layer)
+    layer.train(training)
+    twin.train(training)
+    x, lengths = torch.randn(6, 4, 4), torch.tensor([6, 2, 5, 6])
+    with torch.no_grad():
+        output, state = layer(x, lengths=lengths)
+    kept_output, kept_state = twin(x, lengths=lengths)  # the parameters require gradients
+    assert kept_output.requires_grad and not output.requires_grad
+    for without, kept in zip([output] + _finals(state), [kept_output] + _finals(kept_state)):
+        assert torch.equal(without, kept.detach())
+    for (name, buffer), (_, kept_buffer) in zip(layer.named_buffers(), twin.named_buffers()):
+        assert torch.equal(buffer, kept_buffer), name
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_a_forward_no_backward_follows_holds_one_step_of_buffers(cell):
+    """What the loops' buffers come to (the pool takes them back when the call ends): about one
+    step's worth under no_grad, against every step's when a backward may follow; the returned
+    output alone is T steps."""
+    steps, batch, hidden = 200, 8, 32
+    layer = CELLS[cell](hidden, hidden, norm="batch", max_steps=steps, backend="cpp")
+    x = torch.randn(steps, batch, hidden)
+    step_bytes = batch * hidden * x.element_size()
+    normrnn.cpp_backend.release_workspace()
+    with torch.no_grad():
+        layer(x)
+    without_backward = normrnn.cpp_backend.release_workspace()
+    layer(x)[0].sum().backward()
+    with_backward = normrnn.cpp_backend.release_workspace()
+    assert with_backward > 5 * steps * step_bytes
+    assert 0 < without_backward < 30 * step_bytes, (without_backward, with_backward)
+
+
+def test_a_backward_after_a_forward_that_kept_nothing_raises():
+    extension = normrnn.cpp_backend.extension()
+    steps, batch, hidden = 3, 2, 4
+    ones, zeros = torch.ones(4 * hidden), torch.zeros(4 * hidden)
+    running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
+                                                                             torch.ones(1, hidden)]
+    h0 = torch.zeros(batch, hidden)
+    *_, saved = extension.lstm_forward(torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden),
+                                       zeros, ones, ones, torch.ones(hidden), torch.zeros(hidden), running,
+                                       torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1, 1e-5, False)
+    with pytest.raises(RuntimeError, match="kept nothing"):
+        extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
+
+
 def test_release_workspace_frees_the_pool():
     layer = normrnn.LSTM(4, 6, backend="cpp")
     layer(torch.randn(5, 3, 4))[0].sum().backward()
