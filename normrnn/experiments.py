@@ -5,6 +5,8 @@
                         tanh. Gradient flow ||dL/dh_1|| / ||dL/dh_T|| at initialization and after
                         training, and success (test MSE below 0.05; predicting the mean scores
                         0.167) on the adding problem as T grows.
+    gated-gradient-flow the same for the gated cells: LSTM, BN-LSTM, LN-LSTM, GRU, BN-GRU,
+                        LN-GRU (batch norm per timestep, gamma 0.1).
     digits              LSTM, BN-LSTM (gamma 0.1 and 1.0), LN-LSTM and sequence-wise BN-LSTM on
                         sequential and permuted digits: test accuracy after every epoch.
     longer-sequences    LSTM, BN-LSTM and LN-LSTM trained on the adding problem at T_train, then
@@ -122,16 +124,26 @@ RNN_VARIANTS: Dict[str, Callable[[int, int], nn.Module]] = {
     "RNN LN + tanh": lambda hidden, steps: normrnn.RNN(2, hidden, norm="layer", nonlinearity="tanh"),
 }
 
+# the gated cells with the same normalizations (batch norm with the paper's gamma 0.1)
+GATED_VARIANTS: Dict[str, Callable[[int, int], nn.Module]] = {
+    "LSTM": lambda hidden, steps: normrnn.LSTM(2, hidden),
+    "BN-LSTM": lambda hidden, steps: normrnn.LSTM(2, hidden, norm="batch", max_steps=steps),
+    "LN-LSTM": lambda hidden, steps: normrnn.LSTM(2, hidden, norm="layer"),
+    "GRU": lambda hidden, steps: normrnn.GRU(2, hidden),
+    "BN-GRU": lambda hidden, steps: normrnn.GRU(2, hidden, norm="batch", max_steps=steps),
+    "LN-GRU": lambda hidden, steps: normrnn.GRU(2, hidden, norm="layer"),
+}
 
-def rnn_gradient_flow(args) -> Dict:
-    """Adding problem with the vanilla RNN variants of ``RNN_VARIANTS`` at several T: test MSE and
+
+def _adding_gradient_flow(args, variants: Dict[str, Callable[[int, int], nn.Module]], description: str) -> Dict:
+    """The adding problem with each of ``variants`` at several T: test MSE and
     ||dL/dh_1|| / ||dL/dh_T|| at initialization and after training, per seed."""
     lengths = [20, 50] if args.quick else [25, 50, 100]
     iterations = args.iterations or (30 if args.quick else 800)
     hidden = 16 if args.quick else 48
     runs = []
-    step, close = _progress(len(RNN_VARIANTS) * len(lengths) * args.seeds, args.quiet, "rnn-gradient-flow")
-    for name, build in RNN_VARIANTS.items():
+    step, close = _progress(len(variants) * len(lengths) * args.seeds, args.quiet, description)
+    for name, build in variants.items():
         for steps in lengths:
             for seed in range(args.seeds):
                 torch.manual_seed(seed)
@@ -147,6 +159,16 @@ def rnn_gradient_flow(args) -> Dict:
                 step(f"{name} T={steps}: mse {mse:.3f}")
     close()
     return {"lengths": lengths, "iterations": iterations, "hidden_size": hidden, "runs": runs}
+
+
+def rnn_gradient_flow(args) -> Dict:
+    """The adding problem with the vanilla RNN variants of ``RNN_VARIANTS``."""
+    return _adding_gradient_flow(args, RNN_VARIANTS, "rnn-gradient-flow")
+
+
+def gated_gradient_flow(args) -> Dict:
+    """The adding problem with the LSTM and GRU variants of ``GATED_VARIANTS``."""
+    return _adding_gradient_flow(args, GATED_VARIANTS, "gated-gradient-flow")
 
 
 def _digits_models(hidden: int) -> Dict[str, Callable[[], nn.Module]]:
@@ -404,8 +426,12 @@ def truncated_bptt_study(args) -> Dict:
             "train_characters": split, "test_characters": len(text) - split, "runs": runs}
 
 
-STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "digits": digits_study, "longer-sequences": longer_sequences,
+STUDIES = {"rnn-gradient-flow": rnn_gradient_flow, "gated-gradient-flow": gated_gradient_flow, "digits": digits_study,
+           "longer-sequences": longer_sequences,
            "bn-eps": bn_eps_study, "truncated-bptt": truncated_bptt_study}
+
+# the studies whose results are those of _adding_gradient_flow
+ADDING_FLOW_STUDIES = ("rnn-gradient-flow", "gated-gradient-flow")
 
 
 def _mean(values: List[float]) -> float:
@@ -417,7 +443,7 @@ def report(name: str, results: Dict) -> str:
     lines = [f"# {name}", "", f"seeds: {results['seeds']}, settings: " +
              ", ".join(f"{k}={v}" for k, v in results.items() if k not in ("runs", "seeds", "study")), ""]
     runs = results["runs"]
-    if name == "rnn-gradient-flow":
+    if name in ADDING_FLOW_STUDIES:
         lines += ["| model | T | solved (of seeds) | test MSE | dL/dh_1 / dL/dh_T init | after training |",
                   "|---|---|---|---|---|---|"]
         for model in dict.fromkeys(run["model"] for run in runs):
@@ -489,7 +515,7 @@ def plots(name: str, results: Dict, out: str) -> List[str]:
 
     paths = []
     runs = results["runs"]
-    if name == "rnn-gradient-flow":
+    if name in ADDING_FLOW_STUDIES:
         steps = results["lengths"][-1]
         for key in ("flow_initial", "flow_final"):
             curves = {}

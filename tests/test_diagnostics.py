@@ -141,7 +141,8 @@ def test_demo_runs_end_to_end_and_saves_its_plots(tmp_path):
         assert len(result["flow_final"]) == 64 and 0.0 <= result["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("study", ["rnn-gradient-flow", "digits", "longer-sequences", "bn-eps", "truncated-bptt"])
+@pytest.mark.parametrize("study", ["rnn-gradient-flow", "gated-gradient-flow", "digits", "longer-sequences", "bn-eps",
+                                   "truncated-bptt"])
 def test_each_study_runs_quick_and_writes_its_report(tmp_path, study):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
