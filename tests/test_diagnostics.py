@@ -183,3 +183,18 @@ def test_recurrent_variance_is_the_batch_variance_of_the_recurrent_projection():
             ((output[t - 1] @ layer.weight_hh_l0[j]) - (output[t - 1] @ layer.weight_hh_l0[j]).mean()).pow(2).mean()
             for j in range(20)]) for t in range(2, 8)])
     assert experiments.recurrent_variance(layer, inputs) == pytest.approx(float(by_hand.median()), rel=1e-5)
+
+
+def test_the_forget_bias_variant_has_forget_gates_biased_at_one_and_nothing_else_changed():
+    from normrnn import experiments
+    torch.manual_seed(0)
+    plain = experiments.GATED_VARIANTS["LSTM"](6, 10)
+    torch.manual_seed(0)
+    biased = experiments.GATED_VARIANTS["LSTM forget bias 1"](6, 10)
+    forget = slice(6, 12)  # gate order i, f, g, o
+    total = biased.bias_ih_l0 + biased.bias_hh_l0
+    assert torch.equal(total[forget], torch.ones(6))
+    for gate in (slice(0, 6), slice(12, 24)):
+        assert torch.equal(biased.bias_ih_l0[gate], plain.bias_ih_l0[gate])
+        assert torch.equal(biased.bias_hh_l0[gate], plain.bias_hh_l0[gate])
+    assert torch.equal(biased.weight_hh_l0, plain.weight_hh_l0)
