@@ -6,7 +6,8 @@ well under a second). Each cell's forward and hand-written backward run in C++ o
 timesteps, on ATen CPU tensors (the recurrent matmul is BLAS, sigmoid/tanh are ATen's vectorized
 kernels in place, everything else a fused loop over rows, parallel over ATen's threads); a
 ``torch.autograd.Function`` per cell connects them. Internal buffers are pooled across calls
-(``release_workspace`` frees them).
+(``release_workspace`` frees them). A forward that no backward follows keeps one step of them and
+projects its input in chunks of steps (``INFERENCE_CHUNK_BYTES``).
 
 As in the Triton backend, the normalizations that need no recurrence (layer norm of x W_ih^T,
 sequence-wise batch norm) run on the whole input projection before the loop in PyTorch; the
@@ -20,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -252,10 +253,14 @@ def run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddin
                     nonlinearity)
 
 
+# A forward that no backward follows projects its input and runs the loop a chunk of steps at a
+# time, with the state carried from chunk to chunk: the (T, B, G) projection, four times the
+# output's size for an LSTM, is never whole. A chunk's projection takes at most this much memory.
+INFERENCE_CHUNK_BYTES = 16 << 20
+
+
 def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                    nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    x = zero_padding(x, padding)
-    wx = _project(x, params, norm, padding, training, momentum, eps)
     gates, hidden = params.weight_hh.shape
     like = params.weight_hh
     ones_gates, zeros_gates = like.new_ones(gates), like.new_zeros(gates)
@@ -274,31 +279,51 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     else:
         running += placeholder(hidden)
     lengths = padding.lengths.to(torch.int64) if padding.padded else torch.empty(0, dtype=torch.int64)
-    h0 = state[0].contiguous()
+    state = tuple(value.contiguous() for value in state)
     w_hh = params.weight_hh.contiguous()
+    norms = (ih_code, hh_code)
     if cell == "lstm":
         biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
         bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
         cell_weight = params.cell_norm_weight if in_loop else like.new_ones(hidden)
         cell_bias = params.cell_norm_bias if in_loop else like.new_zeros(hidden)
-        cell_code = {"batch": BATCH, "layer": LAYER}.get(norm, NONE)
-        c0 = state[1].contiguous()
-        keep = needs_gradient(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias)
-        config = (running, lengths, (ih_code, hh_code, cell_code), bool(training), float(momentum), float(eps), keep)
-        output, h_n, c_n = _LSTMFunction.apply(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
-                                               config)
-        return output, (h_n, c_n)
-    if cell == "gru":
+        norms += ({"batch": BATCH, "layer": LAYER}.get(norm, NONE),)
+        weights = (w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias)
+    elif cell == "gru":
         bias_ih = params.bias_ih if params.bias_ih is not None else zeros_gates
         bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates
-        keep = needs_gradient(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight)
-        config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps), keep)
-        output, h_n = _GRUFunction.apply(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, config)
-        return output, (h_n,)
-    biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
-    bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
-    keep = needs_gradient(wx, h0, w_hh, bias, ih_weight, hh_weight)
-    config = (running, lengths, (ih_code, hh_code), bool(training), float(momentum), float(eps),
-              ACTIVATIONS[nonlinearity], keep)
-    output, h_n = _RNNFunction.apply(wx, h0, w_hh, bias, ih_weight, hh_weight, config)
-    return output, (h_n,)
+        weights = (w_hh, bias_ih, bias_hh, ih_weight, hh_weight)
+    else:
+        biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
+        weights = (w_hh, biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates),
+                   ih_weight, hh_weight)
+    function = {"lstm": _LSTMFunction, "gru": _GRUFunction, "rnn": _RNNFunction}[cell]
+    keep = needs_gradient(x, params.weight_ih, params.ih_norm_weight, *state, *weights)
+
+    def run(wx: Tensor, state: Tuple[Tensor, ...], running: List[Tensor], lengths: Tensor):
+        config = (running, lengths, norms, bool(training), float(momentum), float(eps))
+        if cell == "rnn":
+            config += (ACTIVATIONS[nonlinearity],)
+        output, *final = function.apply(wx, *state, *weights, config + (keep,))
+        return output, tuple(final)
+
+    # sequence-wise batch norm in training needs the statistics of the whole projection
+    if keep or (norm == "seqbatch" and training):
+        wx = _project(zero_padding(x, padding), params, norm, padding, training, momentum, eps)
+        return run(wx, state, running, lengths)
+    steps = x.shape[0]
+    chunk = max(1, INFERENCE_CHUNK_BYTES // (x.shape[1] * gates * x.element_size()))
+    output = x.new_empty(steps, x.shape[1], hidden)
+    for start in range(0, steps, chunk):
+        stop = min(steps, start + chunk)
+        piece = x[start:stop]
+        if padding.padded:
+            piece = piece.masked_fill(~padding.mask[start:stop].unsqueeze(-1), 0.0)
+        wx = _project(piece, params, norm, padding, training, momentum, eps)
+        # the chunk's step t is step start + t: per-step statistics from slot min(start, S - 1) on
+        # (the slots past the last one are the last one), and lengths counted from its first step
+        chunk_running = [statistics[min(start, statistics.shape[0] - 1):] for statistics in running]
+        chunk_lengths = (lengths - start).clamp_min(0) if padding.padded else lengths
+        piece_output, state = run(wx, state, chunk_running, chunk_lengths)
+        output[start:stop] = piece_output
+    return output, state

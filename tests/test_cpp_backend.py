@@ -166,11 +166,22 @@ def _finals(state):
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("training", [False, True])
-def test_a_forward_no_backward_follows_computes_what_one_kept_for_it_does(cell, norm, training):
+@pytest.mark.parametrize("chunk_steps", [None, 2])
+def test_a_forward_no_backward_follows_computes_what_one_kept_for_it_does(cell, norm, training, chunk_steps,
+                                                                          monkeypatch):
     """Under no_grad the loops keep one step's values instead of every step's (nothing is kept for a
-    backward): outputs, final states and the running statistics' update are bit for bit those of
-    the forward that keeps everything, padded rows, two layers, both directions."""
+    backward), and project the input a chunk of steps at a time (here the whole sequence, or 2
+    steps, so that a chunk begins inside the per-step statistics, past max_steps and past a
+    sequence's end): outputs, final states and the running statistics' update are bit for bit
+    those of the forward that keeps everything, padded rows, two layers, both directions."""
     import copy
+    from normrnn.params import CELL_GATES
+    projections = []
+    project = normrnn.cpp_backend._project
+    monkeypatch.setattr(normrnn.cpp_backend, "_project", lambda x, *rest: projections.append(x.shape[0]) or
+                        project(x, *rest))
+    if chunk_steps is not None:  # float32, 4 sequences, 5 hidden units
+        monkeypatch.setattr(normrnn.cpp_backend, "INFERENCE_CHUNK_BYTES", chunk_steps * 4 * CELL_GATES[cell] * 5 * 4)
     layer = CELLS[cell](4, 5, num_layers=2, bidirectional=True, norm=norm, max_steps=3, backend="cpp")
     for name, buffer in layer.named_buffers():
         buffer.copy_(torch.rand_like(buffer) + 0.5 if "var" in name else torch.randn_like(buffer))
@@ -180,6 +191,8 @@ def test_a_forward_no_backward_follows_computes_what_one_kept_for_it_does(cell, 
     x, lengths = torch.randn(6, 4, 4), torch.tensor([6, 2, 5, 6])
     with torch.no_grad():
         output, state = layer(x, lengths=lengths)
+    chunked = chunk_steps is not None and not (norm == "seqbatch" and training)  # which needs every step at once
+    assert projections == ([2, 2, 2] if chunked else [6]) * 4  # 2 layers, 2 directions
     kept_output, kept_state = twin(x, lengths=lengths)  # the parameters require gradients
     assert kept_output.requires_grad and not output.requires_grad
     for without, kept in zip([output] + _finals(state), [kept_output] + _finals(kept_state)):
