@@ -22,7 +22,9 @@ missing peer is never skipped silently.
 
 CPU section: normrnn-cpp (the C++ backend), normrnn-reference, torch-cpu (torch's CPU module),
 and gemm-floor: only the matrix products that every implementation of the cell must run, with
-preallocated outputs (a lower bound on any of them; normalizations add elementwise work only).
+ATen's mm and preallocated outputs (a lower bound on what is built on mm, normalizations adding
+elementwise work only; torch's CPU LSTM runs on oneDNN's RNN primitive, whose products can be
+faster, and can be below it).
 """
 from __future__ import annotations
 
