@@ -282,21 +282,18 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     state = tuple(value.contiguous() for value in state)
     w_hh = params.weight_hh.contiguous()
     norms = (ih_code, hh_code)
-    if cell == "lstm":
-        biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
-        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
-        cell_weight = params.cell_norm_weight if in_loop else like.new_ones(hidden)
-        cell_bias = params.cell_norm_bias if in_loop else like.new_zeros(hidden)
-        norms += ({"batch": BATCH, "layer": LAYER}.get(norm, NONE),)
-        weights = (w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias)
-    elif cell == "gru":
+    if cell == "gru":  # b_hh stays apart: torch's GRU puts it inside r * (W_hh h + b_hh)
         bias_ih = params.bias_ih if params.bias_ih is not None else zeros_gates
         bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates
         weights = (w_hh, bias_ih, bias_hh, ih_weight, hh_weight)
     else:
         biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
-        weights = (w_hh, biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates),
-                   ih_weight, hh_weight)
+        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
+        weights = (w_hh, bias, ih_weight, hh_weight)
+        if cell == "lstm":
+            weights += (params.cell_norm_weight if in_loop else like.new_ones(hidden),
+                        params.cell_norm_bias if in_loop else like.new_zeros(hidden))
+            norms += ({"batch": BATCH, "layer": LAYER}.get(norm, NONE),)
     function = {"lstm": _LSTMFunction, "gru": _GRUFunction, "rnn": _RNNFunction}[cell]
     keep = needs_gradient(x, params.weight_ih, params.ih_norm_weight, *state, *weights)
 
