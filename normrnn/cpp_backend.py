@@ -313,9 +313,7 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     output = x.new_empty(steps, x.shape[1], hidden)
     for start in range(0, steps, chunk):
         stop = min(steps, start + chunk)
-        piece = x[start:stop]
-        if padding.padded:
-            piece = piece.masked_fill(~padding.mask[start:stop].unsqueeze(-1), 0.0)
+        piece = zero_padding(x[start:stop], padding, first_step=start)
         wx = _project(piece, params, norm, padding, training, momentum, eps)
         # the chunk's step t is step start + t: per-step statistics from slot min(start, S - 1) on
         # (the slots past the last one are the last one), and lengths counted from its first step

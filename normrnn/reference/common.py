@@ -46,12 +46,13 @@ def normalize_step(value: Tensor, which: str, params: DirectionParams, norm: Opt
     return value
 
 
-def zero_padding(x: Tensor, padding: Padding) -> Tensor:
+def zero_padding(x: Tensor, padding: Padding, first_step: int = 0) -> Tensor:
     """Padded positions become exact zeros, so that garbage (even NaN) there cannot reach any
-    value or gradient through the discarded rows."""
+    value or gradient through the discarded rows. ``x`` holds the steps of the padded batch from
+    ``first_step`` on (a chunk of them, or all)."""
     if not padding.padded:
         return x
-    return x.masked_fill(~padding.mask.unsqueeze(-1), 0.0)
+    return x.masked_fill(~padding.mask[first_step:first_step + x.shape[0]].unsqueeze(-1), 0.0)
 
 
 def keep_active(new: Tensor, old: Tensor, active: Optional[Tensor]) -> Tensor:
