@@ -21,6 +21,7 @@ class Case:
     batch: int
     hidden_size: int
     steps: int
+    proj_size: int = 0  # the LSTM's output projection (CPU section only; the kernels have none)
 
     @property
     def input_size(self) -> int:
@@ -28,7 +29,7 @@ class Case:
 
     def label(self) -> str:
         return (f"{self.cell} norm={self.norm or 'none'} {self.dtype} B={self.batch} H={self.hidden_size} "
-                f"T={self.steps}")
+                + (f"P={self.proj_size} " if self.proj_size else "") + f"T={self.steps}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +88,14 @@ def quick_skip(implementation: str, case: Case) -> Optional[str]:
     return None
 
 
+CPU_PROJ_SIZE = 128
+
+
 def cpu_grid(tiny: bool = False) -> List[Case]:
-    """The CPU section: B=32, I=H=256, T=100 in float32 (the C++ backend's target shape)."""
+    """The CPU section: B=32, I=H=256, T=100 in float32 (the C++ backend's target shape), every
+    cell and norm, and the LSTM with an output projection to P=128 (``proj_size``) with every norm."""
     if tiny:
-        return [Case("lstm", None, "float32", 2, 8, 5), Case("lstm", "batch", "float32", 2, 8, 5)]
-    return [Case(cell, norm, "float32", 32, 256, 100) for cell in CELLS for norm in NORMS]
+        return [Case("lstm", None, "float32", 2, 8, 5), Case("lstm", "batch", "float32", 2, 8, 5),
+                Case("lstm", None, "float32", 2, 8, 5, proj_size=4)]
+    return ([Case(cell, norm, "float32", 32, 256, 100) for cell in CELLS for norm in NORMS]
+            + [Case("lstm", norm, "float32", 32, 256, 100, proj_size=CPU_PROJ_SIZE) for norm in NORMS])

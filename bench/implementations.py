@@ -91,7 +91,9 @@ def _module_runner(module: nn.Module, x: torch.Tensor, train_skip_reason: Option
 
 def _normrnn_layer(case: Case, device, backend: str) -> nn.Module:
     cls = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
-    layer = cls(case.input_size, case.hidden_size, norm=case.norm, backend=backend, max_steps=case.steps)
+    projection = {"proj_size": case.proj_size} if case.proj_size else {}
+    layer = cls(case.input_size, case.hidden_size, norm=case.norm, backend=backend, max_steps=case.steps,
+                **projection)
     return layer.to(device, _dtype(case))
 
 
@@ -103,7 +105,7 @@ def _batch_of_one_reason(case: Case) -> Optional[str]:
 
 def normrnn_triton(case: Case, device) -> Runner:
     probe = torch.zeros(1, device=device, dtype=_dtype(case))
-    reason = dispatch.unavailable_reason("triton", case.cell, case.norm, probe)
+    reason = dispatch.unavailable_reason("triton", case.cell, case.norm, probe, projection=bool(case.proj_size))
     if reason is not None:
         raise Skip(f"the triton backend cannot run this case: {reason}")
     return _module_runner(_normrnn_layer(case, device, "triton"), _inputs(case, device), _batch_of_one_reason(case))
@@ -237,7 +239,9 @@ def reference_compiled(case: Case, device) -> Runner:
 
 def cudnn(case: Case, device) -> Runner:
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[case.cell]
-    return _module_runner(cls(case.input_size, case.hidden_size).to(device, _dtype(case)), _inputs(case, device))
+    projection = {"proj_size": case.proj_size} if case.proj_size else {}
+    return _module_runner(cls(case.input_size, case.hidden_size, **projection).to(device, _dtype(case)),
+                          _inputs(case, device))
 
 
 def haste(case: Case, device) -> Runner:
@@ -290,35 +294,51 @@ CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu", "gemm-fl
 def gemm_floor(case: Case, device) -> Runner:
     """The matrix products of one layer, nothing else. Forward: x W_ih^T for all steps in one
     product, then h_{t-1} W_hh^T step by step. Training adds dx = dwx W_ih, dW_ih = dwx^T x,
-    dW_hh = dwh^T h in one product each, and dh_{t-1} = dwh_t W_hh step by step."""
+    dW_hh = dwh^T h in one product each, and dh_{t-1} = dwh_t W_hh step by step. With an output
+    projection (proj_size P) h has P features, and each step adds h_t = r_t W_hr^T forward and
+    dr_t = dh_t W_hr backward, and training dW_hr = dh^T r in one product."""
     dtype, hidden = _dtype(case), case.hidden_size
+    state = case.proj_size or hidden
     gates = CELL_GATES[case.cell] * hidden
     rows = case.steps * case.batch
     x = torch.randn(rows, case.input_size, device=device, dtype=dtype)
     w_ih = torch.randn(gates, case.input_size, device=device, dtype=dtype)
-    w_hh = torch.randn(gates, hidden, device=device, dtype=dtype)
+    w_hh = torch.randn(gates, state, device=device, dtype=dtype)
     projected = torch.empty(rows, gates, device=device, dtype=dtype)
-    states = torch.randn(case.steps, case.batch, hidden, device=device, dtype=dtype) * 0.1
+    states = torch.randn(case.steps, case.batch, state, device=device, dtype=dtype) * 0.1
     step_out = torch.empty(case.batch, gates, device=device, dtype=dtype)
     grad_gates = torch.randn(case.steps, case.batch, gates, device=device, dtype=dtype)
-    grad_h = torch.empty(case.batch, hidden, device=device, dtype=dtype)
+    grad_h = torch.empty(case.batch, state, device=device, dtype=dtype)
     grad_x = torch.empty(rows, case.input_size, device=device, dtype=dtype)
     grad_w_ih, grad_w_hh = torch.empty_like(w_ih), torch.empty_like(w_hh)
     w_hh_t = w_hh.t()
+    if case.proj_size:
+        w_hr = torch.randn(state, hidden, device=device, dtype=dtype)
+        cell_outputs = torch.randn(case.steps, case.batch, hidden, device=device, dtype=dtype)
+        grad_states = torch.randn(case.steps, case.batch, state, device=device, dtype=dtype)
+        step_state, grad_cell_output = torch.empty(case.batch, state, device=device, dtype=dtype), \
+            torch.empty(case.batch, hidden, device=device, dtype=dtype)
+        grad_w_hr, w_hr_t = torch.empty_like(w_hr), w_hr.t()
 
     def forward_eval():
         torch.mm(x, w_ih.t(), out=projected)
         for step in range(case.steps):
             torch.mm(states[step], w_hh_t, out=step_out)
+            if case.proj_size:
+                torch.mm(cell_outputs[step], w_hr_t, out=step_state)
 
     def train_step():
         forward_eval()
         for step in range(case.steps - 1, -1, -1):
+            if case.proj_size:
+                torch.mm(grad_states[step], w_hr, out=grad_cell_output)
             torch.mm(grad_gates[step], w_hh, out=grad_h)
         flat = grad_gates.view(rows, gates)
         torch.mm(flat, w_ih, out=grad_x)
         torch.mm(flat.t(), x, out=grad_w_ih)
-        torch.mm(flat.t(), states.view(rows, hidden), out=grad_w_hh)
+        torch.mm(flat.t(), states.view(rows, state), out=grad_w_hh)
+        if case.proj_size:
+            torch.mm(grad_states.view(rows, state).t(), cell_outputs.view(rows, hidden), out=grad_w_hr)
 
     return Runner(forward_eval, train_step)
 
@@ -332,7 +352,8 @@ def cpu_runner(name: str, case: Case) -> Runner:
         return gemm_floor(case, device)
     backend = {"normrnn-cpp": "cpp", "normrnn-reference": "reference"}[name]
     if backend == "cpp":
-        reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)))
+        reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)),
+                                             projection=bool(case.proj_size))
         if reason is not None:
             raise Skip(f"the cpp backend cannot run this case: {reason}")
     return _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))

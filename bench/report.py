@@ -47,7 +47,8 @@ def environment(device: torch.device) -> Dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat(), "peers": peer_versions(),
+            "date": datetime.date.today().isoformat(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "peers": peer_versions(),
             # launcher settings in force for the whole run (the GPU session sets NORMRNN_STEP_LAUNCH=triton
             # when the bound launches fail their check): what the fused rows ran
             "settings": {name: value for name, value in sorted(os.environ.items()) if name.startswith("NORMRNN_")}}
@@ -215,7 +216,8 @@ def draw_plots(results: Dict, out: str, stem: str) -> List[str]:
         groups: Dict = {}
         for row in rows:
             case = row["case"]
-            fixed = tuple((k, case[k]) for k in ("cell", "norm", "dtype", "batch", "hidden_size", "steps") if k != axis)
+            fixed = tuple((k, case.get(k)) for k in ("cell", "norm", "dtype", "batch", "hidden_size", "proj_size", "steps")
+                          if k != axis)
             groups.setdefault(fixed, {}).setdefault(row["implementation"], []).append((case[axis], row["median_ms"]))
         groups = {fixed: lines for fixed, lines in groups.items() if any(len(points) > 1 for points in lines.values())}
         if not groups:
@@ -239,12 +241,30 @@ def draw_plots(results: Dict, out: str, stem: str) -> List[str]:
     return paths
 
 
-def write(results: Dict, out: str, plots: bool = True) -> List[str]:
-    """results.json, the markdown table and (``plots``) the plots, named ``<device>-<date>``;
-    returns the paths."""
-    os.makedirs(out, exist_ok=True)
+def _stem(results: Dict, out: str) -> str:
+    """``<device>-<date>[-cpu]``, or, where ``out`` holds another run of that name (the same
+    device and day, a different start), ``<device>-<date>-<HHMMSS of this run's start>[-cpu]``:
+    a second run of a day must not overwrite results that are committed. The run's own rewrites
+    (after every case) keep its name."""
     env = results["environment"]
-    stem = f"{slug(env['device'])}-{env['date']}" + ("-cpu" if results.get("section") == "cpu" else "")
+    suffix = "-cpu" if results.get("section") == "cpu" else ""
+    stem = f"{slug(env['device'])}-{env['date']}"
+    started = env.get("started")
+    try:
+        with open(os.path.join(out, stem + suffix + ".json")) as handle:
+            other = json.load(handle).get("environment", {}).get("started")
+    except (OSError, ValueError):
+        return stem + suffix  # no run of that name yet (or an unreadable one, which a rerun replaces)
+    if started is None or other == started:
+        return stem + suffix
+    return f"{stem}-{started.split('T')[1].replace(':', '')}{suffix}"
+
+
+def write(results: Dict, out: str, plots: bool = True) -> List[str]:
+    """results.json, the markdown table and (``plots``) the plots, named ``<device>-<date>`` (see
+    ``_stem``); returns the paths."""
+    os.makedirs(out, exist_ok=True)
+    stem = _stem(results, out)
     json_path = os.path.join(out, stem + ".json")
     with open(json_path, "w") as handle:
         json.dump(results, handle, indent=1, default=str)

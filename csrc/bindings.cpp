@@ -34,8 +34,15 @@ py::tuple lstm_forward(const at::Tensor& wx, const at::Tensor& h0, const at::Ten
                        const at::Tensor& bias, const at::Tensor& ih_weight, const at::Tensor& hh_weight,
                        const at::Tensor& cell_weight, const at::Tensor& cell_bias,
                        const std::vector<at::Tensor>& running, const at::Tensor& lengths, int64_t ih_norm,
-                       int64_t hh_norm, int64_t cell_norm, bool training, double momentum, double eps, bool keep) {
+                       int64_t hh_norm, int64_t cell_norm, bool training, double momentum, double eps, bool keep,
+                       const at::Tensor& w_hr) {
   auto sequence = make_sequence(w_hh, ih_weight, hh_weight, cell_weight, running, ih_norm, hh_norm, cell_norm);
+  if (w_hr.numel() > 0) {  // empty: no projection
+    TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(0) == h0.size(1) && w_hr.size(1) == c0.size(1),
+                "w_hr: expected shape (", h0.size(1), ", ", c0.size(1), ") (proj_size, hidden_size), got ",
+                w_hr.sizes());
+    sequence->w_hr = w_hr.contiguous();
+  }
   auto out = normrnn::lstm_forward(*sequence, wx, h0, c0, bias, cell_bias, lengths, training, momentum, eps, keep);
   return py::make_tuple(out[0], out[1], out[2], sequence);
 }
@@ -64,10 +71,11 @@ py::tuple rnn_forward(const at::Tensor& wx, const at::Tensor& h0, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Sequence, std::shared_ptr<Sequence>>(m, "Sequence",
                                                  "What a forward keeps for its backward (opaque).");
-  m.def("lstm_forward", &lstm_forward, "LSTM over the whole sequence: output, h_n, c_n, saved");
+  m.def("lstm_forward", &lstm_forward,
+        "LSTM over the whole sequence (w_hr: its output projection, or empty): output, h_n, c_n, saved");
   m.def("lstm_backward", [](const Sequence& s, const at::Tensor& g, const at::Tensor& gh, const at::Tensor& gc) {
     return normrnn::lstm_backward(s, g, gh, gc);
-  }, "dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c");
+  }, "dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c, dW_hr (None without one)");
   m.def("gru_forward", &gru_forward, "GRU over the whole sequence: output, h_n, saved");
   m.def("gru_backward", [](const Sequence& s, const at::Tensor& g, const at::Tensor& gh) {
     return normrnn::gru_backward(s, g, gh);

@@ -1,6 +1,6 @@
 // LSTM over a whole sequence on the CPU (reference: normrnn/reference/lstm.py), gate order i, f, g, o:
 //   z_t = gamma_hh N_hh(h_{t-1} W_hh^T) + gamma_ih N_ih(wx_t) + b,   c_t = f c_{t-1} + i g,
-//   h_t = o tanh(gamma_c N_c(c_t) + beta_c)
+//   h_t = o tanh(gamma_c N_c(c_t) + beta_c)         (with proj_size P: h_t = r_t W_hr^T, r_t that value)
 // wx arrives projected (and, for layer norm and sequence-wise batch norm, normalized) by the caller.
 // A step is one BLAS call, ATen's vectorized sigmoid/tanh in place on the gate buffer, and two
 // fused row loops; the backward step is one fused row loop and one BLAS call (normalizations, when
@@ -33,18 +33,25 @@ void lstm_cell_update(const at::Tensor& gates, const at::Tensor& c_prev, at::Ten
   });
 }
 
-// Returns output (T, B, H), h_n, c_n; fills `saved` for the backward.
+// Returns output (T, B, R), h_n (B, R), c_n (B, H), R = P with a projection (saved.w_hr) and H
+// without; fills `saved` for the backward.
 inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& wx, const at::Tensor& h0,
                                             const at::Tensor& c0, const at::Tensor& bias,
                                             const at::Tensor& cell_bias, const at::Tensor& lengths, bool training,
                                             double momentum, double eps, bool keep) {
-  const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
-  saved.begin(lengths, steps, h0, 4 * hidden, keep);
+  const int64_t steps = wx.size(0), batch = wx.size(1), hidden = c0.size(1), state = h0.size(1);
+  saved.begin(lengths, steps, h0, 4 * hidden, keep, hidden);
   saved.cells = saved.per_state(hidden, wx.options());
   saved.cells[0].copy_(c0);
   saved.activations = saved.per_step(4 * hidden, wx.options());
   saved.extra = saved.per_step(hidden, wx.options());
-  auto output = at::empty({steps, batch, hidden}, wx.options());
+  auto output = at::empty({steps, batch, state}, wx.options());
+  const bool projects = saved.projects();
+  if (projects) {
+    saved.unprojected = saved.per_step(hidden, wx.options());
+  }
+  auto w_hr_t = projects ? saved.w_hr.t() : at::Tensor();
+  auto projected = projects ? at::empty({batch, state}, wx.options()) : at::Tensor();
   auto w_hh_t = saved.w_hh.t();
   // wx_t + b, step by step (a (T, B, 4H) sum would double the memory of the input); under a
   // per-step normalization of wx the norm's output
@@ -84,8 +91,19 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
                               momentum, eps);
       tanh_y.tanh_();
     }
-    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit", [&] {  // h_t = o tanh(y_t)
+    if (projects) {  // r_t = o tanh(y_t) (a row past its length computes it too: its output is dropped)
+      auto r = saved.unprojected[saved.step_slot(t)];
+      at::mul_out(r, gates.narrow(1, 3 * hidden, hidden), tanh_y);
+      at::mm_out(projected, r, w_hr_t);
+    }
+    AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit", [&] {  // h_t = o tanh(y_t), or r_t W_hr^T
       const scalar_t *gate = gates.data_ptr<scalar_t>(), *activation = tanh_y.data_ptr<scalar_t>();
+      if (projects) {
+        const scalar_t* value = projected.data_ptr<scalar_t>();
+        emit_state<scalar_t>(h, out, h_next, row_lengths, t,
+                             [&](int64_t row, int64_t j, scalar_t) { return value[row * state + j]; });
+        return;
+      }
       emit_state<scalar_t>(h, out, h_next, row_lengths, t, [&](int64_t row, int64_t j, scalar_t) {
         return gate[row * 4 * hidden + 3 * hidden + j] * activation[row * hidden + j];
       });
@@ -98,20 +116,22 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   return {output, saved.states[last].clone(), saved.cells[last].clone()};
 }
 
-// From dL/dh_t (the output's gradient plus the carried dh): grad_h (zero past a row's length) and
-// grad_y = grad_h o (1 - tanh(y)^2), the gradient of the (normalized) cell value y_t.
+// From dL/dr_t, r_t = o tanh(y_t) (the output's gradient plus the carried dh; or, with a
+// projection, that sum times W_hr, given as grad_output with dh undefined): grad_h, dL/dr_t (zero
+// past a row's length), and grad_y = grad_h o (1 - tanh(y)^2), the gradient of the (normalized)
+// cell value y_t.
 template <typename scalar_t>
 void lstm_output_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at::Tensor& gates,
                       const at::Tensor& tanh_y, at::Tensor& grad_h, at::Tensor& grad_y, const int64_t* lengths,
                       int64_t step) {
-  const int64_t hidden = dh.size(1);
+  const int64_t hidden = tanh_y.size(1);
   const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>();
-  const scalar_t* __restrict__ carried = dh.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried = dh.defined() ? dh.data_ptr<scalar_t>() : nullptr;
   const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
   const scalar_t* __restrict__ activation = tanh_y.data_ptr<scalar_t>();
   scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>();
   scalar_t* __restrict__ gy = grad_y.data_ptr<scalar_t>();
-  for_each_row(dh.size(0), hidden, [&](int64_t row) {
+  for_each_row(tanh_y.size(0), hidden, [&](int64_t row) {
     const int64_t at = row * hidden;
     if (!row_active(lengths, row, step)) {
       std::fill(gh + at, gh + at + hidden, scalar_t(0));
@@ -119,21 +139,27 @@ void lstm_output_grad(const at::Tensor& grad_output, const at::Tensor& dh, const
       return;
     }
     const scalar_t* __restrict__ o = gate + row * 4 * hidden + 3 * hidden;
-    for (int64_t j = 0; j < hidden; ++j) {
-      const scalar_t g = go[at + j] + carried[at + j], y = activation[at + j];
+    const auto store = [&](int64_t j, scalar_t g) {
+      const scalar_t y = activation[at + j];
       gh[at + j] = g;
       gy[at + j] = g * o[j] * (scalar_t(1) - y * y);
+    };
+    if (carried) {  // two loops, so that neither tests the pointer at every element
+      for (int64_t j = 0; j < hidden; ++j) store(j, go[at + j] + carried[at + j]);
+    } else {
+      for (int64_t j = 0; j < hidden; ++j) store(j, go[at + j]);
     }
   });
 }
 
 // dL/dz of the four gates (pre-activation) into grad_gates, and the carried gradients of the
 // previous step: dc <- grad_c f (kept as is past a row's length), dh_direct = dh on ended rows.
+// grad_h is dL/dr_t (H wide); dh and dh_direct have the width of h (P with a projection).
 template <typename scalar_t>
 void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const at::Tensor& gates,
                     const at::Tensor& tanh_y, const at::Tensor& c_prev, at::Tensor& dc, const at::Tensor& dh,
                     at::Tensor& dh_direct, at::Tensor& grad_gates, const int64_t* lengths, int64_t step) {
-  const int64_t hidden = dh.size(1);
+  const int64_t hidden = c_prev.size(1), state = dh.size(1);
   const scalar_t* __restrict__ gh = grad_h.data_ptr<scalar_t>();
   const scalar_t* __restrict__ gcell = grad_cell.data_ptr<scalar_t>();
   const scalar_t* __restrict__ gate = gates.data_ptr<scalar_t>();
@@ -144,14 +170,14 @@ void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const
   scalar_t* __restrict__ direct = dh_direct.data_ptr<scalar_t>();
   scalar_t* __restrict__ dz = grad_gates.data_ptr<scalar_t>();
   for_each_row(dh.size(0), 4 * hidden, [&](int64_t row) {
-    const int64_t at = row * hidden;
+    const int64_t at = row * hidden, state_at = row * state;
     scalar_t* __restrict__ dz_row = dz + row * 4 * hidden;
     if (!row_active(lengths, row, step)) {
       std::fill(dz_row, dz_row + 4 * hidden, scalar_t(0));
-      std::copy(carried_h + at, carried_h + at + hidden, direct + at);
+      std::copy(carried_h + state_at, carried_h + state_at + state, direct + state_at);
       return;  // dc passes through unchanged
     }
-    std::fill(direct + at, direct + at + hidden, scalar_t(0));
+    std::fill(direct + state_at, direct + state_at + state, scalar_t(0));
     const scalar_t* __restrict__ i = gate + row * 4 * hidden, *f = i + hidden, *g = i + 2 * hidden, *o = i + 3 * hidden;
     for (int64_t j = 0; j < hidden; ++j) {
       const scalar_t gc = gcell[at + j] + carried_c[at + j];
@@ -164,19 +190,45 @@ void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const
   });
 }
 
-// Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c.
+// With a projection: dL/dh_t = the output's gradient plus the carried dh, zero past a row's length,
+// into grad_projected (its rows feed dW_hr = sum_t dL/dh_t^T r_t and dL/dr_t = dL/dh_t W_hr).
+template <typename scalar_t>
+void lstm_projected_grad(const at::Tensor& grad_output, const at::Tensor& dh, at::Tensor& grad_projected,
+                         const int64_t* lengths, int64_t step) {
+  const int64_t state = dh.size(1);
+  const scalar_t* __restrict__ go = grad_output.data_ptr<scalar_t>();
+  const scalar_t* __restrict__ carried = dh.data_ptr<scalar_t>();
+  scalar_t* __restrict__ out = grad_projected.data_ptr<scalar_t>();
+  for_each_row(dh.size(0), state, [&](int64_t row) {
+    const int64_t at = row * state;
+    if (!row_active(lengths, row, step)) {
+      std::fill(out + at, out + at + state, scalar_t(0));
+      return;
+    }
+    for (int64_t j = 0; j < state; ++j) {
+      out[at + j] = go[at + j] + carried[at + j];
+    }
+  });
+}
+
+// Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c, and dW_hr
+// (undefined without a projection).
 inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Tensor& grad_output,
                                              const at::Tensor& grad_h_n, const at::Tensor& grad_c_n) {
   saved.check_kept("LSTM");
-  const int64_t steps = saved.steps, gates = saved.w_hh.size(0), hidden = saved.w_hh.size(1);
+  const int64_t steps = saved.steps, gates = saved.w_hh.size(0), hidden = grad_c_n.size(1);
   const int64_t batch = grad_h_n.size(0);
   auto options = grad_h_n.options();
   auto dh = grad_h_n.clone(), dc = grad_c_n.clone();
-  auto dh_direct = at::empty_like(dh), grad_h = at::empty_like(dh);
-  const bool cell_norm = saved.cell.norm != kNone;
+  // grad_h: dL/dr_t, r_t = o tanh(y_t) (dL/dh_t itself without a projection)
+  auto dh_direct = at::empty_like(dh), grad_h = at::empty_like(dc);
+  const bool cell_norm = saved.cell.norm != kNone, projects = saved.projects();
   // dL/dy of every step where y is normalized (its gains' gradients are reductions over it)
-  auto grad_y_steps = cell_norm ? workspace().empty({steps, batch, hidden}, options) : at::empty_like(dh);
-  auto grad_cell = cell_norm ? at::empty_like(dh) : at::Tensor();
+  auto grad_y_steps = cell_norm ? workspace().empty({steps, batch, hidden}, options) : at::empty_like(dc);
+  auto grad_cell = cell_norm ? at::empty_like(dc) : at::Tensor();
+  // with a projection: dL/dh_t of every step (T, B, P), for dW_hr, and dL/dr_t of one
+  auto grad_projected = projects ? workspace().empty({steps, batch, dh.size(1)}, options) : at::Tensor();
+  auto grad_unprojected = projects ? at::empty_like(dc) : at::Tensor();
   // dL/dz (T, B, 4H); without a normalization it is also the gradient of wx and of h W_hh^T
   auto grad_gates = workspace().empty({steps, batch, gates}, options);
   auto grad_wx = saved.ih.norm == kNone ? grad_gates : at::empty_like(grad_gates);
@@ -187,7 +239,15 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
     auto gate_values = saved.activations[t], tanh_y = saved.extra[t], c_prev = saved.cells[t];
     auto dz = grad_gates[t], grad_y = cell_norm ? grad_y_steps[t] : grad_y_steps;
     AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "lstm_output_grad", [&] {
-      lstm_output_grad<scalar_t>(grad_output[t], dh, gate_values, tanh_y, grad_h, grad_y, row_lengths, t);
+      if (projects) {
+        auto grad_projected_t = grad_projected[t];
+        lstm_projected_grad<scalar_t>(grad_output[t], dh, grad_projected_t, row_lengths, t);
+        at::mm_out(grad_unprojected, grad_projected_t, saved.w_hr);
+        lstm_output_grad<scalar_t>(grad_unprojected, at::Tensor(), gate_values, tanh_y, grad_h, grad_y, row_lengths,
+                                   t);
+      } else {
+        lstm_output_grad<scalar_t>(grad_output[t], dh, gate_values, tanh_y, grad_h, grad_y, row_lengths, t);
+      }
     });
     if (cell_norm) {
       saved.cell.backward(grad_y, saved.cell_weight, saved.cell_norm[t], row_lengths, t, count, grad_cell);
@@ -208,8 +268,11 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_gates),
                                    saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
-                                   saved.cell.gain_grad(grad_y_steps), grad_cell_b};
-  for (auto* buffer : {&grad_gates, &grad_wx, &grad_wh, &grad_y_steps}) {
+                                   saved.cell.gain_grad(grad_y_steps), grad_cell_b,
+                                   projects ? at::mm(grad_projected.reshape({-1, dh.size(1)}).t(),
+                                                     saved.unprojected.reshape({-1, hidden}))
+                                            : at::Tensor()};
+  for (auto* buffer : {&grad_gates, &grad_wx, &grad_wh, &grad_y_steps, &grad_projected}) {
     workspace().recycle(*buffer);  // only what is not returned: grads hold the others
   }
   return grads;

@@ -20,6 +20,7 @@ struct Sequence {
   bool keep = true;  // a backward will follow: every step's values are kept
   StepNorm ih, hh, cell;  // cell: the LSTM's normalization of c_t
   at::Tensor w_hh, ih_weight, hh_weight, cell_weight;
+  at::Tensor w_hr;  // LSTM with proj_size P: (P, H), h_t = r_t W_hr^T; undefined without one
   at::Tensor lengths;  // (B,) int64; undefined when every sequence runs the whole length
   std::vector<int64_t> counts;  // active rows of each step
   std::vector<Normalized> ih_norm, hh_norm, cell_norm;  // empty entries where the norm is None
@@ -28,25 +29,28 @@ struct Sequence {
   at::Tensor cells;        // LSTM (T + 1, B, H): c likewise
   at::Tensor activations;  // (T, B, F): each cell's gate values after their nonlinearity
   at::Tensor extra;        // LSTM tanh(y_t); GRU u_t (T, B, 3H); unused by the RNN
+  at::Tensor unprojected;  // LSTM with proj_size: r_t = o_t tanh(y_t) (T, B, H), which W_hr projects
   int64_t activation = 0;  // RNN: 0 tanh, 1 relu, 2 identity
   bool padded = false;     // lengths given: rows end at different steps
 
+  bool projects() const { return w_hr.defined(); }
+
   // Sets up the buffers common to every cell: h, and the hats of the normalizations of the
-  // projections (width: their number of features, G) and of the cell (H).
+  // projections (width: their number of features, G) and of the cell (cell_width, H: the width of
+  // h too, except in an LSTM that projects h to proj_size features).
   void begin(const at::Tensor& sequence_lengths, int64_t num_steps, const at::Tensor& h0, int64_t width,
-             bool keep_steps) {
+             bool keep_steps, int64_t cell_width = -1) {
     steps = num_steps;
     batch = h0.size(0);
     keep = keep_steps;
     padded = sequence_lengths.defined() && sequence_lengths.numel() > 0;
     lengths = padded ? sequence_lengths.to(at::kLong).contiguous() : at::Tensor();
-    const int64_t hidden = h0.size(1);
-    states = per_state(hidden, h0.options());
+    states = per_state(h0.size(1), h0.options());
     states[0].copy_(h0);
     const int64_t slots = keep ? steps : 1;
     ih.begin(slots, batch, width, h0.options());
     hh.begin(slots, batch, width, h0.options());
-    cell.begin(slots, batch, hidden, h0.options());
+    cell.begin(slots, batch, cell_width < 0 ? h0.size(1) : cell_width, h0.options());
   }
 
   // Where step t's values are in a buffer of per_step, and h_{t-1} (c_{t-1}) in one of per_state.
@@ -97,7 +101,7 @@ struct Sequence {
     ih_norm.clear();  // views of the hats
     hh_norm.clear();
     cell_norm.clear();
-    for (auto* buffer : {&states, &cells, &activations, &extra, &ih.hats, &hh.hats, &cell.hats}) {
+    for (auto* buffer : {&states, &cells, &activations, &extra, &unprojected, &ih.hats, &hh.hats, &cell.hats}) {
       workspace().recycle(*buffer);
     }
   }

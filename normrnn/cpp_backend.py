@@ -12,7 +12,8 @@ projects its input in chunks of steps (``INFERENCE_CHUNK_BYTES``).
 As in the Triton backend, the normalizations that need no recurrence (layer norm of x W_ih^T,
 sequence-wise batch norm) run on the whole input projection before the loop in PyTorch; the
 per-timestep batch norms of both projections and every normalization inside the recurrence run
-in C++. Covered: LSTM, GRU and RNN with every norm, float32 and float64, CPU tensors.
+in C++. Covered: LSTM (with or without an output projection, ``proj_size``), GRU and RNN with
+every norm, float32 and float64, CPU tensors.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .tracing import untraced
 NONE, LAYER, BATCH = 0, 1, 2
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+PROJECTION = True  # the LSTM's output projection (proj_size) runs here too
 
 _build_lock = threading.Lock()
 _extension = None
@@ -177,17 +179,18 @@ def describe_availability(probe: Tensor) -> str:
     """Whether the C++ backend can run here, and what it covers (``python -m normrnn`` prints it)."""
     reason = unsupported_reason("lstm", None, probe, None)
     if reason is None:
-        return "usable on CPU (LSTM, GRU, RNN; every norm; float32, float64)"
+        return "usable on CPU (LSTM, with or without proj_size, GRU, RNN; every norm; float32, float64)"
     return f"not usable: {reason}"
 
 
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, config):
+    def forward(ctx, wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, w_hr, config):
+        # w_hr: the output projection (proj_size, H), or an empty tensor for none
         running, lengths, norms, training, momentum, eps, keep = config
         output, h_n, c_n, saved = extension().lstm_forward(
             wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, *norms, training,
-            momentum, eps, keep)
+            momentum, eps, keep, w_hr)
         ctx.saved = saved
         return output, h_n, c_n
 
@@ -261,7 +264,7 @@ INFERENCE_CHUNK_BYTES = 16 << 20
 
 def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                    nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    gates, hidden = params.weight_hh.shape
+    gates, hidden, state_size = params.weight_hh.shape[0], params.hidden_size, params.state_size
     like = params.weight_hh
     ones_gates, zeros_gates = like.new_ones(gates), like.new_zeros(gates)
     in_loop = norm in ("batch", "layer")
@@ -294,6 +297,7 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
             weights += (params.cell_norm_weight if in_loop else like.new_ones(hidden),
                         params.cell_norm_bias if in_loop else like.new_zeros(hidden))
             norms += ({"batch": BATCH, "layer": LAYER}.get(norm, NONE),)
+            weights += (params.weight_hr.contiguous() if params.weight_hr is not None else like.new_empty(0),)
     function = {"lstm": _LSTMFunction, "gru": _GRUFunction, "rnn": _RNNFunction}[cell]
     keep = needs_gradient(x, params.weight_ih, params.ih_norm_weight, *state, *weights)
 
@@ -310,7 +314,7 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
         return run(wx, state, running, lengths)
     steps = x.shape[0]
     chunk = max(1, INFERENCE_CHUNK_BYTES // (x.shape[1] * gates * x.element_size()))
-    output = x.new_empty(steps, x.shape[1], hidden)
+    output = x.new_empty(steps, x.shape[1], state_size)
     for start in range(0, steps, chunk):
         stop = min(steps, start + chunk)
         piece = zero_padding(x[start:stop], padding, first_step=start)

@@ -12,7 +12,8 @@ Constructor and forward follow ``torch.nn.LSTM`` / ``GRU`` / ``RNN``; the extra 
 * ``backend``: "auto", "reference", "triton" or "cpp" (see ``normrnn.dispatch``).
 
 Parameters keep torch's names and gate order (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...), so a
-torch module's ``state_dict`` loads with ``strict=False``. Normalization parameters are
+torch module's ``state_dict`` loads with ``strict=False`` (an LSTM's output projection, ``proj_size``,
+is ``weight_hr_l0`` as in torch). Normalization parameters are
 ``ih_norm_weight_l0`` (gain of N(W_ih x)), ``hh_norm_weight_l0`` (gain of N(W_hh h)),
 ``cell_norm_weight_l0`` / ``cell_norm_bias_l0`` (LSTM, N(c)); running statistics are buffers
 ``ih_running_mean_l0``, ``ih_running_var_l0``, ``hh_running_*``, ``cell_running_*`` of shape
@@ -86,15 +87,16 @@ class _NormRNNBase(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, nonlinearity: Optional[str] = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, proj_size: int = 0):
         super().__init__()
         check_constructor(input_size, hidden_size, num_layers, dropout, norm, momentum, eps, max_steps,
-                          backend, nonlinearity)
+                          backend, nonlinearity, proj_size)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout acts between layers, so with num_layers=1 it does nothing "
                           f"(dropout={dropout})", UserWarning, stacklevel=3)
         self.input_size = input_size
         self.hidden_size = hidden_size
+        self.proj_size = proj_size
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
@@ -111,19 +113,29 @@ class _NormRNNBase(nn.Module):
         factory = {"device": device, "dtype": dtype}
         gates = CELL_GATES[self.cell] * hidden_size
         directions = 2 if bidirectional else 1
+        state_size = self.state_size
         self._suffixes: List[str] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * directions
+            layer_input = input_size if layer == 0 else state_size * directions
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 self._suffixes.append(suffix)
                 self.register_parameter("weight_ih" + suffix, nn.Parameter(torch.empty(gates, layer_input, **factory)))
-                self.register_parameter("weight_hh" + suffix, nn.Parameter(torch.empty(gates, hidden_size, **factory)))
+                self.register_parameter("weight_hh" + suffix, nn.Parameter(torch.empty(gates, state_size, **factory)))
                 if bias:
                     self.register_parameter("bias_ih" + suffix, nn.Parameter(torch.empty(gates, **factory)))
                     self.register_parameter("bias_hh" + suffix, nn.Parameter(torch.empty(gates, **factory)))
+                if proj_size:  # after the biases, where torch's all_weights lists it
+                    self.register_parameter("weight_hr" + suffix,
+                                            nn.Parameter(torch.empty(proj_size, hidden_size, **factory)))
                 self._register_norm(suffix, gates, factory)
         self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        """The width of h (and of each direction's output): ``proj_size`` where the LSTM projects
+        its output, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
 
     def _register_norm(self, suffix: str, gates: int, factory) -> None:
         if self.norm is None:
@@ -182,8 +194,8 @@ class _NormRNNBase(nn.Module):
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
         """The parameters of each layer and direction in order, as ``nn.LSTM.all_weights`` lists
-        them (weight_ih, weight_hh, bias_ih, bias_hh), followed by that direction's norm gains and
-        shifts."""
+        them (weight_ih, weight_hh, bias_ih, bias_hh, and weight_hr with proj_size), followed by
+        that direction's norm gains and shifts."""
         return [[parameter for name, parameter in self.named_parameters() if name.endswith(suffix)]
                 for suffix in self._suffixes]
 
@@ -228,10 +240,12 @@ class _NormRNNBase(nn.Module):
             get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
             get("ih_norm_weight"), get("hh_norm_weight"), get("cell_norm_weight"), get("cell_norm_bias"),
             get("ih_running_mean"), get("ih_running_var"), get("hh_running_mean"), get("hh_running_var"),
-            get("cell_running_mean"), get("cell_running_var"))
+            get("cell_running_mean"), get("cell_running_var"), get("weight_hr"))
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            text += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             text += f", num_layers={self.num_layers}"
         if not self.bias:
@@ -252,10 +266,13 @@ class _NormRNNBase(nn.Module):
     # ----------------------------------------------------------------------------------- forward
     def _initial_state(self, hx, batch: int, unbatched: bool, dtype, device) -> Tuple[Tensor, ...]:
         directions = 2 if self.bidirectional else 1
-        shape = (self.num_layers * directions, batch, self.hidden_size)
         names = ("hx[0] (h_0)", "hx[1] (c_0)") if self.cell == "lstm" else ("hx",)
+        # h has proj_size features where the LSTM projects its output, c always hidden_size
+        widths = (self.state_size, self.hidden_size)
+        width_names = ("proj_size" if self.proj_size else "hidden_size", "hidden_size")
+        shapes = [(self.num_layers * directions, batch, width) for width in widths[:len(names)]]
         if hx is None:
-            return tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in names)
+            return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in shapes)
         if self.cell == "lstm":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("hx must be a tuple (h_0, c_0) for LSTM, got "
@@ -264,9 +281,9 @@ class _NormRNNBase(nn.Module):
         else:
             states = (hx,)
         checked = []
-        for name, state in zip(names, states):
+        for name, state, shape, width_name in zip(names, states, shapes, width_names):
             expected = shape[:1] + shape[2:] if unbatched else shape
-            check_state(name, state, expected, dtype, device)
+            check_state(name, state, expected, dtype, device, width_name)
             checked.append(state.unsqueeze(1) if unbatched else state)
         return tuple(checked)
 
@@ -276,7 +293,9 @@ class _NormRNNBase(nn.Module):
         ``output, h_n`` (GRU, RNN) or ``output, (h_n, c_n)`` (LSTM).
 
         ``input`` is (T, B, input_size), (B, T, input_size) with ``batch_first``, (T, input_size)
-        for one unbatched sequence, or a PackedSequence (the output is then packed too).
+        for one unbatched sequence, or a PackedSequence (the output is then packed too). The output
+        has ``state_size`` features per direction (``proj_size`` for a projecting LSTM, else
+        ``hidden_size``), as have h_0 and h_n; c_0 and c_n have ``hidden_size``.
         ``lengths`` (B,) marks padding: positions past a sequence's length take no part in any
         statistic, do not change the state, and produce zero output; ``h_n``/``c_n`` are taken at
         each sequence's own last step.
@@ -413,13 +432,13 @@ class _NormRNNBase(nn.Module):
         expected = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cls.cell]
         if not isinstance(module, expected):
             raise TypeError(f"module must be a torch.nn.{expected.__name__}, got {type(module).__name__}")
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"module: proj_size={module.proj_size} is not supported (expected 0)")
         config = dict(input_size=module.input_size, hidden_size=module.hidden_size,
                       num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
                       dropout=module.dropout, bidirectional=module.bidirectional)
         if cls.cell == "rnn":
             config["nonlinearity"] = module.nonlinearity
+        if cls.cell == "lstm":
+            config["proj_size"] = module.proj_size
         config.update(kwargs)
         weight = module.weight_hh_l0
         layer = cls(**config, device=weight.device, dtype=weight.dtype)
@@ -440,6 +459,8 @@ class _NormRNNBase(nn.Module):
             if self.nonlinearity is None:
                 raise ValueError("nonlinearity=None: torch's RNN takes 'tanh' or 'relu'")
             config["nonlinearity"] = self.nonlinearity
+        if self.proj_size:
+            config["proj_size"] = self.proj_size
         weight = self.weight_hh_l0
         with warnings.catch_warnings():  # this layer warned already of dropout with one layer
             warnings.simplefilter("ignore")
@@ -457,6 +478,13 @@ class LSTM(_NormRNNBase):
         z_t = N_{hh}(W_{hh} h_{t-1}) + N_{ih}(W_{ih} x_t) + b_{ih} + b_{hh},\quad
         c_t = \sigma(z_f) c_{t-1} + \sigma(z_i)\tanh(z_g),\quad
         h_t = \sigma(z_o)\tanh(N_{cell}(c_t))
+
+    ``proj_size`` P > 0 projects the output as ``torch.nn.LSTM`` does (Sak et al. 2014, LSTMP):
+    :math:`h_t = W_{hr}(\sigma(z_o)\tanh(N_{cell}(c_t)))` with ``weight_hr_l{k}`` (P, hidden_size),
+    so h_t, the output and h_n have P features (``weight_hh`` is (4H, P)) and the cell keeps H;
+    the normalizations are those of the LSTM without it (N_hh normalizes W_hh h_{t-1} over its 4H
+    gate features, N_cell the H cells). The reference and the C++ backend run it; the Triton
+    kernels do not (``backend="auto"`` on CUDA tensors runs the reference and says so once).
     """
     cell = "lstm"
 
@@ -465,14 +493,8 @@ class LSTM(_NormRNNBase):
                  norm: Optional[str] = None, momentum: Optional[float] = 0.1, eps: float = 1e-5, max_steps: int = 100,
                  backend: str = "auto", gamma_init: Optional[float] = None, device=None, dtype=None,
                  proj_size: int = 0):
-        # torch's argument, taken so that code passing nn.LSTM's configuration (proj_size=0) runs:
-        # an output projection is not implemented, and asking for one must not be ignored
-        if proj_size != 0:
-            raise ValueError(f"proj_size={proj_size!r} is not supported: normrnn's LSTM has no output projection "
-                             "(expected 0)")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, norm,
-                         momentum, eps, max_steps, backend, gamma_init, None, device, dtype)
-        self.proj_size = 0
+                         momentum, eps, max_steps, backend, gamma_init, None, device, dtype, proj_size)
 
 
 class GRU(_NormRNNBase):

@@ -19,11 +19,13 @@ NORMS = (None, "layer", "batch", "seqbatch")
 class DirectionParams:
     """Weights, normalization parameters and running statistics of one layer and direction.
 
-    Shapes, with G = gates x hidden_size and S = max_steps:
-    weight_ih (G, I), weight_hh (G, H), bias_ih / bias_hh (G,) or None;
+    Shapes, with G = gates x hidden_size, S = max_steps and R the width of the state h (the
+    hidden size H, or the LSTM's proj_size P where it projects its output):
+    weight_ih (G, I), weight_hh (G, R), bias_ih / bias_hh (G,) or None;
     ih_norm_weight / hh_norm_weight (G,): gains of the normalizations of W_ih x_t and W_hh h_{t-1};
     cell_norm_weight / cell_norm_bias (H,): LSTM only, the normalization of c_t;
-    running statistics, norm="batch": ih/hh (S, G), cell (S, H); norm="seqbatch": ih (G,).
+    running statistics, norm="batch": ih/hh (S, G), cell (S, H); norm="seqbatch": ih (G,);
+    weight_hr (P, H): LSTM with proj_size P only, h_t = W_hr (o_t * tanh(N_cell(c_t))).
     """
     weight_ih: Tensor
     weight_hh: Tensor
@@ -39,9 +41,16 @@ class DirectionParams:
     hh_running_var: Optional[Tensor] = None
     cell_running_mean: Optional[Tensor] = None
     cell_running_var: Optional[Tensor] = None
+    weight_hr: Optional[Tensor] = None
 
     @property
     def hidden_size(self) -> int:
+        """H: the width of the cell (and of h where nothing projects it)."""
+        return self.weight_hh.shape[1] if self.weight_hr is None else self.weight_hr.shape[1]
+
+    @property
+    def state_size(self) -> int:
+        """The width of h_t: proj_size where the LSTM projects its output, else H."""
         return self.weight_hh.shape[1]
 
 

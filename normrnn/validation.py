@@ -15,7 +15,7 @@ NONLINEARITIES = ("tanh", "relu", None)
 
 
 def check_constructor(input_size, hidden_size, num_layers, dropout, norm, momentum, eps, max_steps,
-                      backend, nonlinearity=None) -> None:
+                      backend, nonlinearity=None, proj_size=0) -> None:
     """Raises, naming the argument and what was expected, for a constructor argument out of range."""
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers), ("max_steps", max_steps)):
@@ -35,6 +35,10 @@ def check_constructor(input_size, hidden_size, num_layers, dropout, norm, moment
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+        raise ValueError(f"proj_size must be a non-negative int (0: no output projection), got {proj_size!r}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}")
 
 
 def check_input(input: Tensor, input_size: int, dtype: torch.dtype, device: torch.device,
@@ -102,13 +106,15 @@ def check_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, steps
     return lengths
 
 
-def check_state(name: str, state: Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
-    """Raises, naming the state (``hx``, ``h_0``, ``c_0``), unless it has ``shape``, ``dtype``, ``device``."""
+def check_state(name: str, state: Tensor, shape, dtype: torch.dtype, device: torch.device,
+                width_name: str = "hidden_size") -> None:
+    """Raises, naming the state (``hx``, ``h_0``, ``c_0``), unless it has ``shape``, ``dtype``,
+    ``device``; ``width_name`` names its last dimension (``proj_size`` for a projecting LSTM's h)."""
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if tuple(state.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} (num_layers * num_directions, batch, "
-                         f"hidden_size), got {tuple(state.shape)}")
+                         f"{width_name}), got {tuple(state.shape)}")
     if state.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {state.dtype}")
     if state.device != device:

@@ -25,14 +25,23 @@ def test_bad_constructor_arguments(kwargs, match):
         normrnn.LSTM(**config)
 
 
-def test_projection_is_refused_and_its_absence_accepted():
-    """``proj_size=0`` (torch's default, in configurations copied from ``nn.LSTM``) builds the
-    layer; a projection raises instead of being ignored."""
-    assert normrnn.LSTM(3, 4, proj_size=0).proj_size == 0
-    with pytest.raises(ValueError, match="proj_size=2 is not supported"):
-        normrnn.LSTM(3, 4, proj_size=2)
-    with pytest.raises(ValueError, match="module: proj_size=2 is not supported"):
-        normrnn.LSTM.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
+@pytest.mark.parametrize("proj_size,match", [
+    (-1, "proj_size must be a non-negative int"),
+    (1.5, "proj_size must be a non-negative int"),
+    (True, "proj_size must be a non-negative int"),
+    (4, r"proj_size must be smaller than hidden_size \(4\), got 4"),
+])
+def test_bad_projection(proj_size, match):
+    with pytest.raises(ValueError, match=match):
+        normrnn.LSTM(3, 4, proj_size=proj_size)
+
+
+def test_projected_state_of_the_wrong_width_names_proj_size():
+    layer = normrnn.LSTM(3, 4, proj_size=2, backend="reference")
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h_0\): expected shape \(1, 5, 2\) .*proj_size\), got \(1, 5, 4\)"):
+        layer(torch.randn(2, 5, 3), (torch.zeros(1, 5, 4), torch.zeros(1, 5, 4)))
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c_0\): expected shape \(1, 5, 4\) .*hidden_size\)"):
+        layer(torch.randn(2, 5, 3), (torch.zeros(1, 5, 2), torch.zeros(1, 5, 2)))
 
 
 def test_unknown_nonlinearity():

@@ -23,6 +23,22 @@ def test_cpu_section_writes_json_and_markdown_with_times_and_ratios(tmp_path, ca
     skipped = [row for row in results["timings"] if "skipped" in row]
     assert all(row["skipped"] for row in skipped)  # every skip says why
     assert "| case | mode | implementation |" in next(tmp_path.glob("*.md")).read_text()
+    projected = [row for row in timed if row["case"]["proj_size"]]  # the LSTM with proj_size
+    assert {row["implementation"] for row in projected} >= {"normrnn-reference", "torch-cpu"}
+    assert all("P=4" in row["label"] for row in projected)
+
+
+def test_a_second_run_of_the_day_does_not_overwrite_the_first(tmp_path):
+    def results(started):
+        environment = report.environment(torch.device("cpu"))
+        environment.update(device="Some CPU x2", date="2026-12-03", started=started)
+        return {"section": "cpu", "timings": [], "environment": environment}
+    first = report.write(results("2026-12-03T10:00:00"), str(tmp_path), plots=False)
+    assert [p.rsplit("/", 1)[1] for p in first] == ["some-cpu-x2-2026-12-03-cpu.json", "some-cpu-x2-2026-12-03-cpu.md"]
+    assert report.write(results("2026-12-03T10:00:00"), str(tmp_path), plots=False) == first  # its own rewrite
+    second = report.write(results("2026-12-03T18:19:07"), str(tmp_path), plots=False)
+    assert second[0].endswith("some-cpu-x2-2026-12-03-181907-cpu.json")
+    assert json.loads(open(first[0]).read())["environment"]["started"] == "2026-12-03T10:00:00"
 
 
 def test_quick_grid_is_the_documented_subset():

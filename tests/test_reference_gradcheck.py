@@ -12,11 +12,12 @@ def _gradcheck_module(module, x, lengths, with_state):
     params = [p.detach().clone().requires_grad_(True) for _, p in module.named_parameters()]
     directions = 2 if module.bidirectional else 1
     batch = x.shape[1]
-    state_shape = (module.num_layers * directions, batch, module.hidden_size)
+    # h has proj_size features in an LSTM that projects its output, c hidden_size
+    widths = (module.state_size, module.hidden_size)[:2 if module.cell == "lstm" else 1]
     states = []
     if with_state:
-        states = [torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
-                  for _ in range(2 if module.cell == "lstm" else 1)]
+        states = [torch.randn((module.num_layers * directions, batch, width), dtype=torch.float64, requires_grad=True)
+                  for width in widths]
 
     def run(x, *flat):
         hx_values = flat[:len(states)]

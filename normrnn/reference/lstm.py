@@ -6,7 +6,10 @@ Gate order as in ``torch.nn.LSTM`` (i, f, g, o). With N the chosen normalization
     z_t = N_hh(W_hh h_{t-1}) + N_ih(W_ih x_t) + b_ih + b_hh
     i, f, g, o = sigmoid(z_i), sigmoid(z_f), tanh(z_g), sigmoid(z_o)
     c_t = f * c_{t-1} + i * g
-    h_t = o * tanh(N_cell(c_t))
+    h_t = o * tanh(N_cell(c_t))               (h_t = W_hr (o * tanh(N_cell(c_t))) with proj_size)
+
+With ``proj_size`` P (``params.weight_hr``, (P, H), as in ``torch.nn.LSTM``) the state h_t and
+the output have P features, W_hh is (4H, P), and the cell keeps H.
 
 norm=None: every N is the identity (exactly torch's LSTM).
 norm="batch" (Cooijmans et al. 2016): N_ih, N_hh are batch norms with gain and no shift, N_cell
@@ -29,9 +32,9 @@ from .common import emit, observe_state, keep_active, normalize_step, project_in
 def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, params: DirectionParams, norm: Optional[str],
                   padding: Padding, training: bool, momentum: float, eps: float
                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Runs the LSTM above over ``x`` (T, B, I) from ``(h0, c0)`` (B, H) each.
+    """Runs the LSTM above over ``x`` (T, B, I) from ``h0`` (B, P or H) and ``c0`` (B, H).
 
-    Returns ``output`` (T, B, H), zero at padded positions, and ``(h_n, c_n)`` taken at each
+    Returns ``output`` (T, B, P or H), zero at padded positions, and ``(h_n, c_n)`` taken at each
     sequence's own last step. Running statistics in ``params`` are updated in training.
     """
     x = zero_padding(x, padding)
@@ -51,6 +54,8 @@ def lstm_sequence(x: Tensor, h0: Tensor, c0: Tensor, params: DirectionParams, no
         c_normalized = normalize_step(c_new, "cell", params, norm, step, padding, training, momentum, eps,
                                       bias=params.cell_norm_bias)
         h_new = torch.sigmoid(z_o) * torch.tanh(c_normalized)
+        if params.weight_hr is not None:
+            h_new = torch.matmul(h_new, params.weight_hr.t())
         h_new = observe_state(step, h_new)
         h = keep_active(h_new, h, active)
         c = keep_active(c_new, c, active)
