@@ -229,7 +229,8 @@ def test_a_backward_after_a_forward_that_kept_nothing_raises():
     h0 = torch.zeros(batch, hidden)
     *_, saved = extension.lstm_forward(torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden),
                                        zeros, ones, ones, torch.ones(hidden), torch.zeros(hidden), running,
-                                       torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1, 1e-5, False)
+                                       torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1, 1e-5, False,
+                                       torch.empty(0))  # no output projection
     with pytest.raises(RuntimeError, match="kept nothing"):
         extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
 

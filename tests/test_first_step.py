@@ -3,6 +3,8 @@ it starts, computes what the whole sequence computes: outputs, final states, eve
 the per-timestep running statistics of batch norm, in training and in evaluation, on every
 backend (the Triton kernels under the interpreter on a CPU). Told nothing, the pieces would each
 start at step 0, and batch norm would normalize them with the wrong step's statistics."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -66,13 +68,27 @@ def _compare_pieces_with_whole(reference, layer, x, lengths, tolerance, tell_fir
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_pieces_compute_the_whole_sequence(backend, dtype, device, tolerance, cell, training):
+    """In float32 the bound is the rule of ``test_triton_lstm``'s few-row batch norm: 1e-4, or four
+    times the float32 reference's own worst error on the same pieces where that is larger. Steps 5
+    and 6 normalize over two active rows, where x - mean cancels and the error lands in whichever
+    gradient the cancellation hits, by the order of the float32 sums: for the LSTM in training the
+    kernels reach 1.09e-4 in grad_weight_ih_l0 where the float32 reference reaches 2.8e-5 (a
+    wrong gradient is off by far more)."""
     reference, layer = _layers(cell, backend, dtype, device, num_layers=2)
+    # copies before the runs below update the running statistics
+    float32_pair = (copy.deepcopy(reference), copy.deepcopy(reference).float()) if dtype == torch.float32 else None
+    x = torch.randn(7, 4, 3, dtype=torch.float64)
+    bound = tolerance
+    if float32_pair is not None:
+        for module in float32_pair:
+            module.train(training)
+        floor = _compare_pieces_with_whole(*float32_pair, x, LENGTHS, tolerance)
+        bound = max(tolerance, 4 * max(floor.values()))
     reference.train(training)
     layer.train(training)
-    x = torch.randn(7, 4, 3, dtype=torch.float64)
     errors = _compare_pieces_with_whole(reference, layer, x, LENGTHS, tolerance)
     worst = max(errors, key=errors.get)
-    assert errors[worst] < tolerance, f"{worst}: relative error {errors[worst]:.2e}"
+    assert errors[worst] < bound, f"{worst}: relative error {errors[worst]:.2e}, bound {bound:.2e}"
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
