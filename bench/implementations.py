@@ -89,11 +89,15 @@ def _module_runner(module: nn.Module, x: torch.Tensor, train_skip_reason: Option
     return Runner(forward_eval, None if train_skip_reason else train_step, train_skip_reason)
 
 
+def _projection(case: Case) -> dict:
+    """The LSTM's ``proj_size`` as a keyword, where the case has one (the GRU and RNN take none)."""
+    return {"proj_size": case.proj_size} if case.proj_size else {}
+
+
 def _normrnn_layer(case: Case, device, backend: str) -> nn.Module:
     cls = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
-    projection = {"proj_size": case.proj_size} if case.proj_size else {}
     layer = cls(case.input_size, case.hidden_size, norm=case.norm, backend=backend, max_steps=case.steps,
-                **projection)
+                **_projection(case))
     return layer.to(device, _dtype(case))
 
 
@@ -239,8 +243,7 @@ def reference_compiled(case: Case, device) -> Runner:
 
 def cudnn(case: Case, device) -> Runner:
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[case.cell]
-    projection = {"proj_size": case.proj_size} if case.proj_size else {}
-    return _module_runner(cls(case.input_size, case.hidden_size, **projection).to(device, _dtype(case)),
+    return _module_runner(cls(case.input_size, case.hidden_size, **_projection(case)).to(device, _dtype(case)),
                           _inputs(case, device))
 
 

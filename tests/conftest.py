@@ -45,6 +45,33 @@ def outputs_and_grads(module, x, hx=None, lengths=None, seed=0):
     return results
 
 
+def assert_float32_backend_equals_the_reference(layer_class, norm, backend, **config):
+    """``layer_class`` on ``backend`` in float32 against the float64 reference with the same
+    weights (norm gains away from their init), 2 layers, bidirectional, padded, max_steps=4:
+    outputs, final states, every gradient and the running statistics within 1e-4, then in
+    evaluation beyond max_steps (the last slot's population statistics). Returns the float32
+    results (``outputs_and_grads``)."""
+    config = dict(input_size=5, num_layers=2, bidirectional=True, max_steps=4, **config)
+    reference = layer_class(norm=norm, backend="reference", **config)
+    for name, parameter in reference.named_parameters():
+        if "norm" in name:
+            parameter.data.uniform_(0.5, 1.5)
+    fused = layer_class(norm=norm, backend=backend, **config)
+    fused.load_state_dict(reference.state_dict())
+    reference = reference.double()
+    x = torch.randn(6, 9, 5).double()
+    lengths = torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5])
+    expected = outputs_and_grads(reference, x, None, lengths)
+    got = outputs_and_grads(fused, x.float(), None, lengths)
+    for key, value in expected.items():  # outputs, final states, every gradient, running statistics
+        assert relative_error(got[key], value) < 1e-4, key
+    reference.eval()
+    fused.eval()
+    with torch.no_grad():  # beyond max_steps: the population statistics of the last slot
+        assert relative_error(fused(x.float())[0], reference(x)[0]) < 1e-4
+    return got
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different seed per test, reproducible per test name (str hash() is salted per process).

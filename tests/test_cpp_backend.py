@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import normrnn
-from conftest import CELLS, NORMS, outputs_and_grads, relative_error
-from test_reference_gradcheck import _gradcheck_module
+from conftest import CELLS, NORMS, assert_float32_backend_equals_the_reference, outputs_and_grads, relative_error
+from test_reference_gradcheck import _gradcheck_module, gradcheck_two_layers_bidirectional_and_eval
 
 reason = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1))
 if reason is not None:
@@ -31,40 +31,14 @@ def test_gradcheck_through_cpp(cell, norm, padded):
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_gradcheck_two_layers_bidirectional_and_eval(cell, norm):
-    module = _layer(cell, norm, input_size=2, hidden_size=2, num_layers=2, bidirectional=True, max_steps=2)
-    x = torch.randn(3, 3, 2, dtype=torch.float64)
-    # at least two active rows a step: a step of one would normalize with running statistics that
-    # an earlier step of the same call updates (max_steps=2 shares the last slot), which gradcheck's
-    # repeated calls would see change
-    _gradcheck_module(module, x, torch.tensor([3, 2, 3]), with_state=False)
-    for name, buffer in module.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
-    module.eval()  # running statistics, the last slot beyond max_steps
-    _gradcheck_module(module, x, torch.tensor([3, 3, 2]), with_state=True)
+    gradcheck_two_layers_bidirectional_and_eval(
+        _layer(cell, norm, input_size=2, hidden_size=2, num_layers=2, bidirectional=True, max_steps=2))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_float32_equals_the_reference(cell, norm):
-    config = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, max_steps=4)
-    reference = CELLS[cell](norm=norm, backend="reference", **config)
-    for name, parameter in reference.named_parameters():
-        if "norm" in name:
-            parameter.data.uniform_(0.5, 1.5)
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
-    fused = CELLS[cell](norm=norm, backend="cpp", **config)
-    fused.load_state_dict(state)
-    reference = reference.double()
-    x = torch.randn(6, 9, 5).double()
-    lengths = torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5])
-    expected = outputs_and_grads(reference, x, None, lengths)
-    got = outputs_and_grads(fused, x.float(), None, lengths)
-    for key, value in expected.items():  # outputs, final states, every gradient, running statistics
-        assert relative_error(got[key], value) < 1e-4, key
-    reference.eval()
-    fused.eval()
-    with torch.no_grad():  # beyond max_steps: the population statistics of the last slot
-        assert relative_error(fused(x.float())[0], reference(x)[0]) < 1e-4
+    assert_float32_backend_equals_the_reference(CELLS[cell], norm, "cpp", hidden_size=7)
 
 
 @pytest.mark.parametrize("nonlinearity", ["relu", None])

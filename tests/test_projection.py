@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import normrnn
-from conftest import NORMS, outputs_and_grads, relative_error
-from test_reference_gradcheck import _gradcheck_module
+from conftest import NORMS, assert_float32_backend_equals_the_reference, outputs_and_grads, relative_error
+from test_reference_gradcheck import _gradcheck_module, gradcheck_two_layers_bidirectional_and_eval
 
 CPP_REASON = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1), projection=True)
 needs_cpp = pytest.mark.skipif(CPP_REASON is not None, reason=f"the C++ backend is not usable here: {CPP_REASON}")
@@ -91,32 +91,14 @@ def test_gradcheck_two_layers_bidirectional_and_eval(norm, backend):
                           backend=backend).double()
     for parameter in module.parameters():
         parameter.data.uniform_(-1, 1)
-    x = torch.randn(3, 3, 2, dtype=torch.float64)
-    _gradcheck_module(module, x, torch.tensor([3, 2, 3]), with_state=False)
-    for name, buffer in module.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
-    module.eval()
-    _gradcheck_module(module, x, torch.tensor([3, 3, 2]), with_state=True)
+    gradcheck_two_layers_bidirectional_and_eval(module)
 
 
 @needs_cpp
 @pytest.mark.parametrize("norm", NORMS)
 def test_cpp_float32_equals_the_reference(norm):
-    config = dict(input_size=5, hidden_size=7, proj_size=3, num_layers=2, bidirectional=True, max_steps=4)
-    reference = normrnn.LSTM(norm=norm, backend="reference", **config)
-    for name, parameter in reference.named_parameters():
-        if "norm" in name:
-            parameter.data.uniform_(0.5, 1.5)
-    fused = normrnn.LSTM(norm=norm, backend="cpp", **config)
-    fused.load_state_dict(reference.state_dict())
-    reference = reference.double()
-    x = torch.randn(6, 9, 5).double()
-    lengths = torch.tensor([6, 3, 1, 6, 4, 6, 6, 6, 5])
-    expected = outputs_and_grads(reference, x, None, lengths)
-    got = outputs_and_grads(fused, x.float(), None, lengths)
+    got = assert_float32_backend_equals_the_reference(normrnn.LSTM, norm, "cpp", hidden_size=7, proj_size=3)
     assert "grad_weight_hr_l1_reverse" in got
-    for key, value in expected.items():  # outputs, final states, every gradient, running statistics
-        assert relative_error(got[key], value) < 1e-4, key
 
 
 @needs_cpp

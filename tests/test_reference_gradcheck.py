@@ -33,6 +33,20 @@ def _gradcheck_module(module, x, lengths, with_state):
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def gradcheck_two_layers_bidirectional_and_eval(module):
+    """gradcheck of a 2-layer bidirectional ``module`` (input size 2, max_steps=2, float64) over a
+    padded batch in training, then in evaluation with running statistics away from their init."""
+    x = torch.randn(3, 3, 2, dtype=torch.float64)
+    # at least two active rows a step: a step of one would normalize with running statistics that
+    # an earlier step of the same call updates (max_steps=2 shares the last slot), which gradcheck's
+    # repeated calls would see change
+    _gradcheck_module(module, x, torch.tensor([3, 2, 3]), with_state=False)
+    for name, buffer in module.named_buffers():
+        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    module.eval()  # running statistics, the last slot beyond max_steps
+    _gradcheck_module(module, x, torch.tensor([3, 3, 2]), with_state=True)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("padded", [False, True])
