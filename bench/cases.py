@@ -21,7 +21,7 @@ class Case:
     batch: int
     hidden_size: int
     steps: int
-    proj_size: int = 0  # the LSTM's output projection (CPU section only; the kernels have none)
+    proj_size: int = 0  # the LSTM's output projection (LSTMP), 0 for none
 
     @property
     def input_size(self) -> int:
@@ -35,10 +35,18 @@ class Case:
         return asdict(self)
 
 
+def projecting_cases(dtypes=DTYPES, hidden_sizes=HIDDEN_SIZES) -> List[Case]:
+    """The LSTM with an output projection to P = H / 4 (``proj_size``) at B=64, T=100, every norm:
+    cuDNN's LSTMP is its bar (Haste and FlashRNN have none)."""
+    return [Case("lstm", norm, dtype, 64, hidden, 100, proj_size=hidden // 4)
+            for dtype in dtypes for hidden in hidden_sizes for norm in NORMS]
+
+
 def full_grid() -> List[Case]:
     """Every combination of the issue's grid (a batch of one is skipped for batch norm in training,
-    which needs two sequences; its eval-mode forward is still timed)."""
-    return [Case(*values) for values in itertools.product(CELLS, NORMS, DTYPES, BATCHES, HIDDEN_SIZES, LENGTHS)]
+    which needs two sequences; its eval-mode forward is still timed), then ``projecting_cases``."""
+    return ([Case(*values) for values in itertools.product(CELLS, NORMS, DTYPES, BATCHES, HIDDEN_SIZES, LENGTHS)]
+            + projecting_cases())
 
 
 # the one case where --quick times the reference under torch.compile (the mission's headline
@@ -51,12 +59,13 @@ def quick_grid() -> List[Case]:
     """The subset ``--quick`` runs (a few minutes on an H100), in the order of what the speed
     targets rest on, since a run stopped by its deadline keeps what it timed first: the LSTM with
     every norm at the headline shape B=64, I=H=512 in bf16 at T=100, then T=1000, the GRU and RNN
-    with every norm in bf16 at T=100, the LSTM in fp32 at T=100 and 1000. The compiled reference
-    of QUICK_COMPILED_REFERENCE is timed after all of them (``cli.run_gpu``)."""
+    with every norm in bf16 at T=100, the LSTM in fp32 at T=100 and 1000, the bf16 LSTM projecting
+    to P=128 at T=100. The compiled reference of QUICK_COMPILED_REFERENCE is timed after all of
+    them (``cli.run_gpu``)."""
     cases = [Case("lstm", norm, "bfloat16", 64, 512, steps) for steps in LENGTHS for norm in NORMS]
     cases += [Case(cell, norm, "bfloat16", 64, 512, 100) for cell in ("gru", "rnn") for norm in NORMS]
     cases += [Case("lstm", norm, "float32", 64, 512, steps) for steps in LENGTHS for norm in NORMS]
-    return cases
+    return cases + projecting_cases(("bfloat16",), (512,))
 
 
 # what --quick times only for the bf16 LSTM at T=100 (every norm), and how its skips name them

@@ -139,7 +139,8 @@ def checks_summary(checks: List[Dict]) -> str:
     lines = [f"correctness checks: {sum(bool(check.get('passed')) for check in checks)} of {len(checks)} passed"]
     for check in checks:
         shape = (f"{check['cell']} norm={check.get('norm')} {check['dtype']} B={check['batch']} "
-                 f"H={check['hidden_size']} T={check['steps']}")
+                 f"H={check['hidden_size']} " + (f"P={check['proj_size']} " if check.get("proj_size") else "")
+                 + f"T={check['steps']}")
         if "relative_error" in check:
             outcome = (f"{check['relative_error']:.2e} ({check['tensor']}) vs {check['tolerance']:.0e}, "
                        f"{check['launch']} requested, {check['kernels_ran']} ran")

@@ -67,10 +67,11 @@ def _fused(module: nn.Module, x: torch.Tensor, launch: str) -> Tuple[Dict[str, t
     return got, "+".join(sorted(buffers.LAUNCH_MODES_CHOSEN))
 
 
-def _record(check: str, cell: str, norm, dtype: torch.dtype, batch: int, hidden: int, steps: int) -> Dict:
+def _record(check: str, cell: str, norm, dtype: torch.dtype, batch: int, hidden: int, steps: int,
+            proj_size: int = 0) -> Dict:
     """What every record of a check starts with: what was checked, at which shape."""
     return {"check": check, "cell": cell, "norm": norm, "dtype": str(dtype).split(".")[-1], "batch": batch,
-            "hidden_size": hidden, "steps": steps}
+            "hidden_size": hidden, "proj_size": proj_size, "steps": steps}
 
 
 def _records(base: Dict, dtype: torch.dtype, expected: Dict[str, torch.Tensor], module: nn.Module, x: torch.Tensor,
@@ -85,35 +86,38 @@ def _records(base: Dict, dtype: torch.dtype, expected: Dict[str, torch.Tensor], 
 
 
 def against_reference(cell: str, norm, dtype: torch.dtype, batch: int, hidden: int, steps: int, device,
-                      launches: Sequence[str] = (PER_STEP,)) -> List[Dict]:
-    """The fused layer in ``dtype``, once per launch mode in ``launches``, against the float64
-    reference with the same rounded weights (computed once)."""
+                      launches: Sequence[str] = (PER_STEP,), proj_size: int = 0) -> List[Dict]:
+    """The fused layer in ``dtype`` (an LSTM projecting to ``proj_size`` where it is not 0), once
+    per launch mode in ``launches``, against the float64 reference with the same rounded weights
+    (computed once)."""
     torch.manual_seed(0)
-    reference = CELLS[cell](hidden, hidden, norm=norm, backend="reference", max_steps=steps).to(device).double()
-    fused = CELLS[cell](hidden, hidden, norm=norm, backend="triton", max_steps=steps).to(device, dtype)
+    config = dict(norm=norm, max_steps=steps, **({"proj_size": proj_size} if proj_size else {}))
+    reference = CELLS[cell](hidden, hidden, backend="reference", **config).to(device).double()
+    fused = CELLS[cell](hidden, hidden, backend="triton", **config).to(device, dtype)
     fused.load_state_dict(reference.state_dict())
     reference.load_state_dict({k: v.to(dtype).double() if v.is_floating_point() else v
                                for k, v in fused.state_dict().items()})
     x = torch.randn(steps, batch, hidden, device=device, dtype=torch.float64).to(dtype)
     expected = _outputs_and_grads(reference, x.double())
     del reference
-    base = _record("fused vs float64 reference", cell, norm, dtype, batch, hidden, steps)
+    base = _record("fused vs float64 reference", cell, norm, dtype, batch, hidden, steps, proj_size)
     return _records(base, dtype, expected, fused, x, launches)
 
 
 def against_cudnn(cell: str, dtype: torch.dtype, batch: int, hidden: int, steps: int, device,
-                  launches: Sequence[str] = (PER_STEP,)) -> List[Dict]:
-    """The fused layer with norm=None, once per launch mode in ``launches``, against torch's cuDNN
-    module with the same weights (TF32 off: both sides in full float32)."""
+                  launches: Sequence[str] = (PER_STEP,), proj_size: int = 0) -> List[Dict]:
+    """The fused layer with norm=None (an LSTM projecting to ``proj_size`` where it is not 0), once
+    per launch mode in ``launches``, against torch's cuDNN module with the same weights (TF32 off:
+    both sides in full float32)."""
     torch.manual_seed(0)
-    theirs = TORCH_CELLS[cell](hidden, hidden).to(device, dtype)
+    theirs = TORCH_CELLS[cell](hidden, hidden, **({"proj_size": proj_size} if proj_size else {})).to(device, dtype)
     ours = CELLS[cell].from_torch(theirs, backend="triton").to(device, dtype)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
     previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         expected = _outputs_and_grads(theirs, x)
-        base = _record("fused vs cuDNN (norm=None)", cell, None, dtype, batch, hidden, steps)
+        base = _record("fused vs cuDNN (norm=None)", cell, None, dtype, batch, hidden, steps, proj_size)
         return _records(base, dtype, expected, ours, x, launches)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
@@ -124,8 +128,9 @@ def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
     ``against_cudnn``. Both grids hold what the fused-kernel issues ask for: the LSTM with every
     norm in fp32 and bf16 at B=64, H=512, T=100 and at B=256, H=2048 (16 steps: the float64
     reference of T=1000 there would need about 167 GB), over 10,000 steps (fp32, B=16, H=64), and
-    every cell against cuDNN; the GRU and RNN with every norm in bf16 at B=64, H=512.
-    The full grid adds the GRU and RNN with every norm at B=256, H=2048."""
+    every cell against cuDNN; the GRU and RNN with every norm in bf16 at B=64, H=512; the LSTM
+    projecting to P=128 (``proj_size``) with every norm in fp32 and bf16 at B=64, H=512, and
+    against cuDNN's. The full grid adds the GRU and RNN with every norm at B=256, H=2048."""
     plans = []
     for norm in (None, "layer", "batch"):
         for dtype in (torch.bfloat16, torch.float32):
@@ -136,6 +141,11 @@ def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
                                             steps=100)))
     for cell in ("lstm", "gru", "rnn"):
         plans.append(("cudnn", dict(cell=cell, dtype=torch.float32, batch=64, hidden=512, steps=100)))
+    for norm in (None, "layer", "batch"):
+        for dtype in (torch.bfloat16, torch.float32):
+            plans.append(("reference", dict(cell="lstm", norm=norm, dtype=dtype, batch=64, hidden=512, steps=100,
+                                            proj_size=128)))
+    plans.append(("cudnn", dict(cell="lstm", dtype=torch.float32, batch=64, hidden=512, steps=100, proj_size=128)))
     for cell in ("lstm",) if quick else ("lstm", "gru", "rnn"):
         for norm in (None, "layer", "batch"):
             for dtype in (torch.bfloat16, torch.float32):

@@ -109,7 +109,7 @@ def _batch_of_one_reason(case: Case) -> Optional[str]:
 
 def normrnn_triton(case: Case, device) -> Runner:
     probe = torch.zeros(1, device=device, dtype=_dtype(case))
-    reason = dispatch.unavailable_reason("triton", case.cell, case.norm, probe, projection=bool(case.proj_size))
+    reason = dispatch.unavailable_reason("triton", case.cell, case.norm, probe)
     if reason is not None:
         raise Skip(f"the triton backend cannot run this case: {reason}")
     return _module_runner(_normrnn_layer(case, device, "triton"), _inputs(case, device), _batch_of_one_reason(case))
@@ -254,6 +254,8 @@ def haste(case: Case, device) -> Runner:
         raise Skip(f"haste_pytorch is not installed ({error})")
     if device.type != "cuda":
         raise Skip("Haste runs on CUDA only")
+    if case.proj_size:
+        raise Skip("Haste has no output projection (proj_size)")
     names = {("lstm", None): "LSTM", ("lstm", "layer"): "LayerNormLSTM", ("gru", None): "GRU",
              ("gru", "layer"): "LayerNormGRU"}
     name = names.get((case.cell, case.norm))
@@ -274,6 +276,8 @@ def flashrnn(case: Case, device) -> Runner:
         raise Skip("FlashRNN's fused kernels run on CUDA only")
     if case.norm is not None:
         raise Skip("FlashRNN has no normalized cells")
+    if case.proj_size:
+        raise Skip("FlashRNN has no output projection (proj_size)")
     # its fused kernel compiles (nvcc) at the first call: in the warm-up, outside the timing
     layer = FlashRNNLayer(case.cell, case.input_size, case.hidden_size, "cuda_fused", device, _dtype(case))
     return _module_runner(layer, _inputs(case, device))
@@ -355,8 +359,7 @@ def cpu_runner(name: str, case: Case) -> Runner:
         return gemm_floor(case, device)
     backend = {"normrnn-cpp": "cpp", "normrnn-reference": "reference"}[name]
     if backend == "cpp":
-        reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)),
-                                             projection=bool(case.proj_size))
+        reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)))
         if reason is not None:
             raise Skip(f"the cpp backend cannot run this case: {reason}")
     return _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))

@@ -14,8 +14,9 @@ import multiprocessing
 import time
 from typing import Dict, Iterable, List, Tuple
 
-# (cell, norm, dtype name, batch, hidden size): what a kernel specialization depends on
-Shape = Tuple[str, object, str, int, int]
+# (cell, norm, dtype name, batch, hidden size, proj_size): what a kernel specialization depends on
+# (the LSTM's projection gives step 0 a product of its own, and float32 weights under batch norm)
+Shape = Tuple[str, object, str, int, int, int]
 # how the error of a shape not done in time begins (``warm_kernels``), which the bench reads
 NOT_DONE = "not done within"
 
@@ -25,10 +26,11 @@ def shapes_of(cases: Iterable, checks: Iterable[Dict]) -> List[Shape]:
     correctness ``checks`` (``correctness.check_plans``), in first-seen order."""
     shapes: List[Shape] = []
     for case in cases:
-        shapes.append((case.cell, case.norm, case.dtype, case.batch, case.hidden_size))
+        shapes.append((case.cell, case.norm, case.dtype, case.batch, case.hidden_size, case.proj_size))
     for check in checks:
         dtype = str(check.get("dtype", "torch.float32")).split(".")[-1]
-        shapes.append((check["cell"], check.get("norm"), dtype, check["batch"], check["hidden"]))
+        shapes.append((check["cell"], check.get("norm"), dtype, check["batch"], check["hidden"],
+                       check.get("proj_size", 0)))
     return list(dict.fromkeys(shapes))
 
 
@@ -44,11 +46,12 @@ def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tupl
         import normrnn
         from normrnn.bench.cases import Case
         from normrnn.bench.implementations import persistent_requested, weights_streamed, weights_streamed_anyway
-        cell, norm, dtype_name, batch, hidden = shape
+        cell, norm, dtype_name, batch, hidden, proj_size = shape
         device = torch.device(device_name)
         dtype = getattr(torch, dtype_name)
         layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[cell]
-        layer = layer_class(hidden, hidden, norm=norm, backend="triton").to(device, dtype)
+        projection = {"proj_size": proj_size} if proj_size else {}
+        layer = layer_class(hidden, hidden, norm=norm, backend="triton", **projection).to(device, dtype)
         x = torch.randn(2, batch, hidden, device=device, dtype=dtype, requires_grad=True)
 
         def run() -> None:
@@ -64,7 +67,7 @@ def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tupl
             return shape, time.perf_counter() - started, ""
         with persistent_requested():
             run()
-            if weights_streamed_anyway(Case(cell, norm, dtype_name, batch, hidden, steps=2)) is None:
+            if weights_streamed_anyway(Case(cell, norm, dtype_name, batch, hidden, 2, proj_size)) is None:
                 with weights_streamed():
                     run()
         if device.type == "cuda":

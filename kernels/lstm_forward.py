@@ -97,7 +97,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
                        B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                        SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o,
-                       RESIDENT: tl.constexpr):
+                       RESIDENT: tl.constexpr, initial_ptr, HAS_INITIAL: tl.constexpr):
     """Timestep ``t`` for the program's hidden units: reads h_t-1 (row t of h), writes h_t and
     c_t (row t + 1), the output and what the backward needs. ``w_*``, ``RESIDENT``: see
     ``recurrent_projection``."""
@@ -110,7 +110,7 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
 
     acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
                                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
-                                                      RESIDENT)
+                                                      RESIDENT, initial_ptr, HAS_INITIAL)
 
     z_i = _gate_preactivation(0, t, acc_i, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, wh_ptr, ih_stats_ptr,
                               hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, slot, rows, units,
@@ -157,7 +157,8 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
                                cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
                                TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                                DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                               BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
+                               BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr, initial_ptr,
+                               HAS_INITIAL: tl.constexpr):
     """Timestep ``t`` under batch norm in training for a batch of more than one tile: the program
     walks it in chunks of BLOCK_B rows three times (see ``batch_norm.py``). 1: the recurrent
     projection of each chunk, stored raw in ``wh``, and the moments of wx and wh of the four gates;
@@ -176,7 +177,7 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
                                                                    BLOCK_B)
         acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
                                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g,
-                                                          w_o, RESIDENT)
+                                                          w_o, RESIDENT, initial_ptr, HAS_INITIAL)
         ih_mean_i, ih_m2_i, hh_mean_i, hh_m2_i = _chunk_gate_moments(0, t, acc_i, wx_ptr, wh_ptr, rows, units,
                                                                      row_mask, unit_mask, active_f, chunk_count, count,
                                                                      ih_mean_i, ih_m2_i, hh_mean_i, hh_m2_i, B, H)
@@ -272,24 +273,28 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
 def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                              cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                              ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
-                             lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
-                             TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr):
+                             lengths_ptr, initial_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                             NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                             HAS_LENGTHS: tl.constexpr, HAS_INITIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                             CHUNKED: tl.constexpr):
     """One timestep; the launch boundary is the synchronization between steps. ``DOT_PRECISION``:
-    see ``dot_precision``; ``CHUNKED``: the batch norm's batch walked in chunks (``batch_norm.py``)."""
+    see ``dot_precision``; ``CHUNKED``: the batch norm's batch walked in chunks (``batch_norm.py``);
+    ``HAS_INITIAL``: step 0 adds the product at ``initial_ptr`` (``recurrent_projection``)."""
     if CHUNKED:
         _lstm_forward_step_chunked(t, tl.program_id(0), wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                                    cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr,
                                    hh_stats_ptr, cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
                                    cell_mean_ptr, cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING,
-                                   SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, 0, False)
+                                   SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, 0, False,
+                                   initial_ptr, HAS_INITIAL)
     else:
         _lstm_forward_step(t, tl.program_id(0), wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                            cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr,
                            cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
                            cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE,
-                           HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, 0, False)
+                           HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, 0, False, initial_ptr,
+                           HAS_INITIAL)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -297,9 +302,10 @@ def lstm_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_we
 def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                                    cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr,
                                    hh_stats_ptr, cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
-                                   cell_mean_ptr, cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
-                                   H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
-                                   HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                                   cell_mean_ptr, cell_var_ptr, lengths_ptr, initial_ptr, B, max_steps, momentum,
+                                   eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                                   SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
                                    RESIDENT: tl.constexpr):
     """All timesteps in one launch; a grid barrier publishes h_t before step t + 1 reads it.
@@ -318,18 +324,19 @@ def lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_pt
                                        cell_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr,
                                        cell_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE,
                                        HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
-                                       RESIDENT)
+                                       RESIDENT, initial_ptr, HAS_INITIAL)
         else:
             _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr, cell_weight_ptr,
                                cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, cell_stats_ptr,
                                ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, cell_mean_ptr, cell_var_ptr,
                                lengths_ptr, B, max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS,
-                               DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT)
+                               DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT, initial_ptr,
+                               HAS_INITIAL)
         grid_barrier(barrier_ptr, (t + 1) * programs)
 
 
 def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths,
-                 norm: int, training: bool, save: bool, momentum: float, eps: float):
+                 norm: int, training: bool, save: bool, momentum: float, eps: float, initial=None):
     """Launches the forward over all T steps of ``wx`` (T, B, 4H).
 
     ``bias`` is b_ih + b_hh in float32; the norm weights are float32 (4H,) / (H,) tensors (any
@@ -337,7 +344,8 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     (max_steps, features) in float32, updated in place in training. Returns a dict with ``output``
     (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states, and when ``save``:
     ``wh`` (T, B, 4H) and the per-step statistics (T, 2, features) as ``ih_stats``, ``hh_stats``,
-    ``cell_stats`` (row 0 the mean, row 1 the rstd)."""
+    ``cell_stats`` (row 0 the mean, row 1 the rstd). ``initial``: a float32 (B, 4H) product that
+    step 0 adds to h0 W_hh^T (see ``recurrent_projection``), or None."""
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
@@ -356,10 +364,12 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,
-                 cell_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
+                 cell_stats, *running, lengths_arg, initial if initial is not None else bias, batch, max_steps,
+                 momentum, eps)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
-                     DOT_PRECISION=dot_precision(w_hh.dtype, norm), CHUNKED=layout.chunked)
+                     HAS_INITIAL=initial is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm),
+                     CHUNKED=layout.chunked)
     launch_sequence(lstm_forward_step_kernel, lstm_forward_persistent_kernel, layout, steps, arguments, constants,
                     device, persistent_constants=lambda: resident_tiles(layout, 4, hidden, w_hh.dtype, norm))
     result = {"output": output, "h": h, "c": c}

@@ -42,9 +42,9 @@ from .tiles import grid_barrier, program_tile, row_active, store_step_statistics
 @triton.jit
 def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.constexpr, SAVE: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
+                      w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr, initial_ptr, HAS_INITIAL: tl.constexpr):
     """Phase 1: the program's 4 x BLOCK_H columns of h_{t-1} W_hh^T and their row statistics.
-    ``w_*``, ``RESIDENT``: see ``recurrent_projection``."""
+    ``w_*``, ``RESIDENT``, ``initial_ptr``, ``HAS_INITIAL``: see ``recurrent_projection``."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     step = t if SAVE else 0
     tile_mask = row_mask[:, None] & unit_mask[None, :]
@@ -53,7 +53,7 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
     # the four gates together: their row mean and M2 span 4 x BLOCK_H columns
     acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
                                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
-                                                      RESIDENT)
+                                                      RESIDENT, initial_ptr, HAS_INITIAL)
     offsets = step * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
     tl.store(wh_ptr + offsets, acc_i, mask=tile_mask)
     tl.store(wh_ptr + offsets + H, acc_f, mask=tile_mask)
@@ -139,16 +139,17 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
 @triton.jit(do_not_specialize=["t"])
 def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr, cell_weight_ptr,
                                          cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr, gate_o_ptr, hh_partial_ptr,
-                                         cell_partial_ptr, hh_stats_ptr, cell_stats_ptr, lengths_ptr, B, eps,
-                                         H: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, PHASE: tl.constexpr):
+                                         cell_partial_ptr, hh_stats_ptr, cell_stats_ptr, lengths_ptr, initial_ptr, B,
+                                         eps, H: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                                         HAS_INITIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                                         PHASE: tl.constexpr):
     """One phase (0, 1, 2) of timestep ``t``; the launch boundary is the exchange."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if PHASE == 0:
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
-                          BLOCK_K, 0, 0, 0, 0, False)
+                          BLOCK_K, 0, 0, 0, 0, False, initial_ptr, HAS_INITIAL)
     elif PHASE == 1:
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
@@ -164,8 +165,9 @@ def layer_norm_lstm_forward_phase_kernel(t, wx_ptr, w_hh_ptr, bias_ptr, hh_weigh
 def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ptr, hh_weight_ptr,
                                               cell_weight_ptr, cell_bias_ptr, h_ptr, c_ptr, out_ptr, wh_ptr,
                                               gate_o_ptr, hh_partial_ptr, cell_partial_ptr, hh_stats_ptr,
-                                              cell_stats_ptr, lengths_ptr, B, eps, H: tl.constexpr,
-                                              SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                              cell_stats_ptr, lengths_ptr, initial_ptr, B, eps, H: tl.constexpr,
+                                              SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                                              DOT_PRECISION: tl.constexpr,
                                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                                               BLOCK_P: tl.constexpr, RESIDENT: tl.constexpr):
     """All timesteps in one launch, a grid barrier after each of the three phases. With
@@ -176,7 +178,7 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
     w_i, w_f, w_g, w_o = load_recurrent_weights(pid, w_hh_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, RESIDENT)
     for t in range(steps):
         _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H, SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H,
-                          BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT)
+                          BLOCK_K, w_i, w_f, w_g, w_o, RESIDENT, initial_ptr, HAS_INITIAL)
         grid_barrier(barrier_ptr, (3 * t + 1) * grid_programs)
         _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr, gate_o_ptr, hh_partial_ptr,
                     cell_partial_ptr, hh_stats_ptr, lengths_ptr, B, eps, H, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H,
@@ -189,12 +191,14 @@ def layer_norm_lstm_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_p
 
 
 def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell_bias, lengths, save: bool,
-                            eps: float):
+                            eps: float, initial=None):
     """Launches the forward over all T steps of ``wx`` (T, B, 4H), already layer-normalized.
 
     ``bias`` is b_ih + b_hh and the gains / shift are float32. Returns a dict with ``output``
     (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states and, when ``save``,
-    ``wh`` (T, B, 4H), ``hh_stats`` and ``cell_stats`` (T, 2, B) (row 0 the mean, row 1 the rstd)."""
+    ``wh`` (T, B, 4H), ``hh_stats`` and ``cell_stats`` (T, 2, B) (row 0 the mean, row 1 the rstd).
+    ``initial``: a float32 (B, 4H) product that step 0 adds to h0 W_hh^T (see
+    ``recurrent_projection``), or None."""
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device
@@ -213,9 +217,10 @@ def layer_norm_lstm_forward(wx, h0, c0, w_hh, bias, hh_weight, cell_weight, cell
     cell_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     arguments = (wx, w_hh, bias, hh_weight, cell_weight, cell_bias, h, c, output, wh, gate_o, hh_partial,
-                 cell_partial, hh_stats, cell_stats, lengths_arg, batch, eps)
+                 cell_partial, hh_stats, cell_stats, lengths_arg, initial if initial is not None else bias, batch,
+                 eps)
     constants = dict(**layout.tile_constants(),
-                     H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None,
+                     H=hidden, SAVE=save, HAS_LENGTHS=lengths is not None, HAS_INITIAL=initial is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, NORM_LAYER), BLOCK_P=layout.block_p)
     launch_sequence(layer_norm_lstm_forward_phase_kernel, layer_norm_lstm_forward_persistent_kernel, layout, steps,
                     arguments, constants, device, phases=3,

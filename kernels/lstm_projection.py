@@ -1,7 +1,8 @@
 """The LSTM's recurrent projection h_{t-1} W_hh^T for the four gates (i, f, g, o) of a program's
 hidden units, shared by its forward kernels (``lstm_forward.py``, ``lstm_layer_norm_forward.py``):
 from W_hh's rows held on chip for the whole sequence by a persistent kernel, or streamed from
-memory in K tiles every step."""
+memory in K tiles every step; at step 0 plus a product given outright (``HAS_INITIAL``), which
+is how the LSTM with an output projection starts from its h_0 (``normrnn/triton_lstm.py``)."""
 from __future__ import annotations
 
 import triton
@@ -47,17 +48,39 @@ def _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H: tl.
 @triton.jit
 def recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr):
+                         BLOCK_K: tl.constexpr, w_i, w_f, w_g, w_o, RESIDENT: tl.constexpr, initial_ptr,
+                         HAS_INITIAL: tl.constexpr):
     """h_{t-1} W_hh^T for the four gates (i, f, g, o) of the program's units: with ``RESIDENT``,
     from the weight tiles ``w_*`` the persistent kernel loaded once; otherwise W_hh is streamed
     from memory in K tiles (the ``w_*`` are unused). h_{t-1} (row t of h) was written by other
-    programs: it is read past L1, which is not coherent across SMs."""
+    programs: it is read past L1, which is not coherent across SMs. With ``HAS_INITIAL``, step 0
+    adds the float32 (B, 4H) product at ``initial_ptr`` (see ``_add_initial_product``)."""
     if RESIDENT:
         acc_i, acc_f, acc_g, acc_o = _resident_projection(t, h_ptr, w_i, w_f, w_g, w_o, rows, row_mask, B, H,
                                                           DOT_PRECISION, BLOCK_K)
     else:
         acc_i, acc_f, acc_g, acc_o = _streamed_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B,
                                                           H, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    if HAS_INITIAL:
+        acc_i, acc_f, acc_g, acc_o = _add_initial_product(t, initial_ptr, rows, units, row_mask, unit_mask, B, H,
+                                                          acc_i, acc_f, acc_g, acc_o)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def _add_initial_product(t, initial_ptr, rows, units, row_mask, unit_mask, B, H: tl.constexpr, acc_i, acc_f, acc_g,
+                         acc_o):
+    """At step 0, the four gates' columns of the (B, 4H) product at ``initial_ptr`` added to the
+    recurrent product; at every other step nothing. The projecting LSTM runs its state
+    r_t = o_t * tanh(N_c(c_t)) through the kernels with W_hh W_hr in place of W_hh and r_{-1} = 0:
+    its first product, h_{-1} W_hh^T of the given h_{-1}, comes this way, and 0 + p is p exactly."""
+    if t == 0:
+        mask = row_mask[:, None] & unit_mask[None, :]
+        offsets = rows[:, None] * (4 * H) + units[None, :]
+        acc_i += tl.load(initial_ptr + offsets, mask=mask, other=0.0)
+        acc_f += tl.load(initial_ptr + offsets + H, mask=mask, other=0.0)
+        acc_g += tl.load(initial_ptr + offsets + 2 * H, mask=mask, other=0.0)
+        acc_o += tl.load(initial_ptr + offsets + 3 * H, mask=mask, other=0.0)
     return acc_i, acc_f, acc_g, acc_o
 
 

@@ -36,7 +36,6 @@ from .tracing import untraced
 NONE, LAYER, BATCH = 0, 1, 2
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-PROJECTION = True  # the LSTM's output projection (proj_size) runs here too
 
 _build_lock = threading.Lock()
 _extension = None

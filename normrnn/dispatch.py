@@ -61,13 +61,10 @@ class _LazyBackend:
                 self._import_error = f"{type(error).__name__}: {error}"
         return self._module
 
-    def unavailable_reason(self, cell: str, norm: Optional[str], x: Tensor, nonlinearity,
-                           projection: bool = False) -> Optional[str]:
+    def unavailable_reason(self, cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
         module = self.module()
         if module is None:
             return f"it could not be imported ({self._import_error})"
-        if projection and not module.PROJECTION:
-            return "it has no kernels for the LSTM's output projection (proj_size)"
         return module.unsupported_reason(cell, norm, x, nonlinearity)
 
     def run(self, *args):
@@ -92,22 +89,20 @@ def preload(backend: str) -> None:
         _LAZY[name].module()
 
 
-def unavailable_reason(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearity=None,
-                       projection: bool = False) -> Optional[str]:
-    """Why ``backend`` cannot run this case, or None if it can (``projection``: an LSTM with
-    ``proj_size``)."""
+def unavailable_reason(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearity=None) -> Optional[str]:
+    """Why ``backend`` cannot run this case, or None if it can (every backend runs the LSTM's
+    output projection, ``proj_size``, wherever it runs the LSTM)."""
     if backend == "reference":
         return None
-    return _LAZY[backend].unavailable_reason(cell, norm, x, nonlinearity, projection)
+    return _LAZY[backend].unavailable_reason(cell, norm, x, nonlinearity)
 
 
-def resolve(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearity=None,
-            projection: bool = False) -> str:
+def resolve(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearity=None) -> str:
     """The backend that will run this case (see the module docstring)."""
     if backend == "reference":
         return backend
     if backend != "auto":
-        reason = unavailable_reason(backend, cell, norm, x, nonlinearity, projection)
+        reason = unavailable_reason(backend, cell, norm, x, nonlinearity)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {cell} with norm={norm!r} on "
                                f"{x.device.type} {x.dtype}: {reason}")
@@ -116,11 +111,10 @@ def resolve(backend: str, cell: str, norm: Optional[str], x: Tensor, nonlinearit
     # on CPU tensors "auto" means the C++ backend
     preferred = "triton" if x.is_cuda else "cpp"
     if x.is_cuda or x.device.type == "cpu":
-        reason = unavailable_reason(preferred, cell, norm, x, nonlinearity, projection)
+        reason = unavailable_reason(preferred, cell, norm, x, nonlinearity)
         if reason is None:
             return preferred
-        described = f"{cell} with proj_size" if projection else cell
-        warn_once(f"normrnn: backend='auto' runs {described} norm={norm!r} on {x.device.type} {x.dtype} "
+        warn_once(f"normrnn: backend='auto' runs {cell} norm={norm!r} on {x.device.type} {x.dtype} "
                   f"with the eager reference (slow): the {preferred} backend cannot, because {reason}")
     return "reference"
 
@@ -130,9 +124,10 @@ def run_direction(backend: str, cell: str, norm: Optional[str], x: Tensor, state
                   nonlinearity: Optional[str] = None) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """Runs one layer and direction over ``x`` (T, B, I) with the backend ``resolve`` picks.
 
-    Returns the output (T, B, H, or proj_size P where the LSTM projects) and the final state: ``(h_n, c_n)`` for LSTM, ``(h_n,)`` otherwise.
+    Returns the output (T, B, H, or proj_size P where the LSTM projects) and the final state:
+    ``(h_n, c_n)`` for LSTM, ``(h_n,)`` otherwise.
     """
-    chosen = resolve(backend, cell, norm, x, nonlinearity, params.weight_hr is not None)
+    chosen = resolve(backend, cell, norm, x, nonlinearity)
     args = (cell, norm, x, state, params, padding, training, momentum, eps, nonlinearity)
     if chosen == "reference":
         return _reference_run(*args)

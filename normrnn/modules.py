@@ -483,8 +483,8 @@ class LSTM(_NormRNNBase):
     :math:`h_t = W_{hr}(\sigma(z_o)\tanh(N_{cell}(c_t)))` with ``weight_hr_l{k}`` (P, hidden_size),
     so h_t, the output and h_n have P features (``weight_hh`` is (4H, P)) and the cell keeps H;
     the normalizations are those of the LSTM without it (N_hh normalizes W_hh h_{t-1} over its 4H
-    gate features, N_cell the H cells). The reference and the C++ backend run it; the Triton
-    kernels do not (``backend="auto"`` on CUDA tensors runs the reference and says so once).
+    gate features, N_cell the H cells). Every backend runs it (the Triton kernels recur on
+    r_t = o_t tanh(N_cell(c_t)) with W_hh W_hr: ``normrnn/triton_lstm.py``).
     """
     cell = "lstm"
 

@@ -6,10 +6,10 @@ with fake (meta) implementations and registered autograd formulas, so ``torch.co
 traces a model that uses them. All three are imported with this module, so that no import is left
 for the first call of a compiled model (``dispatch.preload``).
 
-Covered: LSTM, GRU and the vanilla RNN with norm None, "layer", "seqbatch" and "batch", in
-float32, bfloat16 and float16 (CUDA autocast's dtype); statistics, cell state and accumulation in
-float32; on CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Not covered: the LSTM's
-output projection (``proj_size``). The normalizations that
+Covered: LSTM (with or without an output projection, ``proj_size``), GRU and the vanilla RNN
+with norm None, "layer", "seqbatch" and "batch", in float32, bfloat16 and float16 (CUDA
+autocast's dtype); statistics, cell state and accumulation in float32; on CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``. The normalizations that
 need no recurrence (layer norm of x W_ih^T, sequence-wise batch norm) run on the whole input
 projection before the loop, in PyTorch.
 """
@@ -28,9 +28,6 @@ from .triton_ops import NORM_CODES
 from .triton_rnn import run_rnn
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# the LSTM's output projection (proj_size) has no kernels: its per-step product h_t = W_hr r_t
-# would be a second matmul inside the loop, with its own exchange of h between programs
-PROJECTION = False
 
 
 def _interpreting() -> bool:
@@ -52,7 +49,7 @@ def describe_availability(probe: Tensor) -> str:
     """Whether the kernels can run here, and what they cover (``python -m normrnn`` prints it)."""
     if torch.cuda.is_available():
         return (f"usable on {torch.cuda.get_device_name()} (LSTM, GRU, RNN: norm None, 'layer', 'seqbatch', 'batch'; "
-                "float32, bfloat16, float16; not the LSTM's proj_size)")
+                "float32, bfloat16, float16; the LSTM's proj_size too)")
     if _interpreting():
         return "usable through the Triton interpreter on CPU (TRITON_INTERPRET=1; slow, for tests)"
     return "not usable here: no CUDA device (TRITON_INTERPRET=1 runs the kernels on the CPU interpreter)"

@@ -20,9 +20,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def outputs_and_grads(module, x, hx=None, lengths=None, seed=0):
     """Runs forward and backward with a fixed random projection of every output, and returns
-    the outputs and the gradients of x and every parameter, in a flat dict."""
+    the outputs and the gradients of x, of the initial states ``hx`` where given ("grad_hx0",
+    "grad_hx1" for an LSTM's h_0 and c_0) and of every parameter, in a flat dict."""
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
+    states = ()
+    if hx is not None:
+        states = tuple(h.detach().clone().requires_grad_(True) for h in (hx if isinstance(hx, tuple) else (hx,)))
+        hx = states if isinstance(hx, tuple) else states[0]
     out, final = module(x, hx) if lengths is None else module(x, hx, lengths=lengths)
     finals = final if isinstance(final, tuple) else (final,)
     generator = torch.Generator().manual_seed(seed)
@@ -38,6 +43,8 @@ def outputs_and_grads(module, x, hx=None, lengths=None, seed=0):
             results[f"final{index - 1}"] = tensor.detach()
     loss.backward()
     results["grad_input"] = x.grad.detach()
+    for index, state in enumerate(states):
+        results[f"grad_hx{index}"] = state.grad.detach() if state.grad is not None else torch.zeros_like(state)
     for name, parameter in module.named_parameters():
         results["grad_" + name] = parameter.grad.detach() if parameter.grad is not None else torch.zeros_like(parameter)
     for name, buffer in module.named_buffers():

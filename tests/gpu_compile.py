@@ -75,18 +75,22 @@ class CompileCase:
         layer = self.layer
         mode = " persistent" if self.persistent else ""
         padded = " lengths" if self.lengths else ""
-        return f"{layer.cell} norm={layer.norm} {layer.dtype} B={layer.batch} H={layer.hidden_size}{padded}{mode}"
+        projection = f" P={layer.proj_size}" if layer.proj_size else ""
+        return (f"{layer.cell} norm={layer.norm} {layer.dtype} B={layer.batch} H={layer.hidden_size}{projection}"
+                f"{padded}{mode}")
 
 
-def _case(cell, norm, dtype, batch, hidden_size, **options) -> CompileCase:
-    return CompileCase(LayerCase(cell, norm, dtype, batch, hidden_size, steps=2), **options)
+def _case(cell, norm, dtype, batch, hidden_size, proj_size=0, **options) -> CompileCase:
+    return CompileCase(LayerCase(cell, norm, dtype, batch, hidden_size, steps=2, proj_size=proj_size), **options)
 
 
 def cases(full: bool) -> List[CompileCase]:
     """The shapes of the issue: B=64, H=512 for every cell, norm and dtype (the LSTM's also in
     float16); H=2048 with B=256, and batch norm over B=512 (one program walks it in chunks) in
-    bfloat16; persistent kernels at B=64, H=512, and under batch norm at B=256 (in chunks).
-    ``full`` adds H=2048 for every norm and dtype, and more persistent shapes."""
+    bfloat16; persistent kernels at B=64, H=512, and under batch norm at B=256 (in chunks); the
+    LSTM projecting to P=128 at B=64, H=512 in bfloat16, persistent (step 0's given product, and
+    float32 weights under batch norm). ``full`` adds H=2048 for every norm and dtype, and more
+    persistent shapes."""
     chosen = []
     for cell in ("lstm", "gru", "rnn"):
         for norm in (None, "layer", "batch"):
@@ -100,6 +104,8 @@ def cases(full: bool) -> List[CompileCase]:
     for norm in (None, "layer", "batch"):
         chosen.append(_case("lstm", norm, "float16", 64, 512))
     chosen.append(_case("lstm", None, "float16", 64, 512, persistent=True))
+    for norm in (None, "layer", "batch"):
+        chosen.append(_case("lstm", norm, "bfloat16", 64, 512, proj_size=128, persistent=True))
     if full:
         for cell in ("lstm", "gru", "rnn"):
             for norm in (None, "layer", "batch"):
@@ -333,7 +339,8 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
     shape = case.layer
     layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[shape.cell]
     dtype = getattr(torch, shape.dtype)
-    layer = layer_class(shape.hidden_size, shape.hidden_size, norm=shape.norm, backend="triton").to(dtype)
+    projection = {"proj_size": shape.proj_size} if shape.proj_size else {}
+    layer = layer_class(shape.hidden_size, shape.hidden_size, norm=shape.norm, backend="triton", **projection).to(dtype)
     x = torch.randn(shape.steps, shape.batch, shape.hidden_size, dtype=dtype, requires_grad=True)
     lengths = None
     if case.lengths:

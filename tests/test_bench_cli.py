@@ -45,7 +45,9 @@ def test_quick_grid_is_the_documented_subset():
     quick = cases.quick_grid()
     assert all(case.batch == 64 and case.hidden_size == 512 for case in quick)
     assert {case.norm for case in quick if case.cell == "lstm"} == {None, "layer", "batch"}
-    assert len(cases.full_grid()) == 3 * 3 * 2 * 4 * 4 * 2
+    assert len(cases.full_grid()) == 3 * 3 * 2 * 4 * 4 * 2 + 3 * 2 * 4  # and the LSTMP per norm, dtype, H
+    assert [(case.norm, case.proj_size) for case in quick if case.proj_size] == [(None, 128), ("layer", 128),
+                                                                                 ("batch", 128)]
 
 
 def test_quick_times_the_slow_implementations_where_the_docstring_says():
@@ -117,16 +119,18 @@ def test_warmup_compiles_every_launch_mode_in_worker_processes_and_reports_failu
                                cases.Case("lstm", "layer", "float32", 3, 16, 7)],
                               [dict(cell="gru", norm="batch", dtype=torch.float32, batch=3, hidden=8),
                                dict(cell="rnn", norm="no such norm", dtype=torch.float32, batch=3, hidden=8)])
-    assert shapes == [("lstm", "layer", "float32", 3, 16), ("gru", "batch", "float32", 3, 8),
-                      ("rnn", "no such norm", "float32", 3, 8)]  # the sequence length does not specialize
+    assert shapes == [("lstm", "layer", "float32", 3, 16, 0), ("gru", "batch", "float32", 3, 8, 0),
+                      ("rnn", "no such norm", "float32", 3, 8, 0)]  # the sequence length does not specialize
+    assert warmup.shapes_of([cases.Case("lstm", "batch", "bfloat16", 3, 16, 2, proj_size=4)], []) == [
+        ("lstm", "batch", "bfloat16", 3, 16, 4)]
     summary = warmup.warm_kernels(shapes, jobs=2, device=device)
     assert summary["shapes"] == 3 and summary["seconds"] > 0
-    assert [failure["shape"] for failure in summary["failures"]] == [["rnn", "no such norm", "float32", 3, 8]]
+    assert [failure["shape"] for failure in summary["failures"]] == [["rnn", "no such norm", "float32", 3, 8, 0]]
     assert "norm" in summary["failures"][0]["error"]
     # a worker that does not finish in time is a failure, not a hang (the interpreter at H=512 is slow)
-    late = warmup.warm_kernels([("lstm", None, "float32", 64, 512)], jobs=1, device=device, persistent=False,
+    late = warmup.warm_kernels([("lstm", None, "float32", 64, 512, 0)], jobs=1, device=device, persistent=False,
                                timeout=1.0)
-    assert late["failures"] == [{"shape": ["lstm", None, "float32", 64, 512],
+    assert late["failures"] == [{"shape": ["lstm", None, "float32", 64, 512, 0],
                                  "error": "not done within the warm-up's 1 s"}]
     # the check plans are what the warm-up reads shapes from
     assert all({"cell", "batch", "hidden"} <= set(arguments) for _, arguments in correctness.check_plans(True))
@@ -222,8 +226,11 @@ def test_gpu_section_logic_runs_every_implementation_on_a_tiny_case(tmp_path):
     assert {"normrnn-triton", "normrnn-reference", "cudnn"} <= timed
     assert all(row["skipped"] for row in rows if "median_ms" not in row)
     checks = (correctness.against_reference("lstm", "layer", torch.float32, 4, 16, 3, device)
-              + correctness.against_cudnn("rnn", torch.float32, 4, 16, 3, device))
-    assert [check["passed"] for check in checks] == [True, True], checks
+              + correctness.against_cudnn("rnn", torch.float32, 4, 16, 3, device)
+              + correctness.against_reference("lstm", "batch", torch.float32, 4, 16, 3, device, proj_size=5)
+              + correctness.against_cudnn("lstm", torch.float32, 4, 16, 3, device, proj_size=5))
+    assert [check["passed"] for check in checks] == [True] * 4, checks
+    assert [check["proj_size"] for check in checks] == [0, 0, 5, 5]
     assert all(check["relative_error"] < 1e-4 for check in checks), checks
     report.add_ratios(rows)
     results = {"section": "cuda", "environment": report.environment(device), "timings": rows, "correctness": checks}
@@ -314,6 +321,9 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
         for cell in ("gru", "rnn"):  # their bf16 paths (rounded h, W_hh on chip) at the headline shape
             for norm in (None, "layer", "batch"):
                 assert ("reference", cell, norm, "torch.bfloat16", 64, 512, 100) in plans
+        projecting = [(kind, arguments.get("norm"), arguments["dtype"]) for kind, arguments
+                      in correctness.check_plans(quick) if arguments.get("proj_size")]
+        assert len(projecting) == 7 and ("cudnn", None, torch.float32) in projecting
         at_scale = {plan[1] for plan in plans if plan[5] == 2048}
         assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
     # the headline layers first: a run's first minutes check what its timings rest on
@@ -400,7 +410,8 @@ def test_quick_grid_times_the_speed_targets_first():
     assert [(case.cell, case.norm, case.dtype, case.steps) for case in quick[:6]] == [
         ("lstm", norm, "bfloat16", steps) for steps in (100, 1000) for norm in (None, "layer", "batch")]
     assert [case.cell for case in quick[6:12]] == ["gru"] * 3 + ["rnn"] * 3
-    assert {case.dtype for case in quick[12:]} == {"float32"} and len(quick) == 18
+    assert {case.dtype for case in quick[12:18]} == {"float32"} and len(quick) == 21
+    assert all(case.proj_size == 128 for case in quick[18:])
 
 
 def test_quick_compiles_the_reference_once_after_every_other_case(tmp_path, monkeypatch):

@@ -25,8 +25,13 @@ HERE = Path(__file__).resolve().parent
 # the speed targets (the layer norm's phases and no norm with W_hh on chip, batch norm with it
 # streamed; the GRU's and RNN's with W_hh on chip) and the LSTM's under batch norm walking a batch
 # of 256 in chunks; float16 operands (CUDA autocast's default) with W_hh on chip; float32 recurrent
-# products; lengths at H=2048
+# products; lengths at H=2048; the LSTM projecting to P=128 (step 0's given product beside W_hh on
+# chip, and under batch norm the float32 product W_hh W_hr)
 CASES = {
+    "lstm norm=layer bfloat16 B=64 H=512 P=128 persistent": {"layer_norm_lstm_forward_persistent_kernel",
+                                                             "layer_norm_lstm_backward_persistent_kernel"},
+    "lstm norm=batch bfloat16 B=64 H=512 P=128 persistent": {"lstm_forward_persistent_kernel",
+                                                             "lstm_backward_persistent_kernel"},
     "gru norm=layer bfloat16 B=64 H=512 persistent": {"gru_forward_persistent_kernel",
                                                       "gru_backward_persistent_kernel"},
     "rnn norm=None bfloat16 B=64 H=512 persistent": {"rnn_forward_persistent_kernel",

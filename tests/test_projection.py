@@ -3,8 +3,8 @@
 Without a norm it computes what ``torch.nn.LSTM(proj_size=P)`` computes (forward, gradients,
 packed input, every layout); with every norm the reference passes gradcheck in float64, and so
 does the C++ backend, which also equals the reference in float32 and, under ``no_grad``, the
-forward that keeps its steps bit for bit. The Triton kernels do not cover it: named explicitly
-the backend raises, and ``"auto"`` names the reason when it runs the reference instead.
+forward that keeps its steps bit for bit. The Triton kernels against the reference:
+``test_triton_projection.py``.
 """
 import copy
 
@@ -17,7 +17,7 @@ import normrnn
 from conftest import NORMS, assert_float32_backend_equals_the_reference, outputs_and_grads, relative_error
 from test_reference_gradcheck import _gradcheck_module, gradcheck_two_layers_bidirectional_and_eval
 
-CPP_REASON = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1), projection=True)
+CPP_REASON = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1))
 needs_cpp = pytest.mark.skipif(CPP_REASON is not None, reason=f"the C++ backend is not usable here: {CPP_REASON}")
 
 
@@ -121,19 +121,14 @@ def test_cpp_forward_no_backward_follows_computes_what_one_kept_for_it_does(norm
         assert torch.equal(buffer, kept_buffer), name
 
 
-def test_triton_backend_refuses_and_auto_names_the_reason(recwarn):
-    triton_reason = normrnn.dispatch.unavailable_reason("triton", "lstm", None, torch.zeros(1), projection=True)
-    assert triton_reason is not None
-    if normrnn.dispatch._LAZY["triton"].module() is not None:  # importable: the reason is the projection
-        assert "output projection (proj_size)" in triton_reason
-        layer = normrnn.LSTM(3, 4, proj_size=2, backend="triton")
-        with pytest.raises(RuntimeError, match=r"backend='triton' cannot run lstm .*proj_size"):
-            layer(torch.randn(2, 2, 3))
-    # the same layer without a projection is not refused for it
-    assert "proj_size" not in (normrnn.dispatch.unavailable_reason("triton", "lstm", None, torch.zeros(1)) or "")
-    if CPP_REASON is None:  # on CPU tensors "auto" takes the C++ backend, projection included
-        assert normrnn.dispatch.resolve("auto", "lstm", "batch", torch.zeros(1), projection=True) == "cpp"
-        assert not [w for w in recwarn if "proj_size" in str(w.message)]
+def test_auto_on_cpu_tensors_takes_the_cpp_backend_without_a_warning(recwarn):
+    if CPP_REASON is not None:
+        pytest.skip(f"the C++ backend is not usable here: {CPP_REASON}")
+    layer = normrnn.LSTM(3, 4, proj_size=2, norm="batch")
+    output, (h_n, c_n) = layer(torch.randn(2, 3, 3))
+    assert output.shape == (2, 3, 2) and h_n.shape == (1, 3, 2) and c_n.shape == (1, 3, 4)
+    assert normrnn.dispatch.resolve("auto", "lstm", "batch", torch.zeros(1)) == "cpp"
+    assert not [warning for warning in recwarn if "reference" in str(warning.message)]
 
 
 def test_gradient_flow_of_torchs_projecting_lstm():
