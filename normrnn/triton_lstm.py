@@ -58,7 +58,8 @@ def lstm_forward_op(wx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, bias: Tens
         result = lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, updated, lengths,
                               norm, training, save, momentum, eps, initial)
     h, c = result["h"], result["c"]
-    final = (result["output"], h[-1].to(h0.dtype, copy=True), c[-1].to(h0.dtype, copy=True), updated)
+    # c_n in c0's dtype, as the fake says: the projecting LSTM's h0 (its r) is float32 under batch norm
+    final = (result["output"], h[-1].to(h0.dtype, copy=True), c[-1].to(c0.dtype, copy=True), updated)
     if not save:
         return (*final, *nothing_saved(wx, 6))
     return (*final, h, c, result["wh"], result["ih_stats"], result["hh_stats"], result["cell_stats"])
@@ -178,7 +179,7 @@ def _recurrence(params: DirectionParams, norm: Optional[str], h0: Tensor) -> Tup
     if norm == "batch":
         weight_hh, weight_hr = weight_hh.float(), weight_hr.float()
     state_weight = torch.matmul(weight_hh, weight_hr)
-    initial = torch.matmul(h0.float(), params.weight_hh.float().t())
+    initial = torch.matmul(h0.float(), weight_hh.float().t())
     return state_weight, state_weight.new_zeros((h0.shape[0], params.hidden_size)), initial
 
 
@@ -202,5 +203,4 @@ def run_lstm(norm: Optional[str], x: Tensor, state: Tuple[Tensor, Tensor], param
     store_running_statistics(norm, training, running, updated)
     if params.weight_hr is not None:  # r_t to h_t; padded steps stay 0, the final r_n gives h_n
         output, h_n = _projected(output, params.weight_hr), _projected(h_n, params.weight_hr)
-        c_n = c_n.to(c0.dtype)
     return output, (h_n, c_n)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import normrnn
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error
+from fused_helpers import DEVICE, INTERPRETER_OFF, TOLERANCE, compare, make_pair, relative_error
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
@@ -82,16 +82,20 @@ def test_batch_norm_over_a_batch_of_more_than_one_tile():
             torch.float32)
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
-def test_torch_compile_fullgraph(norm):
+@pytest.mark.parametrize("norm,dtype", [("batch", torch.float32), ("layer", torch.float32),
+                                        ("batch", torch.bfloat16)])
+def test_torch_compile_fullgraph(norm, dtype):
+    """Compiled, the layer computes what it computes eagerly, in the layer's dtype everywhere (in
+    bfloat16 under batch norm the kernels' state is float32, c_n still the layer's dtype)."""
     torch._dynamo.reset()
-    reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=5, proj_size=2)
+    reference, fused = _pair(norm, dtype, input_size=3, hidden_size=5, proj_size=2)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, 3, dtype=torch.float64).to(dtype).double()
     expected, _ = reference(x)
-    got, (h_n, c_n) = compiled(x.float().to(DEVICE))
+    got, (h_n, c_n) = compiled(x.to(DEVICE, dtype))
     assert got.shape == (4, 3, 2) and h_n.shape == (1, 3, 2) and c_n.shape == (1, 3, 5)
-    assert relative_error(got.detach().cpu(), expected) < 1e-4
+    assert got.dtype == h_n.dtype == c_n.dtype == dtype
+    assert relative_error(got.detach().cpu(), expected) < TOLERANCE[dtype]
     got.sum().backward()
     for parameter in (fused.weight_hh_l0, fused.weight_hr_l0):
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
