@@ -35,6 +35,12 @@ class Case:
         return asdict(self)
 
 
+def projection_keyword(proj_size: int) -> dict:
+    """``proj_size`` as a layer's keyword where it is not 0: the GRU and RNN (torch's and
+    normrnn's) take none."""
+    return {"proj_size": proj_size} if proj_size else {}
+
+
 def projecting_cases(dtypes=DTYPES, hidden_sizes=HIDDEN_SIZES) -> List[Case]:
     """The LSTM with an output projection to P = H / 4 (``proj_size``) at B=64, T=100, every norm:
     cuDNN's LSTMP is its bar (Haste and FlashRNN have none)."""

@@ -16,6 +16,7 @@ from torch import nn
 import normrnn
 from normrnn.kernels import buffers
 
+from .cases import projection_keyword
 from .implementations import persistent_requested
 
 CELLS = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}
@@ -91,7 +92,7 @@ def against_reference(cell: str, norm, dtype: torch.dtype, batch: int, hidden: i
     per launch mode in ``launches``, against the float64 reference with the same rounded weights
     (computed once)."""
     torch.manual_seed(0)
-    config = dict(norm=norm, max_steps=steps, **({"proj_size": proj_size} if proj_size else {}))
+    config = dict(norm=norm, max_steps=steps, **projection_keyword(proj_size))
     reference = CELLS[cell](hidden, hidden, backend="reference", **config).to(device).double()
     fused = CELLS[cell](hidden, hidden, backend="triton", **config).to(device, dtype)
     fused.load_state_dict(reference.state_dict())
@@ -110,7 +111,7 @@ def against_cudnn(cell: str, dtype: torch.dtype, batch: int, hidden: int, steps:
     per launch mode in ``launches``, against torch's cuDNN module with the same weights (TF32 off:
     both sides in full float32)."""
     torch.manual_seed(0)
-    theirs = TORCH_CELLS[cell](hidden, hidden, **({"proj_size": proj_size} if proj_size else {})).to(device, dtype)
+    theirs = TORCH_CELLS[cell](hidden, hidden, **projection_keyword(proj_size)).to(device, dtype)
     ours = CELLS[cell].from_torch(theirs, backend="triton").to(device, dtype)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype)
     previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

@@ -41,7 +41,7 @@ import normrnn
 from normrnn import dispatch
 from normrnn.params import CELL_GATES
 
-from .cases import Case
+from .cases import Case, projection_keyword
 from .flashrnn_peer import FlashRNNLayer
 
 # The eager reference and torch.compile of its unrolled loop take minutes at these sizes: they
@@ -89,15 +89,10 @@ def _module_runner(module: nn.Module, x: torch.Tensor, train_skip_reason: Option
     return Runner(forward_eval, None if train_skip_reason else train_step, train_skip_reason)
 
 
-def _projection(case: Case) -> dict:
-    """The LSTM's ``proj_size`` as a keyword, where the case has one (the GRU and RNN take none)."""
-    return {"proj_size": case.proj_size} if case.proj_size else {}
-
-
 def _normrnn_layer(case: Case, device, backend: str) -> nn.Module:
     cls = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[case.cell]
     layer = cls(case.input_size, case.hidden_size, norm=case.norm, backend=backend, max_steps=case.steps,
-                **_projection(case))
+                **projection_keyword(case.proj_size))
     return layer.to(device, _dtype(case))
 
 
@@ -243,8 +238,8 @@ def reference_compiled(case: Case, device) -> Runner:
 
 def cudnn(case: Case, device) -> Runner:
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[case.cell]
-    return _module_runner(cls(case.input_size, case.hidden_size, **_projection(case)).to(device, _dtype(case)),
-                          _inputs(case, device))
+    layer = cls(case.input_size, case.hidden_size, **projection_keyword(case.proj_size))
+    return _module_runner(layer.to(device, _dtype(case)), _inputs(case, device))
 
 
 def haste(case: Case, device) -> Runner:

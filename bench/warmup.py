@@ -44,14 +44,14 @@ def _launch_every_mode(shape: Shape, device_name: str, persistent: bool) -> Tupl
         import torch
 
         import normrnn
-        from normrnn.bench.cases import Case
+        from normrnn.bench.cases import Case, projection_keyword
         from normrnn.bench.implementations import persistent_requested, weights_streamed, weights_streamed_anyway
         cell, norm, dtype_name, batch, hidden, proj_size = shape
         device = torch.device(device_name)
         dtype = getattr(torch, dtype_name)
         layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[cell]
-        projection = {"proj_size": proj_size} if proj_size else {}
-        layer = layer_class(hidden, hidden, norm=norm, backend="triton", **projection).to(device, dtype)
+        layer = layer_class(hidden, hidden, norm=norm, backend="triton", **projection_keyword(proj_size))
+        layer = layer.to(device, dtype)
         x = torch.randn(2, batch, hidden, device=device, dtype=dtype, requires_grad=True)
 
         def run() -> None:

@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List, Optional
 
 # the repository's normrnn, also where it is not installed (the GPU machine runs from a checkout)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from normrnn.bench.cases import Case as LayerCase  # noqa: E402
+from normrnn.bench.cases import Case as LayerCase, projection_keyword  # noqa: E402
 
 # Shared memory one block may use on sm_90 (227 KiB opt-in); Triton refuses a launch above it.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
@@ -339,8 +339,8 @@ def compile_case(case: CompileCase, capability: int) -> List[CompiledKernel]:
     shape = case.layer
     layer_class = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}[shape.cell]
     dtype = getattr(torch, shape.dtype)
-    projection = {"proj_size": shape.proj_size} if shape.proj_size else {}
-    layer = layer_class(shape.hidden_size, shape.hidden_size, norm=shape.norm, backend="triton", **projection).to(dtype)
+    layer = layer_class(shape.hidden_size, shape.hidden_size, norm=shape.norm, backend="triton",
+                        **projection_keyword(shape.proj_size)).to(dtype)
     x = torch.randn(shape.steps, shape.batch, shape.hidden_size, dtype=dtype, requires_grad=True)
     lengths = None
     if case.lengths:
