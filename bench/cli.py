@@ -3,7 +3,7 @@
 On a CUDA machine: the correctness checks at scale, then every case of the grid (``--quick``: the
 documented subset, a few minutes on an H100), each implementation timed in one process and
 interleaved (eval-mode forward under no_grad, and a training step: forward + backward), then the
-checks over 10,000 steps, then a summary of ratios to cuDNN. Without CUDA it says so and runs the
+checks over 10,000 steps and over 1000 at B=256, H=2048, then a summary of ratios to cuDNN. Without CUDA it says so and runs the
 CPU section only (the C++ backend and the reference against torch's CPU modules), which also runs
 anywhere with ``--cpu``.
 Results go to ``--out`` (default ``bench/results``): ``<device>-<date>.json``, ``.md`` and plots,
@@ -32,7 +32,8 @@ PERSISTENT_IMPLEMENTATIONS = ("normrnn-persistent", "normrnn-persistent-streamed
 # what the compiled reference's pass may take (its compile): it is begun only this long before the
 # deadline, since a pass begun later would run past the deadline by about this much
 LATE_PASS_SECONDS = 120.0
-# likewise what one long-sequence check may take (its float64 reference, 10,000 eager steps)
+# likewise what one check after the timings may take (its float64 reference: 10,000 eager steps,
+# or B=256, H=2048, T=1000 in checkpointed chunks)
 LONG_CHECK_SECONDS = 30.0
 
 
@@ -152,7 +153,7 @@ def checks_summary(checks: List[Dict]) -> str:
 
 def run_gpu(args, device: Optional[torch.device] = None, cases: Optional[List[grid.Case]] = None) -> Dict:
     """Kernels compiled in parallel first (``--jobs``), then the correctness checks (what a timing
-    is worth rests on them), then every case timed, then the long-sequence checks
+    is worth rests on them), then every case timed, then the checks over 1000 and 10,000 steps
     (``correctness.after_timings``: slow, and no timing rests on them), then in ``--quick`` the
     compiled reference's pass; the results so far are
     written after the checks and after each case (``complete``: false), so that a run cut short

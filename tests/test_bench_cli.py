@@ -316,6 +316,7 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
             for dtype in ("torch.float32", "torch.bfloat16"):
                 assert ("reference", "lstm", norm, dtype, 64, 512, 100) in plans
                 assert ("reference", "lstm", norm, dtype, 256, 2048, 16) in plans
+                assert ("reference", "lstm", norm, dtype, 256, 2048, 1000) in plans
             assert ("reference", "lstm", norm, "torch.float32", 16, 64, 10_000) in plans
         assert {plan[1] for plan in plans if plan[0] == "cudnn"} == {"lstm", "gru", "rnn"}
         for cell in ("gru", "rnn"):  # their bf16 paths (rounded h, W_hh on chip) at the headline shape
@@ -324,8 +325,13 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
         projecting = [(kind, arguments.get("norm"), arguments["dtype"]) for kind, arguments
                       in correctness.check_plans(quick) if arguments.get("proj_size")]
         assert len(projecting) == 7 and ("cudnn", None, torch.float32) in projecting
-        at_scale = {plan[1] for plan in plans if plan[5] == 2048}
-        assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
+        for steps in (16, 1000):
+            at_scale = {plan[1] for plan in plans if plan[5] == 2048 and plan[6] == steps}
+            assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
+        # the checks after the timings come last: the 10,000-step ones, then T=1000 at B=256, H=2048
+        later = [plan[6] for plan, full in zip(plans, correctness.check_plans(quick)) if correctness.after_timings(full)]
+        assert later == [10_000] * 3 + [1000] * len(later[3:]) and plans[-len(later):] == [
+            plan for plan in plans if plan[6] >= 1000]
     # the headline layers first: a run's first minutes check what its timings rest on
     assert correctness.check_plans(True)[0] == ("reference", dict(cell="lstm", norm=None, dtype=torch.bfloat16,
                                                                   batch=64, hidden=512, steps=100))
