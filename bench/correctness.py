@@ -39,7 +39,7 @@ def reference_steps_per_chunk(batch: int, hidden: int) -> int:
     return max(1, REFERENCE_CHUNK_BYTES // (REFERENCE_STEP_UNITS * batch * hidden * 8))
 
 
-def run_in_chunks(module: nn.Module, x: torch.Tensor, steps_per_chunk: int):
+def run_checkpointed(module: nn.Module, x: torch.Tensor, steps_per_chunk: int):
     """``module(x)`` (time-major, one direction) computed ``steps_per_chunk`` steps at a time, each
     chunk under ``torch.utils.checkpoint``: the output, the final state and every gradient are
     those of the whole sequence (the state is carried between chunks, and ``first_step`` numbers
@@ -48,7 +48,7 @@ def run_in_chunks(module: nn.Module, x: torch.Tensor, steps_per_chunk: int):
     be split; nor can a bidirectional layer. In training the running statistics are updated once
     more as each chunk is recomputed: what this serves compares outputs and gradients only."""
     if getattr(module, "norm", None) == "seqbatch" or getattr(module, "bidirectional", False):
-        raise ValueError("run_in_chunks: sequence-wise batch norm and bidirectional layers see the whole "
+        raise ValueError("run_checkpointed: sequence-wise batch norm and bidirectional layers see the whole "
                          "sequence at once and cannot run in chunks")
 
     def run_chunk(first_step: int, piece: torch.Tensor, *state: torch.Tensor):
@@ -68,11 +68,11 @@ def _outputs_and_grads(module: nn.Module, x: torch.Tensor, seed: int = 0, steps_
                        ) -> Dict[str, torch.Tensor]:
     """The output, final states and the gradients of the input and every parameter, for a fixed
     random projection of every output; ``steps_per_chunk`` below the sequence's length runs it
-    through ``run_in_chunks``."""
+    through ``run_checkpointed``."""
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     if steps_per_chunk is not None and steps_per_chunk < x.shape[0]:
-        output, final = run_in_chunks(module, x, steps_per_chunk)
+        output, final = run_checkpointed(module, x, steps_per_chunk)
     else:
         output, final = module(x)
     finals = final if isinstance(final, tuple) else (final,)
@@ -188,7 +188,7 @@ def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
     ``against_cudnn``. Both grids hold what the fused-kernel issues ask for: the LSTM with every
     norm in fp32 and bf16 at B=64, H=512, T=100, at B=256, H=2048 over 16 steps (before the
     timings) and over 1000 steps (after them: the float64 reference runs in checkpointed chunks
-    there, ``run_in_chunks``, and each check takes tens of seconds), over 10,000 steps (fp32, B=16,
+    there, ``run_checkpointed``, and each check takes tens of seconds), over 10,000 steps (fp32, B=16,
     H=64), and every cell against cuDNN; the GRU and RNN with every norm in bf16 at B=64, H=512; the
     LSTM projecting to P=128 (``proj_size``) with every norm in fp32 and bf16 at B=64, H=512, and
     against cuDNN's. The full grid adds the GRU and RNN with every norm at B=256, H=2048, T=16 and

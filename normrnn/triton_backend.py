@@ -11,7 +11,8 @@ with norm None, "layer", "seqbatch" and "batch", in float32, bfloat16 and float1
 autocast's dtype); statistics, cell state and accumulation in float32; on CUDA tensors, or CPU
 tensors under ``TRITON_INTERPRET=1``. The normalizations that
 need no recurrence (layer norm of x W_ih^T, sequence-wise batch norm) run on the whole input
-projection before the loop, in PyTorch.
+projection before the loop, in PyTorch; a forward that no backward follows does so a chunk of
+steps at a time where that projection would be large (``inference_chunks.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .inference_chunks import run_in_chunks
 from .params import DirectionParams, Padding
 from .triton_gru import run_gru
 from .triton_lstm import run_lstm
@@ -57,9 +59,13 @@ def describe_availability(probe: Tensor) -> str:
 
 def run_direction(cell, norm, x, state, params: DirectionParams, padding: Padding, training, momentum, eps,
                   nonlinearity) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """One layer and direction through the fused kernels (the interface of ``normrnn.dispatch``)."""
-    if cell == "rnn":
-        return run_rnn(norm, x, state, params, padding, training, momentum, eps, nonlinearity)
-    if cell == "gru":
-        return run_gru(norm, x, state, params, padding, training, momentum, eps)
-    return run_lstm(norm, x, state, params, padding, training, momentum, eps)
+    """One layer and direction through the fused kernels (the interface of ``normrnn.dispatch``);
+    a forward that no backward follows runs a chunk of steps at a time where the input projection
+    of the whole sequence would take more than ``inference_chunks.INFERENCE_CHUNK_BYTES``."""
+    def run(x: Tensor, state: Tuple[Tensor, ...], params: DirectionParams, padding: Padding):
+        if cell == "rnn":
+            return run_rnn(norm, x, state, params, padding, training, momentum, eps, nonlinearity)
+        if cell == "gru":
+            return run_gru(norm, x, state, params, padding, training, momentum, eps)
+        return run_lstm(norm, x, state, params, padding, training, momentum, eps)
+    return run_in_chunks(run, norm, x, state, params, padding, training)

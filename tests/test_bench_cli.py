@@ -329,7 +329,8 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
             at_scale = {plan[1] for plan in plans if plan[5] == 2048 and plan[6] == steps}
             assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
         # the checks after the timings come last: the 10,000-step ones, then T=1000 at B=256, H=2048
-        later = [plan[6] for plan, full in zip(plans, correctness.check_plans(quick)) if correctness.after_timings(full)]
+        later = [plan[6] for plan, full in zip(plans, correctness.check_plans(quick))
+                 if correctness.after_timings(full)]
         assert later == [10_000] * 3 + [1000] * len(later[3:]) and plans[-len(later):] == [
             plan for plan in plans if plan[6] >= 1000]
     # the headline layers first: a run's first minutes check what its timings rest on

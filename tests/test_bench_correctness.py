@@ -1,6 +1,6 @@
-"""The bench's float64 reference over sequences too long to keep whole: ``run_in_chunks`` computes,
-a chunk of steps at a time under activation checkpointing, the output, final state and every
-gradient of the whole sequence, so that the check at B=256, H=2048, T=1000 that the fused-kernel
+"""The bench's float64 reference over sequences too long to keep whole: ``run_checkpointed``
+computes, a chunk of steps at a time under activation checkpointing, the output, final state and
+every gradient of the whole sequence, so that the check at B=256, H=2048, T=1000 that the fused-kernel
 issue asks for fits on a GPU (the reference would keep about 470 GB whole under batch norm)."""
 import pytest
 import torch
@@ -50,7 +50,7 @@ def test_a_chunk_as_long_as_the_sequence_runs_it_whole():
 def test_what_sees_the_whole_sequence_at_once_is_not_split(config):
     layer = _reference("lstm", **config)
     with pytest.raises(ValueError, match="cannot run in chunks"):
-        correctness.run_in_chunks(layer, torch.randn(4, 3, 5, dtype=torch.float64), 2)
+        correctness.run_checkpointed(layer, torch.randn(4, 3, 5, dtype=torch.float64), 2)
 
 
 def test_steps_per_chunk_split_only_what_does_not_fit():
