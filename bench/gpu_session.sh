@@ -45,10 +45,11 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its outp
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$log"
-# a peer the machine lacks (FlashRNN) where the session carried its wheel in .whl (here:
-# `pip download --no-deps -d .whl flashrnn==1.0.8`, a folder .gitignore leaves out, and the run
-# carries ".whl"); it compiles its CUDA kernel in the first case, minutes that the rest of the
-# bench then lacks, so carry it once normrnn's own numbers are in
+# the peers the machine lacks, where the session carried their wheels in .whl (a folder
+# .gitignore leaves out; the run carries ".whl"): Haste's, built on the session's own machine by
+# bench/build_haste.sh, compiled already (carry it from the first run); FlashRNN's (`pip download
+# --no-deps -d .whl flashrnn==1.0.8`) compiles its CUDA kernel in the first case, minutes that the
+# rest of the bench then lacks, so carry it once normrnn's own numbers are in
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PYTHONPATH:/tmp/site

@@ -242,20 +242,30 @@ def cudnn(case: Case, device) -> Runner:
     return _module_runner(layer.to(device, _dtype(case)), _inputs(case, device))
 
 
+# the dtypes each Haste layer's CUDA code dispatches on (its frameworks/pytorch/*.cc, 0.5.0rc0):
+# bfloat16 nowhere, float16 in the plain GRU only
+HASTE_LAYERS = {("lstm", None): ("LSTM", ("float32",)),
+                ("lstm", "layer"): ("LayerNormLSTM", ("float32",)),
+                ("gru", None): ("GRU", ("float32", "float16")),
+                ("gru", "layer"): ("LayerNormGRU", ("float32",))}
+
+
 def haste(case: Case, device) -> Runner:
+    """Haste's layer for the case's cell and norm (built for the GPU machine by
+    bench/build_haste.sh, carried as a wheel)."""
     try:
         module = importlib.import_module("haste_pytorch")
     except ImportError as error:
         raise Skip(f"haste_pytorch is not installed ({error})")
-    if device.type != "cuda":
-        raise Skip("Haste runs on CUDA only")
     if case.proj_size:
         raise Skip("Haste has no output projection (proj_size)")
-    names = {("lstm", None): "LSTM", ("lstm", "layer"): "LayerNormLSTM", ("gru", None): "GRU",
-             ("gru", "layer"): "LayerNormGRU"}
-    name = names.get((case.cell, case.norm))
-    if name is None:
+    if (case.cell, case.norm) not in HASTE_LAYERS:
         raise Skip(f"Haste has no {case.cell} with norm={case.norm}")
+    name, dtypes = HASTE_LAYERS[case.cell, case.norm]
+    if case.dtype not in dtypes:
+        raise Skip(f"Haste's {name} has no {case.dtype} kernels (it has {', '.join(dtypes)})")
+    if device.type != "cuda":
+        raise Skip("Haste runs on CUDA only")
     if not hasattr(module, name):  # LayerNormGRU came after the first releases
         raise Skip(f"this haste_pytorch has no {name}")
     layer = getattr(module, name)(case.input_size, case.hidden_size, batch_first=False).to(device, _dtype(case))

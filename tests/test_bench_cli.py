@@ -279,6 +279,27 @@ def test_streamed_weights_variant_times_the_persistent_lstm_and_says_where_it_do
         build(cases.Case("lstm", None, "float32", 64, 512, 100), device)
 
 
+def test_haste_is_skipped_with_the_reason_where_it_has_no_kernels(monkeypatch):
+    """Haste's layers dispatch on float32 (the GRU also float16), never bfloat16: the bench records
+    why instead of failing in the peer's CUDA code; only a case it has reaches the device check."""
+    import sys
+    import types
+    from normrnn.bench.implementations import IMPLEMENTATIONS, Skip
+    fake = types.ModuleType("haste_pytorch")
+    fake.LSTM = fake.LayerNormLSTM = fake.GRU = fake.LayerNormGRU = object
+    monkeypatch.setitem(sys.modules, "haste_pytorch", fake)
+    build, cpu = IMPLEMENTATIONS["haste"], torch.device("cpu")
+    expected = [(("lstm", "layer", "bfloat16"), "Haste's LayerNormLSTM has no bfloat16 kernels"),
+                (("lstm", None, "float16"), "Haste's LSTM has no float16 kernels"),
+                (("lstm", "batch", "float32"), "Haste has no lstm with norm=batch"),
+                (("rnn", None, "float32"), "Haste has no rnn with norm=None"),
+                (("lstm", "layer", "float32"), "Haste runs on CUDA only"),
+                (("gru", None, "float16"), "Haste runs on CUDA only")]
+    for (cell, norm, dtype), reason in expected:
+        with pytest.raises(Skip, match=reason):
+            build(cases.Case(cell, norm, dtype, 64, 512, 100), cpu)
+
+
 def test_a_deadline_lists_the_cases_not_begun_and_the_run_ends_as_usual(tmp_path, monkeypatch):
     """Past --deadline no case is begun: the rest are listed with the reason, the run completes
     (plots and summary follow), and the table says what was not timed."""
