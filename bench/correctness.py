@@ -1,6 +1,7 @@
 """Correctness at scale, recorded with the timings: the fused layers against the float64
 reference at the headline shape B=64, H=512, at H=2048, B=256 and over a 10,000-step sequence,
-and against cuDNN with norm=None; each with one launch per step and with the persistent kernels.
+and against cuDNN with norm=None (there also past 2^31 elements a tensor); each with one launch per
+step and with the persistent kernels.
 
 Relative error = max |a - e| / max |e| per tensor (outputs, final states, the gradients of the
 input and of every parameter), the largest over tensors reported with its name, beside the
@@ -191,9 +192,10 @@ def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
     there, ``run_checkpointed``, and each check takes tens of seconds), over 10,000 steps (fp32, B=16,
     H=64), and every cell against cuDNN; the GRU and RNN with every norm in bf16 at B=64, H=512; the
     LSTM projecting to P=128 (``proj_size``) with every norm in fp32 and bf16 at B=64, H=512, and
-    against cuDNN's. The full grid adds the GRU and RNN with every norm at B=256, H=2048, T=16 and
-    T=1000. The checks that run after the timings (``after_timings``) come last, the 10,000-step
-    ones first."""
+    against cuDNN's; the LSTM against cuDNN over ``WIDE_OFFSET_STEPS`` at B=256, H=2048, where its
+    (T, B, 4H) tensors pass 2^31 elements. The full grid adds the GRU and RNN with every norm at
+    B=256, H=2048, T=16 and T=1000. The checks that run after the timings (``after_timings``) come
+    last: the 10,000-step ones, the one past 2^31 elements, then those over 1000 steps."""
     plans = []
     for norm in (None, "layer", "batch"):
         for dtype in (torch.bfloat16, torch.float32):
@@ -217,6 +219,7 @@ def check_plans(quick: bool) -> List[Tuple[str, Dict]]:
     plans += at_scale(AT_SCALE_SHORT_STEPS)
     plans += [("reference", dict(cell="lstm", norm=norm, dtype=torch.float32, batch=16, hidden=64,
                                  steps=LONG_SEQUENCE_STEPS)) for norm in (None, "layer", "batch")]
+    plans.append(("cudnn", dict(cell="lstm", dtype=torch.float32, batch=256, hidden=2048, steps=WIDE_OFFSET_STEPS)))
     return plans + at_scale(AT_SCALE_STEPS)
 
 
@@ -226,6 +229,10 @@ AT_SCALE_SHORT_STEPS, AT_SCALE_STEPS = 16, 1000
 # the long-sequence checks: their float64 reference runs 10,000 steps one at a time (a few hundred
 # kernel launches a step, tens of seconds a check)
 LONG_SEQUENCE_STEPS = 10_000
+# the LSTM's wx, wh and their gradients, (T, B, 4H), hold more than 2^31 elements at B=256, H=2048
+# from T=1025 on: the kernels' step offsets are 64-bit (``kernels/tiles.py``, ``step_offset``), and
+# this check runs them past that bound against cuDNN (seconds; about 60 GB in float32)
+WIDE_OFFSET_STEPS = 1100
 
 
 def after_timings(plan: Tuple[str, Dict]) -> bool:

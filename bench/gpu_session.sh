@@ -25,7 +25,7 @@ log="$OUT/session.log"
 # with the fused-kernel tests of autocast and of compiled graphs with lengths (their reference-only
 # tests run on CPUs in CI)
 kernel_tests="tests/test_triton_lstm.py tests/test_triton_gru.py tests/test_triton_rnn.py
-    tests/test_triton_inference_chunks.py
+    tests/test_triton_projection.py tests/test_triton_inference_chunks.py tests/test_step_offsets.py
     tests/test_autocast.py::test_fused_kernels_under_autocast_are_the_float16_layer
     tests/test_torch_compile.py::test_fused_layer_with_lengths_traces_whole
     tests/test_torch_compile.py::test_compiled_graph_checks_the_lengths_when_it_runs"

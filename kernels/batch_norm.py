@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import load_step_statistics, row_active, store_step_statistics
+from .tiles import load_step_statistics, row_active, step_offset, store_step_statistics
 
 # The rows of a batch tile, what a program holds at once (every kernel; compiled for sm_90 at B=64,
 # H=512 without spills, ``docs/gpu-compile``); a program that needs the batch statistics of its
@@ -109,11 +109,12 @@ def pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch, slot, stat
     from the moments of their batch: ``statistics_from_moments``, with the running statistics
     (max_steps, FEATURES) of step ``slot``; with ``STORE`` also written at ``stats_step`` of the
     (T, 2, FEATURES) per-step statistics (row 0 the mean, row 1 the rstd)."""
-    ih_mean, ih_rstd = statistics_from_moments(ih_mean, ih_m2, count, use_batch, ih_mean_ptr + slot * FEATURES,
-                                               ih_var_ptr + slot * FEATURES, columns, column_mask, momentum, eps,
+    slot_start = step_offset(slot, FEATURES)
+    ih_mean, ih_rstd = statistics_from_moments(ih_mean, ih_m2, count, use_batch, ih_mean_ptr + slot_start,
+                                               ih_var_ptr + slot_start, columns, column_mask, momentum, eps,
                                                TRAINING)
-    hh_mean, hh_rstd = statistics_from_moments(hh_mean, hh_m2, count, use_batch, hh_mean_ptr + slot * FEATURES,
-                                               hh_var_ptr + slot * FEATURES, columns, column_mask, momentum, eps,
+    hh_mean, hh_rstd = statistics_from_moments(hh_mean, hh_m2, count, use_batch, hh_mean_ptr + slot_start,
+                                               hh_var_ptr + slot_start, columns, column_mask, momentum, eps,
                                                TRAINING)
     if STORE:
         store_step_statistics(ih_stats_ptr, stats_step, columns, ih_mean, ih_rstd, column_mask, FEATURES)
@@ -176,8 +177,8 @@ def stored_pair_statistics(t, step, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_
             rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
             tile_mask = row_mask[:, None] & unit_mask[None, :]
             offsets = rows[:, None] * (GATES * H) + columns[None, :]
-            wx = tl.load(wx_ptr + t * B * GATES * H + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            wh = tl.load(wh_ptr + step * B * GATES * H + offsets, mask=tile_mask, other=0.0)
+            wx = tl.load(wx_ptr + step_offset(t, B * GATES * H) + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            wh = tl.load(wh_ptr + step_offset(step, B * GATES * H) + offsets, mask=tile_mask, other=0.0)
             ih_mean, ih_m2, hh_mean, hh_m2 = merge_pair_moments(wx, wh, active_f, chunk_count, count, ih_mean, ih_m2,
                                                                 hh_mean, hh_m2)
             count += chunk_count
@@ -216,7 +217,8 @@ def chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, 
         grad_a_hat_sum = grad_a_sum
         grad_u_hat_sum = grad_a_sum
         for tile in range(tiles):
-            partial = partial_ptr + (t * tiles + tile) * PARTIAL_ROWS * features + columns
+            partial = (partial_ptr + step_offset(t, tiles * PARTIAL_ROWS * features) + tile * PARTIAL_ROWS * features
+                       + columns)
             grad_a_sum += tl.load(partial, mask=unit_mask, other=0.0)
             grad_u_sum += tl.load(partial + U_SUM_ROW * features, mask=unit_mask, other=0.0)
             grad_a_hat_sum += tl.load(partial + A_HAT_ROW * features, mask=unit_mask, other=0.0)
@@ -228,19 +230,21 @@ def chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, 
         for first_row in range(0, B, BLOCK_B):
             rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
             tile_mask = row_mask[:, None] & unit_mask[None, :]
-            offsets = t * B * features + rows[:, None] * features + columns[None, :]
-            wx_hat = (tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            step_start = step_offset(t, B * features)
+            offsets = rows[:, None] * features + columns[None, :]
+            wx_hat = (tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
                       - ih_mean[None, :]) * ih_rstd[None, :]
-            wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :]) * hh_rstd[None, :]
-            grad_a = tl.load(dwx_ptr + offsets, mask=tile_mask, other=0.0)
-            grad_u = tl.load(grad_u_ptr + offsets, mask=tile_mask, other=0.0)
+            wh_hat = ((tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0) - hh_mean[None, :])
+                      * hh_rstd[None, :])
+            grad_a = tl.load(dwx_ptr + step_start + offsets, mask=tile_mask, other=0.0)
+            grad_u = tl.load(grad_u_ptr + step_start + offsets, mask=tile_mask, other=0.0)
             grad_wx = batch_norm_backward_from_sums(grad_a * ih_weight[None, :], wx_hat, ih_rstd,
                                                     ih_weight * grad_a_sum, ih_weight * grad_a_hat_sum, count,
                                                     active_f, use_batch)
             grad_wh = batch_norm_backward_from_sums(grad_u * hh_weight[None, :], wh_hat, hh_rstd,
                                                     hh_weight * grad_u_sum, hh_weight * grad_u_hat_sum, count,
                                                     active_f, use_batch)
-            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-            tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+            tl.store(dwx_ptr + step_start + offsets, grad_wx, mask=tile_mask)
+            tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
             if LOW_GRAD:
-                tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+                tl.store(dwh_low_ptr + step_start + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)

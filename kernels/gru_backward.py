@@ -28,7 +28,7 @@ from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, step_offset, tanh
 
 
 @triton.jit
@@ -37,9 +37,10 @@ def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rs
                     NORM: tl.constexpr):
     """a and u of one gate as the forward computed them, with the normalized projections."""
     columns = gate * H + units
-    offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
-    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
+    step_start = step_offset(t, B * 3 * H)
+    offsets = rows[:, None] * (3 * H) + columns[None, :]
+    wx = tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
     bias_ih = tl.load(bias_ih_ptr + columns, mask=unit_mask, other=0.0)
     bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -72,7 +73,8 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
     norm with ``CHUNKED``, da and du for ``chunked_pair_backward`` to finish) and its parameter
     partials; returns its share of the layer norm's two row sums."""
     columns = gate * H + units
-    offsets = t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :]
+    step_start = step_offset(t, B * 3 * H)
+    offsets = rows[:, None] * (3 * H) + columns[None, :]
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
     tl.store(partial + columns, tl.sum(grad_a, axis=0), mask=unit_mask)
     tl.store(partial + 3 * H + columns, tl.sum(grad_u, axis=0), mask=unit_mask)
@@ -97,11 +99,11 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
     else:
         grad_wx = grad_a
         grad_wh = grad_u
-    tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    tl.store(dwx_ptr + step_start + offsets, grad_wx, mask=tile_mask)
+    tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
     if LOW_GRAD:
         if (NORM == 0) or ((NORM == 2) and not CHUNKED):  # elsewhere the finishing pass rounds dwh
-            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(dwh_low_ptr + step_start + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
     return first, second
 
 
@@ -134,7 +136,7 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
                                        DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_h_later = tl.where(active_next[:, None], recurrent, 0.0) + carried
-    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    grad_h = (tl.load(grad_out_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
               + grad_h_later) * active_f
 
     if NORM == 1:
@@ -154,14 +156,14 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
     gate_r = tl.sigmoid(a_r + u_r)
     gate_z = tl.sigmoid(a_z + u_z)
     candidate = tanh(a_n + gate_r * u_n)
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     # the direct path to h_{t-1}; a sequence that has ended passes its gradient through unchanged
     tl.store(dh_carry_ptr + state_offsets, tl.where(active[:, None], grad_h * gate_z, grad_h_later), mask=tile_mask)
 
     grad_n_pre = grad_h * (1.0 - gate_z) * (1.0 - candidate * candidate)
     grad_r_pre = grad_n_pre * u_n * gate_r * (1.0 - gate_r)
     grad_z_pre = grad_h * (h_prev - candidate) * gate_z * (1.0 - gate_z)
-    partial = partial_ptr + (t * tiles + tile) * 12 * H  # (T, batch tiles, 4, 3H)
+    partial = partial_ptr + step_offset(t, tiles * 12 * H) + tile * 12 * H  # (T, batch tiles, 4, 3H)
     first_r, second_r = _gate_gradient(0, t, grad_r_pre, grad_r_pre, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r, rows,
                                        units, tile_mask, unit_mask, active_f, count, use_batch, ih_weight_ptr,
                                        hh_weight_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial, B, H, NORM, LOW_GRAD,
@@ -191,13 +193,15 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
     mean_grad_hat = sum_grad_hat / (3 * H)
     row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
     for gate in range(3):
-        offsets = t * B * 3 * H + rows[:, None] * (3 * H) + gate * H + units[None, :]
-        wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
-        grad = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
+        step_start = step_offset(t, B * 3 * H)
+        offsets = rows[:, None] * (3 * H) + gate * H + units[None, :]
+        wh_hat = ((tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0) - row_mean[:, None])
+                  * row_rstd[:, None])
+        grad = tl.load(dwh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
         grad_wh = row_rstd[:, None] * (grad - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None])
-        tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+        tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
         if LOW_GRAD:
-            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(dwh_low_ptr + step_start + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ from .layer_norm import combine_row_statistics, store_row_partials
 from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
-                    store_hidden_state, store_step_statistics, tanh, weight_rows)
+                    step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
 
 
 @triton.jit
@@ -90,10 +90,11 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
             acc_n += recurrent_product(h_tile, w_n_tile, DOT_PRECISION)
     step = t if SAVE else 0
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    offsets = step * B * 3 * H + rows[:, None] * (3 * H) + units[None, :]
-    tl.store(wh_ptr + offsets, acc_r, mask=tile_mask)
-    tl.store(wh_ptr + offsets + H, acc_z, mask=tile_mask)
-    tl.store(wh_ptr + offsets + 2 * H, acc_n, mask=tile_mask)
+    step_start = step_offset(step, B * 3 * H)
+    offsets = rows[:, None] * (3 * H) + units[None, :]
+    tl.store(wh_ptr + step_start + offsets, acc_r, mask=tile_mask)
+    tl.store(wh_ptr + step_start + offsets + H, acc_z, mask=tile_mask)
+    tl.store(wh_ptr + step_start + offsets + 2 * H, acc_n, mask=tile_mask)
     if NORM == 1:
         valid_f = unit_mask.to(tl.float32)[None, :]
         owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 3).to(tl.float32)
@@ -116,9 +117,10 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
     ``CHUNKED`` the statistics are those ``stored_pair_statistics`` stored at ``step``; otherwise the
     rows are the whole batch, and the statistics are computed here."""
     columns = gate * H + units
-    wx = tl.load(wx_ptr + t * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
+    wx = tl.load(wx_ptr + step_offset(t, B * 3 * H) + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
                  other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + step * B * 3 * H + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask, other=0.0)
+    wh = tl.load(wh_ptr + step_offset(step, B * 3 * H) + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
+                 other=0.0)
     bias_ih = tl.load(bias_ih_ptr + columns, mask=unit_mask, other=0.0)
     bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -188,7 +190,7 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
     gate_z = tl.sigmoid(a_z + u_z)
     candidate = tanh(a_n + gate_r * u_n)
     state_offsets = rows[:, None] * H + units[None, :]
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
     store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H, state_offsets, tile_mask, active, h_new, h_prev,
                        OPERAND_COPY)

@@ -24,7 +24,7 @@ from .batch_norm import batch_norm_backward, batch_norm_backward_from_sums, chun
 from .buffers import new_buffer
 from .layout import NORM_BATCH, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, step_offset, tanh
 
 
 @triton.jit
@@ -33,9 +33,10 @@ def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bia
     """Recomputes one gate's pre-activation z and, under batch norm, the normalized projections."""
     columns = gate * H + units
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
+    step_start = step_offset(t, B * 4 * H)
+    offsets = rows[:, None] * (4 * H) + columns[None, :]
+    wx = tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    wh = tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
     bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
     if NORM == 2:
         ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, 4 * H)
@@ -83,8 +84,10 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
     bias and gain gradients, stored at partial_ptr[t] as rows (bias, ih gain, hh gain)."""
     columns = gate * H + units
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    partial = partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H  # (T, batch tiles, 3, 4H)
+    step_start = step_offset(t, B * 4 * H)
+    offsets = rows[:, None] * (4 * H) + columns[None, :]
+    # (T, batch tiles, 3, 4H)
+    partial = partial_ptr + step_offset(t, tl.num_programs(1) * 12 * H) + tl.program_id(1) * 12 * H
     _store_gate_partials(partial + columns, grad_z, wx_hat, wh_hat, unit_mask, H, NORM)
     if NORM == 2:
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -94,7 +97,8 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
     else:
         grad_wx = grad_z
         grad_wh = grad_z
-    _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD)
+    _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr + step_start, dwh_ptr + step_start,
+                     dwh_low_ptr + step_start, LOW_GRAD)
 
 
 @triton.jit
@@ -115,7 +119,7 @@ def _hidden_gradient(t, steps, rows, units, row_mask, unit_mask, active_next, ac
                                        DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     dh_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, dh_next, mask=tile_mask)
-    return (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    return (tl.load(grad_out_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
             + dh_next) * active_f
 
 
@@ -153,7 +157,7 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     gate_f = tl.sigmoid(z_f)
     gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
-    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_prev = tl.load(c_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
     c_new = gate_f * c_prev + gate_i * gate_g
 
     if NORM == 2:
@@ -167,8 +171,9 @@ def _lstm_backward_step(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, ih_we
     grad_o = grad_h * tanh_c
     grad_c_normalized = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
     if NORM == 2:
-        tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
-        tl.store(cell_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
+        cell_partial = cell_partial_ptr + step_offset(t, tl.num_programs(1) * 2 * H) + tl.program_id(1) * 2 * H
+        tl.store(cell_partial + units, tl.sum(grad_c_normalized * c_hat, axis=0), mask=unit_mask)
+        tl.store(cell_partial + H + units, tl.sum(grad_c_normalized, axis=0), mask=unit_mask)
         grad_c_from_h = batch_norm_backward(grad_c_normalized * cell_weight[None, :], c_hat, cell_rstd, active_f,
                                             count, use_batch)
     else:
@@ -214,7 +219,8 @@ def _cell_output(t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, 
     gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
     state_offsets = rows[:, None] * H + units[None, :]
-    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
+    c_prev = tl.load(c_ptr + step_offset(t, B * H) + state_offsets, mask=row_mask[:, None] & unit_mask[None, :],
+                     other=0.0)
     c_hat = (gate_f * c_prev + gate_i * gate_g - cell_mean[None, :]) * cell_rstd[None, :]
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
@@ -231,9 +237,10 @@ def _chunk_gate_partials(gate, t, tile, tiles, grad_z, rows, units, row_mask, un
     _, wx_hat, wh_hat, _, _ = _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr,
                                             ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, 2)
     columns = gate * H + units
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    tl.store(dwx_ptr + offsets, grad_z, mask=row_mask[:, None] & unit_mask[None, :])
-    _store_gate_partials(partial_ptr + (t * tiles + tile) * 12 * H + columns, grad_z, wx_hat, wh_hat, unit_mask, H, 2)
+    offsets = rows[:, None] * (4 * H) + columns[None, :]
+    tl.store(dwx_ptr + step_offset(t, B * 4 * H) + offsets, grad_z, mask=row_mask[:, None] & unit_mask[None, :])
+    _store_gate_partials(partial_ptr + step_offset(t, tiles * 12 * H) + tile * 12 * H + columns, grad_z, wx_hat,
+                         wh_hat, unit_mask, H, 2)
 
 
 @triton.jit
@@ -270,8 +277,8 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
         cell_shift_sum += tl.sum(grad_c_normalized, axis=0)
         cell_gain_sum += tl.sum(grad_c_normalized * c_hat, axis=0)
     use_batch = TRAINING & (count >= 2.0)
-    tl.store(cell_partial_ptr + t * 2 * H + units, cell_gain_sum, mask=unit_mask)
-    tl.store(cell_partial_ptr + t * 2 * H + H + units, cell_shift_sum, mask=unit_mask)
+    tl.store(cell_partial_ptr + step_offset(t, 2 * H) + units, cell_gain_sum, mask=unit_mask)
+    tl.store(cell_partial_ptr + step_offset(t, 2 * H) + H + units, cell_shift_sum, mask=unit_mask)
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     tl.debug_barrier()  # pass 2 reads back the dL/dh_t that other threads of this program stored
 
@@ -280,7 +287,8 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
         rows, row_mask, active, active_f, _ = chunk_rows(tile * BLOCK_B, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
-        grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        state_start = step_offset(t, B * H)
+        grad_h = (tl.load(grad_out_ptr + state_start + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
                   + tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)) * active_f
         gate_i, gate_f, gate_g, gate_o, c_prev, c_hat, tanh_c = _cell_output(t, rows, units, row_mask, unit_mask,
                                                                              wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,

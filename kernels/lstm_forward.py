@@ -29,7 +29,7 @@ from .buffers import new_buffer
 from .layout import NORM_BATCH, dot_precision, resident_tiles, state_dtype, step_layout
 from .lstm_projection import load_recurrent_weights, recurrent_projection
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
+from .tiles import grid_barrier, program_tile, row_active, step_offset, store_step_statistics, tanh
 
 
 
@@ -48,8 +48,9 @@ def _normalized_preactivation(gate, wx, wh, ih_mean, ih_rstd, hh_mean, hh_rstd, 
 @triton.jit
 def _gate_tile(ptr, gate, t, rows, units, row_mask, unit_mask, B, H: tl.constexpr):
     """Columns gate * H + units of step t of a (T, B, 4H) tensor, for the given rows, in float32."""
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + (gate * H + units)[None, :]
-    return tl.load(ptr + offsets, mask=row_mask[:, None] & unit_mask[None, :], other=0.0).to(tl.float32)
+    offsets = rows[:, None] * (4 * H) + (gate * H + units)[None, :]
+    return tl.load(ptr + step_offset(t, B * 4 * H) + offsets, mask=row_mask[:, None] & unit_mask[None, :],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
     columns = gate * H + units
     wx = _gate_tile(wx_ptr, gate, t, rows, units, row_mask, unit_mask, B, H)
     if SAVE:
-        tl.store(wh_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :], acc,
+        tl.store(wh_ptr + step_offset(t, B * 4 * H) + rows[:, None] * (4 * H) + columns[None, :], acc,
                  mask=row_mask[:, None] & unit_mask[None, :])
     if NORM == 2:
         ih_mean, ih_m2 = chunk_moments(wx, active_f, count)
@@ -85,7 +86,7 @@ def _chunk_gate_moments(gate, t, acc, wx_ptr, wh_ptr, rows, units, row_mask, uni
     """First pass over a chunk of rows, one gate: stores its recurrent projection ``acc`` (read
     again by the second pass) and merges the chunk's moments of wx and of it into those so far."""
     wx = _gate_tile(wx_ptr, gate, t, rows, units, row_mask, unit_mask, B, H)
-    tl.store(wh_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + (gate * H + units)[None, :], acc,
+    tl.store(wh_ptr + step_offset(t, B * 4 * H) + rows[:, None] * (4 * H) + (gate * H + units)[None, :], acc,
              mask=row_mask[:, None] & unit_mask[None, :])
     return merge_pair_moments(wx, acc, active_f, chunk_count, count, ih_mean, ih_m2, hh_mean, hh_m2)
 
@@ -127,12 +128,12 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
 
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
-    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
+    c_prev = tl.load(c_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
+    h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
     c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
     if NORM == 2:
-        cell_mean, cell_rstd = batch_statistics(c_new, active_f, count, use_batch, cell_mean_ptr + slot * H,
-                                                cell_var_ptr + slot * H, units, unit_mask, momentum, eps,
+        cell_mean, cell_rstd = batch_statistics(c_new, active_f, count, use_batch, cell_mean_ptr + step_offset(slot, H),
+                                                cell_var_ptr + step_offset(slot, H), units, unit_mask, momentum, eps,
                                                  TRAINING)
         if SAVE:
             store_step_statistics(cell_stats_ptr, t, units, cell_mean, cell_rstd, unit_mask, H)
@@ -143,10 +144,10 @@ def _lstm_forward_step(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr, hh_wei
         c_normalized = c_new
     h_new = tl.sigmoid(z_o) * tanh(c_normalized)
     keep = active[:, None]
-    tl.store(c_ptr + (t + 1) * B * H + state_offsets, tl.where(keep, c_new, c_prev), mask=tile_mask)
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+    tl.store(c_ptr + step_offset(t + 1, B * H) + state_offsets, tl.where(keep, c_new, c_prev), mask=tile_mask)
+    tl.store(h_ptr + step_offset(t + 1, B * H) + state_offsets,
              tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + step_offset(t, B * H) + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
              mask=tile_mask)
 
 
@@ -235,14 +236,16 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
                                         unit_mask, H)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
-        c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+        state_start = step_offset(t, B * H)
+        c_prev = tl.load(c_ptr + state_start + state_offsets, mask=tile_mask, other=0.0)
         c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
-        tl.store(c_ptr + (t + 1) * B * H + state_offsets, tl.where(active[:, None], c_new, c_prev), mask=tile_mask)
+        tl.store(c_ptr + state_start + B * H + state_offsets, tl.where(active[:, None], c_new, c_prev), mask=tile_mask)
         chunk_mean, chunk_m2 = chunk_moments(c_new, active_f, chunk_count)
         cell_mean, cell_m2 = merge_moments(seen, cell_mean, cell_m2, chunk_count, chunk_mean, chunk_m2)
         seen += chunk_count
-    cell_mean, cell_rstd = statistics_from_moments(cell_mean, cell_m2, count, use_batch, cell_mean_ptr + slot * H,
-                                                   cell_var_ptr + slot * H, units, unit_mask, momentum, eps, TRAINING)
+    slot_start = step_offset(slot, H)
+    cell_mean, cell_rstd = statistics_from_moments(cell_mean, cell_m2, count, use_batch, cell_mean_ptr + slot_start,
+                                                   cell_var_ptr + slot_start, units, unit_mask, momentum, eps, TRAINING)
     if SAVE:
         store_step_statistics(cell_stats_ptr, t, units, cell_mean, cell_rstd, unit_mask, H)
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
@@ -253,18 +256,19 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
         rows, row_mask, active, _, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
+        state_start = step_offset(t, B * H)
         z_o = _normalized_preactivation(3, _gate_tile(wx_ptr, 3, t, rows, units, row_mask, unit_mask, B, H),
                                         _gate_tile(wh_ptr, 3, t, rows, units, row_mask, unit_mask, B, H), ih_mean_o,
                                         ih_rstd_o, hh_mean_o, hh_rstd_o, bias_ptr, ih_weight_ptr, hh_weight_ptr, units,
                                         unit_mask, H)
-        c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
+        c_new = tl.load(c_ptr + state_start + B * H + state_offsets, mask=tile_mask, other=0.0)
         c_normalized = (c_new - cell_mean[None, :]) * (cell_rstd * cell_weight)[None, :] + cell_bias[None, :]
         h_new = tl.sigmoid(z_o) * tanh(c_normalized)
-        h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        h_prev = tl.load(h_ptr + state_start + state_offsets, mask=tile_mask, other=0.0, cache_modifier=".cg")
         keep = active[:, None]
-        tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+        tl.store(h_ptr + state_start + B * H + state_offsets,
                  tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + state_start + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
                  mask=tile_mask)
 
 

@@ -32,7 +32,8 @@ from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .lstm_layer_norm_forward import _gate
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity, tanh
+from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_active, row_activity,
+                    step_offset, tanh)
 
 
 @triton.jit
@@ -52,14 +53,14 @@ def _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx
     gate_g = tanh(z_g)
     gate_o = tl.sigmoid(z_o)
     state_offsets = rows[:, None] * H + units[None, :]
-    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_prev = tl.load(c_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
+    c_new = tl.load(c_ptr + step_offset(t + 1, B * H) + state_offsets, mask=tile_mask, other=0.0)
     cell_mean, cell_rstd = load_step_statistics(cell_stats_ptr, t, rows, row_mask, B)
     c_hat = (c_new - cell_mean[:, None]) * cell_rstd[:, None]
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     cell_bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
     tanh_c = tanh(c_hat * cell_weight[None, :] + cell_bias[None, :])
-    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    grad_h = (tl.load(grad_out_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
               + grad_h_next) * active_f
     grad_y = grad_h * gate_o * (1.0 - tanh_c * tanh_c)
     grad_z_o = grad_h * tanh_c * gate_o * (1.0 - gate_o)
@@ -91,8 +92,9 @@ def _phase_hidden_gradient(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_ptr, hh
      grad_z_o) = _recompute_cell(t, rows, units, row_mask, unit_mask, tile_mask, active_f, wx_ptr, wh_ptr, bias_ptr,
                                  hh_weight_ptr, cell_weight_ptr, cell_bias_ptr, c_ptr, grad_out_ptr, grad_h_next,
                                  hh_stats_ptr, cell_stats_ptr, B, H)
-    tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + units, tl.sum(grad_y * c_hat, axis=0), mask=unit_mask)
-    tl.store(cell_param_partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 2 * H + H + units, tl.sum(grad_y, axis=0), mask=unit_mask)
+    cell_param_partial = cell_param_partial_ptr + step_offset(t, tl.num_programs(1) * 2 * H) + tl.program_id(1) * 2 * H
+    tl.store(cell_param_partial + units, tl.sum(grad_y * c_hat, axis=0), mask=unit_mask)
+    tl.store(cell_param_partial + H + units, tl.sum(grad_y, axis=0), mask=unit_mask)
     store_row_partials(cell_partial_ptr, pid, rows, row_mask, B, tl.sum(grad_c_hat, axis=1),
                        tl.sum(grad_c_hat * c_hat, axis=1))
 
@@ -103,15 +105,17 @@ def _gate_gradient(gate, t, grad_z, rows, units, row_mask, unit_mask, tile_mask,
     """Stores dL/dz of one gate as dwx and (scaled by gamma_hh, finished in phase 3) as dwh, and
     this step's bias and gain partials; returns this gate's share of the two row sums."""
     columns = gate * H + units
-    offsets = t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :]
-    wh = tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0)
+    step_start = step_offset(t, B * 4 * H)
+    offsets = rows[:, None] * (4 * H) + columns[None, :]
+    wh = tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
     wh_hat = (wh - hh_mean[:, None]) * hh_rstd[:, None]
     weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
     grad_wh_hat = grad_z * weight[None, :]
-    tl.store(dwx_ptr + offsets, grad_z, mask=tile_mask)
-    tl.store(dwh_ptr + offsets, grad_wh_hat, mask=tile_mask)
-    tl.store(partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
-    tl.store(partial_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * 12 * H + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
+    tl.store(dwx_ptr + step_start + offsets, grad_z, mask=tile_mask)
+    tl.store(dwh_ptr + step_start + offsets, grad_wh_hat, mask=tile_mask)
+    partial = partial_ptr + step_offset(t, tl.num_programs(1) * 12 * H) + tl.program_id(1) * 12 * H
+    tl.store(partial + columns, tl.sum(grad_z, axis=0), mask=unit_mask)
+    tl.store(partial + 8 * H + columns, tl.sum(grad_z * wh_hat, axis=0), mask=unit_mask)
     return tl.sum(grad_wh_hat, axis=1), tl.sum(grad_wh_hat * wh_hat, axis=1)
 
 
@@ -165,14 +169,16 @@ def _phase_recurrent_gradient(t, pid, programs, wh_ptr, dwh_ptr, dwh_low_ptr, hh
     mean_grad = sum_grad / (4 * H)
     mean_grad_hat = sum_grad_hat / (4 * H)
     hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    step_start = step_offset(t, B * 4 * H)
     for gate in range(4):
-        offsets = t * B * 4 * H + rows[:, None] * (4 * H) + gate * H + units[None, :]
-        wh_hat = (tl.load(wh_ptr + offsets, mask=tile_mask, other=0.0) - hh_mean[:, None]) * hh_rstd[:, None]
-        grad_wh_hat = tl.load(dwh_ptr + offsets, mask=tile_mask, other=0.0)
+        offsets = rows[:, None] * (4 * H) + gate * H + units[None, :]
+        wh_hat = ((tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0) - hh_mean[:, None])
+                  * hh_rstd[:, None])
+        grad_wh_hat = tl.load(dwh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
         grad_wh = hh_rstd[:, None] * (grad_wh_hat - mean_grad[:, None] - wh_hat * mean_grad_hat[:, None])
-        tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+        tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
         if LOW_GRAD:
-            tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(dwh_low_ptr + step_start + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)

@@ -36,7 +36,7 @@ from .layer_norm import combine_row_statistics, publish_row_statistics, store_ro
 from .layout import NORM_LAYER, dot_precision, resident_tiles, step_layout
 from .lstm_projection import load_recurrent_weights, recurrent_projection
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, program_tile, row_active, store_step_statistics, tanh
+from .tiles import grid_barrier, program_tile, row_active, step_offset, store_step_statistics, tanh
 
 
 @triton.jit
@@ -54,11 +54,12 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
     acc_i, acc_f, acc_g, acc_o = recurrent_projection(t, h_ptr, w_hh_ptr, rows, units, row_mask, unit_mask, B, H,
                                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_i, w_f, w_g, w_o,
                                                       RESIDENT, initial_ptr, HAS_INITIAL)
-    offsets = step * B * 4 * H + rows[:, None] * (4 * H) + units[None, :]
-    tl.store(wh_ptr + offsets, acc_i, mask=tile_mask)
-    tl.store(wh_ptr + offsets + H, acc_f, mask=tile_mask)
-    tl.store(wh_ptr + offsets + 2 * H, acc_g, mask=tile_mask)
-    tl.store(wh_ptr + offsets + 3 * H, acc_o, mask=tile_mask)
+    wh_step = wh_ptr + step_offset(step, B * 4 * H)
+    offsets = rows[:, None] * (4 * H) + units[None, :]
+    tl.store(wh_step + offsets, acc_i, mask=tile_mask)
+    tl.store(wh_step + offsets + H, acc_f, mask=tile_mask)
+    tl.store(wh_step + offsets + 2 * H, acc_g, mask=tile_mask)
+    tl.store(wh_step + offsets + 3 * H, acc_o, mask=tile_mask)
     mean = (tl.sum(acc_i * valid_f, axis=1) + tl.sum(acc_f * valid_f, axis=1) + tl.sum(acc_g * valid_f, axis=1)
             + tl.sum(acc_o * valid_f, axis=1)) / owned
     d_i = (acc_i - mean[:, None]) * valid_f
@@ -73,9 +74,10 @@ def _phase_projection(t, pid, w_hh_ptr, h_ptr, wh_ptr, hh_partial_ptr, B, H: tl.
 def _gate(gate, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B,
           H: tl.constexpr):
     columns = gate * H + units
-    wx = tl.load(wx_ptr + t * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask,
+    wx = tl.load(wx_ptr + step_offset(t, B * 4 * H) + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask,
                  other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + step * B * 4 * H + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask, other=0.0)
+    wh = tl.load(wh_ptr + step_offset(step, B * 4 * H) + rows[:, None] * (4 * H) + columns[None, :], mask=tile_mask,
+                 other=0.0)
     weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
     bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
     return wx + (wh - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :]
@@ -98,12 +100,12 @@ def _phase_cell(t, pid, programs, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, c_ptr
     z_g = _gate(2, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
     z_o = _gate(3, step, rows, units, tile_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, hh_weight_ptr, mean, rstd, t, B, H)
     state_offsets = rows[:, None] * H + units[None, :]
-    c_prev = tl.load(c_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_prev = tl.load(c_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
     c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     # a sequence that has ended keeps its state; its row statistics are computed and discarded
     c_kept = tl.where(active[:, None], c_new, c_prev)
-    tl.store(c_ptr + (t + 1) * B * H + state_offsets, c_kept, mask=tile_mask)
+    tl.store(c_ptr + step_offset(t + 1, B * H) + state_offsets, c_kept, mask=tile_mask)
     tl.store(gate_o_ptr + state_offsets, tl.sigmoid(z_o), mask=tile_mask)
     owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
     publish_row_statistics(c_kept, unit_mask.to(tl.float32)[None, :], cell_partial_ptr, pid, rows, row_mask, B, owned)
@@ -121,17 +123,17 @@ def _phase_output(t, pid, programs, h_ptr, c_ptr, out_ptr, gate_o_ptr, cell_weig
         if pid == 0:
             store_step_statistics(cell_stats_ptr, t, rows, mean, rstd, row_mask, B)
     state_offsets = rows[:, None] * H + units[None, :]
-    c_new = tl.load(c_ptr + (t + 1) * B * H + state_offsets, mask=tile_mask, other=0.0)
+    c_new = tl.load(c_ptr + step_offset(t + 1, B * H) + state_offsets, mask=tile_mask, other=0.0)
     gate_o = tl.load(gate_o_ptr + state_offsets, mask=tile_mask, other=0.0)
     weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     bias = tl.load(cell_bias_ptr + units, mask=unit_mask, other=0.0)
     h_new = gate_o * tanh((c_new - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :])
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
     keep = active[:, None]
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0)
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets,
+    h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
+    tl.store(h_ptr + step_offset(t + 1, B * H) + state_offsets,
              tl.where(keep, h_new, h_prev.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + step_offset(t, B * H) + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
              mask=tile_mask)
 
 

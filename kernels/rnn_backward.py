@@ -27,7 +27,7 @@ from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, tanh
+from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, step_offset, tanh
 
 
 @triton.jit
@@ -60,13 +60,13 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
                                        DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     grad_h_next = tl.where(active_next[:, None], recurrent, carried)
     tl.store(dh_carry_ptr + state_offsets, grad_h_next, mask=tile_mask)
-    grad_h = (tl.load(grad_out_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    step_start = step_offset(t, B * H)
+    grad_h = (tl.load(grad_out_ptr + step_start + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
               + grad_h_next) * active_f
 
     # the forward's pre-activation, from the saved projections and statistics
-    offsets = t * B * H + state_offsets
-    wx = tl.load(wx_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offsets, mask=tile_mask, other=0.0)
+    wx = tl.load(wx_ptr + step_start + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + step_start + state_offsets, mask=tile_mask, other=0.0)
     bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
     if NORM == 2:
@@ -90,30 +90,31 @@ def _rnn_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, u_ptr, w_
     else:
         grad_pre = grad_h
 
-    partial = partial_ptr + (t * tiles + tile) * 3 * H  # (T, batch tiles, 3, H)
+    partial = partial_ptr + step_offset(t, tiles * 3 * H) + tile * 3 * H  # (T, batch tiles, 3, H)
     tl.store(partial + units, tl.sum(grad_pre, axis=0), mask=unit_mask)
     if NORM == 2:
         tl.store(partial + H + units, tl.sum(grad_pre * wx_hat, axis=0), mask=unit_mask)
         tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
         if CHUNKED:
-            tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
+            tl.store(dwx_ptr + step_start + state_offsets, grad_pre, mask=tile_mask)
         else:
             grad_wx = batch_norm_backward(grad_pre * ih_weight[None, :], wx_hat, ih_rstd, active_f, count, use_batch)
             grad_u = batch_norm_backward(grad_pre * hh_weight[None, :], u_hat, hh_rstd, active_f, count, use_batch)
-            tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-            tl.store(du_ptr + offsets, grad_u, mask=tile_mask)  # float32 operands under batch norm: no copy
+            tl.store(dwx_ptr + step_start + state_offsets, grad_wx, mask=tile_mask)
+            # float32 operands under batch norm: no rounded copy
+            tl.store(du_ptr + step_start + state_offsets, grad_u, mask=tile_mask)
     elif NORM == 1:
         tl.store(partial + 2 * H + units, tl.sum(grad_pre * u_hat, axis=0), mask=unit_mask)
         grad_u_hat = grad_pre * hh_weight[None, :]
-        tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
-        tl.store(du_ptr + offsets, grad_u_hat, mask=tile_mask)  # finished by phase 1
+        tl.store(dwx_ptr + step_start + state_offsets, grad_pre, mask=tile_mask)
+        tl.store(du_ptr + step_start + state_offsets, grad_u_hat, mask=tile_mask)  # finished by phase 1
         store_row_partials(row_partial_ptr, pid, rows, row_mask, B, tl.sum(grad_u_hat, axis=1),
                            tl.sum(grad_u_hat * u_hat, axis=1))
     else:
-        tl.store(dwx_ptr + offsets, grad_pre, mask=tile_mask)
-        tl.store(du_ptr + offsets, grad_pre, mask=tile_mask)
+        tl.store(dwx_ptr + step_start + state_offsets, grad_pre, mask=tile_mask)
+        tl.store(du_ptr + step_start + state_offsets, grad_pre, mask=tile_mask)
         if LOW_GRAD:
-            tl.store(du_low_ptr + offsets, grad_pre.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(du_low_ptr + step_start + state_offsets, grad_pre.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -123,15 +124,16 @@ def _rnn_backward_layer_norm(t, pid, programs, u_ptr, hh_stats_ptr, du_ptr, du_l
     """Phase 1 (layer norm): du_t = rstd * (g - mean(g) - u_hat * mean(g * u_hat)), in place over g."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)  # axis 1 tiles the batch
     tile_mask = row_mask[:, None] & unit_mask[None, :]
-    offsets = t * B * H + rows[:, None] * H + units[None, :]
+    step_start = step_offset(t, B * H)
+    offsets = rows[:, None] * H + units[None, :]
     sum_grad, sum_grad_hat = sum_row_partials(row_partial_ptr, rows, row_mask, B, programs, BLOCK_P)
     row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
-    u_hat = (tl.load(u_ptr + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
-    grad_u_hat = tl.load(du_ptr + offsets, mask=tile_mask, other=0.0)
+    u_hat = (tl.load(u_ptr + step_start + offsets, mask=tile_mask, other=0.0) - row_mean[:, None]) * row_rstd[:, None]
+    grad_u_hat = tl.load(du_ptr + step_start + offsets, mask=tile_mask, other=0.0)
     grad_u = row_rstd[:, None] * (grad_u_hat - (sum_grad / H)[:, None] - u_hat * (sum_grad_hat / H)[:, None])
-    tl.store(du_ptr + offsets, grad_u, mask=tile_mask)
+    tl.store(du_ptr + step_start + offsets, grad_u, mask=tile_mask)
     if LOW_GRAD:
-        tl.store(du_low_ptr + offsets, grad_u.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(du_low_ptr + step_start + offsets, grad_u.to(du_low_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit

@@ -33,7 +33,7 @@ from .layer_norm import combine_row_statistics, publish_row_statistics
 from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
-                    store_hidden_state, store_step_statistics, tanh, weight_rows)
+                    step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, None: 2}
 
@@ -77,7 +77,7 @@ def _rnn_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, u_ptr, partial_p
     if (NORM == 1) or CHUNKED:
         step = t if SAVE else 0
         tile_mask = row_mask[:, None] & unit_mask[None, :]
-        tl.store(u_ptr + step * B * H + rows[:, None] * H + units[None, :], acc, mask=tile_mask)
+        tl.store(u_ptr + step_offset(step, B * H) + rows[:, None] * H + units[None, :], acc, mask=tile_mask)
     if NORM == 1:
         valid_f = unit_mask.to(tl.float32)[None, :]
         owned = tl.minimum(H - pid * BLOCK_H, BLOCK_H).to(tl.float32)
@@ -102,12 +102,12 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     state_offsets = rows[:, None] * H + units[None, :]
     active = row_active(t, rows, row_mask, lengths_ptr, HAS_LENGTHS)
-    wx = tl.load(wx_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    wx = tl.load(wx_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + units, mask=unit_mask, other=0.0)
     if NORM == 2:
         if CHUNKED:
             step = t if SAVE else 0
-            u = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
+            u = tl.load(u_ptr + step_offset(step, B * H) + state_offsets, mask=tile_mask, other=0.0)
             ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, step, units, unit_mask, H)
             hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, step, units, unit_mask, H)
         else:
@@ -122,7 +122,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
                                                                  hh_mean_ptr, hh_var_ptr, momentum, eps, H, TRAINING,
                                                                  SAVE)
             if SAVE:
-                tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
+                tl.store(u_ptr + step_offset(t, B * H) + state_offsets, u, mask=tile_mask)
         ih_weight = tl.load(ih_weight_ptr + units, mask=unit_mask, other=0.0)
         hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
         pre = ((wx - ih_mean[None, :]) * (ih_rstd * ih_weight)[None, :]
@@ -130,7 +130,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
     elif NORM == 1:
         mean, rstd = combine_row_statistics(partial_ptr, rows, row_mask, B, programs, eps, H, 1, BLOCK_H, BLOCK_P)
         step = t if SAVE else 0
-        u_saved = tl.load(u_ptr + step * B * H + state_offsets, mask=tile_mask, other=0.0)
+        u_saved = tl.load(u_ptr + step_offset(step, B * H) + state_offsets, mask=tile_mask, other=0.0)
         if SAVE:
             if pid == 0:
                 store_step_statistics(hh_stats_ptr, t, rows, mean, rstd, row_mask, B)
@@ -138,10 +138,10 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
         pre = wx + (u_saved - mean[:, None]) * rstd[:, None] * hh_weight[None, :] + bias[None, :]
     else:
         if SAVE:
-            tl.store(u_ptr + t * B * H + state_offsets, u, mask=tile_mask)
+            tl.store(u_ptr + step_offset(t, B * H) + state_offsets, u, mask=tile_mask)
         pre = wx + u + bias[None, :]
     h_new = _activate(pre, ACTIVATION)
-    h_prev = tl.load(h_ptr + t * B * H + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H, state_offsets, tile_mask, active, h_new, h_prev,
                        OPERAND_COPY)
 

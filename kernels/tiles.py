@@ -18,6 +18,16 @@ def tanh(x):
 
 
 @triton.jit
+def step_offset(index, size):
+    """index * size in 64-bit arithmetic: where step (or statistics slot) ``index`` of a tensor of
+    ``size`` elements a step begins. In 32 bits it wraps once the tensor passes 2^31 elements: a
+    (T, B, 4H) projection does at T=1025 for B=256, H=2048, or T=513 for B=512. Added to the base
+    pointer before the tile's offsets (``ptr + step_offset(t, size) + offsets``), it moves a scalar
+    pointer, and the tile's offsets stay 32-bit vectors, as cheap as before."""
+    return tl.cast(index, tl.int64) * size
+
+
+@triton.jit
 def program_tile(pid, B, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows (grid axis 1 tiles the batch) and hidden units (grid axis 0) of this program, masked."""
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -40,7 +50,7 @@ def state_columns(h_ptr, t, rows, row_mask, B, H: tl.constexpr, k0, BLOCK_K: tl.
     operand of the recurrent product. Other programs wrote it: it is read past L1, which is not
     coherent across SMs."""
     ks = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(h_ptr + t * B * H + rows[:, None] * H + ks[None, :],
+    return tl.load(h_ptr + step_offset(t, B * H) + rows[:, None] * H + ks[None, :],
                    mask=row_mask[:, None] & (ks < H)[None, :], other=0.0, cache_modifier=".cg")
 
 
@@ -87,11 +97,11 @@ def store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H: tl.constexpr, sta
     recurrent product reads one: ``OPERAND_COPY``), and the output h_new, zero past the end."""
     keep = active[:, None]
     h_next = tl.where(keep, h_new, h_prev)
-    tl.store(h_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(h_ptr + step_offset(t + 1, B * H) + state_offsets, h_next.to(h_ptr.dtype.element_ty), mask=tile_mask)
     if OPERAND_COPY:
-        tl.store(h_operand_ptr + (t + 1) * B * H + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
+        tl.store(h_operand_ptr + step_offset(t + 1, B * H) + state_offsets, h_next.to(h_operand_ptr.dtype.element_ty),
                  mask=tile_mask)
-    tl.store(out_ptr + t * B * H + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + step_offset(t, B * H) + state_offsets, tl.where(keep, h_new, 0.0).to(out_ptr.dtype.element_ty),
              mask=tile_mask)
 
 
@@ -104,11 +114,12 @@ def recurrent_gradient(grad_ptr, w_hh_ptr, t, rows, units, row_mask, unit_mask, 
 
     dwh_t was written by every program: it is read past L1, which is not coherent across SMs."""
     result = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    grad_step = grad_ptr + step_offset(t, B * GATES * H)
     for gate in range(GATES):
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < H
-            grad_tile = tl.load(grad_ptr + t * B * GATES * H + rows[:, None] * (GATES * H) + gate * H + ks[None, :],
+            grad_tile = tl.load(grad_step + rows[:, None] * (GATES * H) + gate * H + ks[None, :],
                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
             w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
                              mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
@@ -134,7 +145,7 @@ def grid_barrier(barrier_ptr, arrivals):
 def store_step_statistics(stats_ptr, t, index, mean, rstd, mask, FEATURES):
     """Step t's (mean, rstd) at ``index`` of a (T, 2, FEATURES) buffer: row 0 the mean, row 1 the
     rstd (features are columns for batch norm, rows of the batch for layer norm)."""
-    step = stats_ptr + t * 2 * FEATURES
+    step = stats_ptr + step_offset(t, 2 * FEATURES)
     tl.store(step + index, mean, mask=mask)
     tl.store(step + FEATURES + index, rstd, mask=mask)
 
@@ -142,5 +153,5 @@ def store_step_statistics(stats_ptr, t, index, mean, rstd, mask, FEATURES):
 @triton.jit
 def load_step_statistics(stats_ptr, t, index, mask, FEATURES):
     """Step t's (mean, rstd) at ``index`` of a (T, 2, FEATURES) buffer (``store_step_statistics``)."""
-    step = stats_ptr + t * 2 * FEATURES
+    step = stats_ptr + step_offset(t, 2 * FEATURES)
     return tl.load(step + index, mask=mask, other=0.0), tl.load(step + FEATURES + index, mask=mask, other=0.0)

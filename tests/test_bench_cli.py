@@ -349,11 +349,15 @@ def test_check_plans_hold_what_the_fused_kernel_issue_asks_for_in_both_grids():
         for steps in (16, 1000):
             at_scale = {plan[1] for plan in plans if plan[5] == 2048 and plan[6] == steps}
             assert at_scale == ({"lstm"} if quick else {"lstm", "gru", "rnn"})
-        # the checks after the timings come last: the 10,000-step ones, then T=1000 at B=256, H=2048
+        # past 2^31 elements in the LSTM's (T, B, 4H) tensors, against cuDNN
+        wide = ("cudnn", "lstm", None, "torch.float32", 256, 2048, correctness.WIDE_OFFSET_STEPS)
+        assert wide in plans and correctness.WIDE_OFFSET_STEPS * 256 * 4 * 2048 > 2**31
+        # the checks after the timings come last: the 10,000-step ones, the one past 2^31 elements,
+        # then T=1000 at B=256, H=2048
         later = [plan[6] for plan, full in zip(plans, correctness.check_plans(quick))
                  if correctness.after_timings(full)]
-        assert later == [10_000] * 3 + [1000] * len(later[3:]) and plans[-len(later):] == [
-            plan for plan in plans if plan[6] >= 1000]
+        assert later == [10_000] * 3 + [correctness.WIDE_OFFSET_STEPS] + [1000] * len(later[4:])
+        assert plans[-len(later):] == [plan for plan in plans if plan[6] >= 1000]
     # the headline layers first: a run's first minutes check what its timings rest on
     assert correctness.check_plans(True)[0] == ("reference", dict(cell="lstm", norm=None, dtype=torch.bfloat16,
                                                                   batch=64, hidden=512, steps=100))
