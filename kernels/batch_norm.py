@@ -173,12 +173,14 @@ def stored_pair_statistics(t, step, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_
         hh_mean = ih_mean
         hh_m2 = ih_mean
         count = tl.sum(ih_mean, axis=0)
+        wx_step = wx_ptr + step_offset(t, B * GATES * H)
+        wh_step = wh_ptr + step_offset(step, B * GATES * H)
         for first_row in range(0, B, BLOCK_B):
             rows, row_mask, _, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
             tile_mask = row_mask[:, None] & unit_mask[None, :]
             offsets = rows[:, None] * (GATES * H) + columns[None, :]
-            wx = tl.load(wx_ptr + step_offset(t, B * GATES * H) + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            wh = tl.load(wh_ptr + step_offset(step, B * GATES * H) + offsets, mask=tile_mask, other=0.0)
+            wx = tl.load(wx_step + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            wh = tl.load(wh_step + offsets, mask=tile_mask, other=0.0)
             ih_mean, ih_m2, hh_mean, hh_m2 = merge_pair_moments(wx, wh, active_f, chunk_count, count, ih_mean, ih_m2,
                                                                 hh_mean, hh_m2)
             count += chunk_count
@@ -227,10 +229,10 @@ def chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, 
         hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
         ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, features)
         hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, columns, unit_mask, features)
+        step_start = step_offset(t, B * features)
         for first_row in range(0, B, BLOCK_B):
             rows, row_mask, _, active_f, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
             tile_mask = row_mask[:, None] & unit_mask[None, :]
-            step_start = step_offset(t, B * features)
             offsets = rows[:, None] * features + columns[None, :]
             wx_hat = (tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
                       - ih_mean[None, :]) * ih_rstd[None, :]

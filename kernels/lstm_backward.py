@@ -277,18 +277,19 @@ def _lstm_backward_step_chunked(t, steps, pid, wx_ptr, wh_ptr, w_hh_ptr, bias_pt
         cell_shift_sum += tl.sum(grad_c_normalized, axis=0)
         cell_gain_sum += tl.sum(grad_c_normalized * c_hat, axis=0)
     use_batch = TRAINING & (count >= 2.0)
-    tl.store(cell_partial_ptr + step_offset(t, 2 * H) + units, cell_gain_sum, mask=unit_mask)
-    tl.store(cell_partial_ptr + step_offset(t, 2 * H) + H + units, cell_shift_sum, mask=unit_mask)
+    cell_partial = cell_partial_ptr + step_offset(t, 2 * H)
+    tl.store(cell_partial + units, cell_gain_sum, mask=unit_mask)
+    tl.store(cell_partial + H + units, cell_shift_sum, mask=unit_mask)
     cell_weight = tl.load(cell_weight_ptr + units, mask=unit_mask, other=0.0)
     tl.debug_barrier()  # pass 2 reads back the dL/dh_t that other threads of this program stored
 
     tiles = tl.cdiv(B, BLOCK_B)
+    grad_out_step = grad_out_ptr + step_offset(t, B * H)
     for tile in range(tiles):
         rows, row_mask, active, active_f, _ = chunk_rows(tile * BLOCK_B, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
-        state_start = step_offset(t, B * H)
-        grad_h = (tl.load(grad_out_ptr + state_start + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        grad_h = (tl.load(grad_out_step + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
                   + tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)) * active_f
         gate_i, gate_f, gate_g, gate_o, c_prev, c_hat, tanh_c = _cell_output(t, rows, units, row_mask, unit_mask,
                                                                              wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr,

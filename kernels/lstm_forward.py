@@ -219,6 +219,7 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
     cell_mean = zero
     cell_m2 = zero
     seen = tl.sum(zero, axis=0)
+    state_start = step_offset(t, B * H)  # row t of h and c; row t + 1 is B * H further
     for first_row in range(0, B, BLOCK_B):
         rows, row_mask, active, active_f, chunk_count = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS,
                                                                    BLOCK_B)
@@ -236,7 +237,6 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
                                         unit_mask, H)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
-        state_start = step_offset(t, B * H)
         c_prev = tl.load(c_ptr + state_start + state_offsets, mask=tile_mask, other=0.0)
         c_new = tl.sigmoid(z_f) * c_prev + tl.sigmoid(z_i) * tanh(z_g)
         tl.store(c_ptr + state_start + B * H + state_offsets, tl.where(active[:, None], c_new, c_prev), mask=tile_mask)
@@ -256,7 +256,6 @@ def _lstm_forward_step_chunked(t, pid, wx_ptr, w_hh_ptr, bias_ptr, ih_weight_ptr
         rows, row_mask, active, _, _ = chunk_rows(first_row, t, lengths_ptr, B, HAS_LENGTHS, BLOCK_B)
         tile_mask = row_mask[:, None] & unit_mask[None, :]
         state_offsets = rows[:, None] * H + units[None, :]
-        state_start = step_offset(t, B * H)
         z_o = _normalized_preactivation(3, _gate_tile(wx_ptr, 3, t, rows, units, row_mask, unit_mask, B, H),
                                         _gate_tile(wh_ptr, 3, t, rows, units, row_mask, unit_mask, B, H), ih_mean_o,
                                         ih_rstd_o, hh_mean_o, hh_rstd_o, bias_ptr, ih_weight_ptr, hh_weight_ptr, units,

@@ -23,7 +23,8 @@ def step_offset(index, size):
     ``size`` elements a step begins. In 32 bits it wraps once the tensor passes 2^31 elements: a
     (T, B, 4H) projection does at T=1025 for B=256, H=2048, or T=513 for B=512. Added to the base
     pointer before the tile's offsets (``ptr + step_offset(t, size) + offsets``), it moves a scalar
-    pointer, and the tile's offsets stay 32-bit vectors, as cheap as before."""
+    pointer, and the tile's offsets stay 32-bit vectors (what it costs in registers, compiled for
+    sm_90: ``docs/kernels.md``, "Offsets past 2^31 elements")."""
     return tl.cast(index, tl.int64) * size
 
 
