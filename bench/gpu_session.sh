@@ -13,6 +13,10 @@
 #      the order the speed targets need them; results rewritten after every case, and no case
 #      begun past the deadline, so that the run ends with its plots and summary.
 #
+# Kernels compiled beforehand on a machine without a GPU (`python bench/triton_cache.py build`, for
+# this machine's Triton and Python) come in .whl/triton-cache.tar.xz where the run carries ".whl":
+# Triton then loads them instead of compiling them at their first launch.
+#
 # Everything lands under $OUT, within the 8 files the tool takes back: session.log (device,
 # versions, each part's exit status), tests-per-step.log, tests-persistent.log, and bench/ (the
 # bench's JSON, markdown and two plots). The end of stdout is the summary to read first.
@@ -22,13 +26,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 budget=${1:-540}
 tests_limit=150
 log="$OUT/session.log"
-# with the fused-kernel tests of autocast and of compiled graphs with lengths (their reference-only
-# tests run on CPUs in CI)
-kernel_tests="tests/test_triton_lstm.py tests/test_triton_gru.py tests/test_triton_rnn.py
-    tests/test_triton_projection.py tests/test_triton_inference_chunks.py tests/test_step_offsets.py
-    tests/test_autocast.py::test_fused_kernels_under_autocast_are_the_float16_layer
-    tests/test_torch_compile.py::test_fused_layer_with_lengths_traces_whole
-    tests/test_torch_compile.py::test_compiled_graph_checks_the_lengths_when_it_runs"
+kernel_tests=$(grep -v '^#' bench/kernel_tests.txt)
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a timeout, its output and status into the log
     local name=$1 seconds=$2
@@ -55,6 +53,20 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH=$PYTHONPATH:/tmp/site
     echo "=== carried wheels: $(ls .whl)" >>"$log"
 fi
+
+# the kernels compiled beforehand on a machine without a GPU (bench/triton_cache.py build, into
+# .whl/triton-cache.tar.xz), where they were built for this machine's Triton and Python; the counts
+# of cached kernels after each part say how many this session still compiled
+if [ -f .whl/triton-cache.tar.xz ] && python3 bench/triton_cache.py install .whl/triton-cache.tar.xz >>"$log" 2>&1; then
+    TRITON_CACHE_DIR=$(python3 bench/triton_cache.py dir)
+    export TRITON_CACHE_DIR
+fi
+cached() {
+    if [ -n "${TRITON_CACHE_DIR:-}" ]; then
+        echo "=== Triton cache: $(python3 bench/triton_cache.py count) kernels $1" >>"$log"
+    fi
+}
+cached "before the tests"
 
 # Triton compiling a few hundred small specializations bounds the tests: 16 pytest processes on 16
 # cores. A grid barrier that never opens would spin until pytest-timeout names the test; its thread
@@ -88,6 +100,7 @@ part "kernel tests, per-step and persistent" "$tests_limit" bash -c tests
 wait $check
 check_status=$?
 { cat "$check_log"; echo "=== bound launches against Triton's (bench/launch_check.py): exit $check_status"; } >>"$log"
+cached "after the tests"
 if [ "$check_status" -ne 0 ]; then
     export NORMRNN_STEP_LAUNCH=triton
     echo "=== the bound launches failed their check: the bench launches every step through Triton" >>"$log"
@@ -100,6 +113,7 @@ deadline=$((left - 65))
 if [ "$deadline" -lt 60 ]; then deadline=60; fi
 part "bench --quick" $((deadline + 60)) python3 -m normrnn bench --quick --out "$OUT/bench" --max-seconds 0.5 \
     --deadline "$deadline"
+cached "after the bench"
 
 echo "=== summary (session took ${SECONDS}s)"
 grep -h "^=== .*: exit" "$log"
