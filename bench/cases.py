@@ -61,17 +61,27 @@ QUICK_COMPILED_REFERENCE = Case("lstm", "batch", "bfloat16", 64, 512, 100)
 COMPILED_REFERENCE = "reference-compiled"
 
 
+# the other hidden sizes --quick times the bf16 BN-LSTM and LN-LSTM at (B=64, T=100), so that its
+# plot of time against H has a line per implementation, not a point
+QUICK_HIDDEN_SWEEP = (128, 1024, 2048)
+QUICK_HIDDEN_SIZE = 512
+
+
 def quick_grid() -> List[Case]:
     """The subset ``--quick`` runs (a few minutes on an H100), in the order of what the speed
     targets rest on, since a run stopped by its deadline keeps what it timed first: the LSTM with
     every norm at the headline shape B=64, I=H=512 in bf16 at T=100, then T=1000, the GRU and RNN
     with every norm in bf16 at T=100, the LSTM in fp32 at T=100 and 1000, the bf16 LSTM projecting
-    to P=128 at T=100. The compiled reference of QUICK_COMPILED_REFERENCE is timed after all of
+    to P=128 at T=100, then the bf16 LSTM with batch norm and with layer norm at H=128, 1024 and
+    2048 (B=64, T=100). The compiled reference of QUICK_COMPILED_REFERENCE is timed after all of
     them (``cli.run_gpu``)."""
-    cases = [Case("lstm", norm, "bfloat16", 64, 512, steps) for steps in LENGTHS for norm in NORMS]
-    cases += [Case(cell, norm, "bfloat16", 64, 512, 100) for cell in ("gru", "rnn") for norm in NORMS]
-    cases += [Case("lstm", norm, "float32", 64, 512, steps) for steps in LENGTHS for norm in NORMS]
-    return cases + projecting_cases(("bfloat16",), (512,))
+    hidden = QUICK_HIDDEN_SIZE
+    cases = [Case("lstm", norm, "bfloat16", 64, hidden, steps) for steps in LENGTHS for norm in NORMS]
+    cases += [Case(cell, norm, "bfloat16", 64, hidden, 100) for cell in ("gru", "rnn") for norm in NORMS]
+    cases += [Case("lstm", norm, "float32", 64, hidden, steps) for steps in LENGTHS for norm in NORMS]
+    cases += projecting_cases(("bfloat16",), (hidden,))
+    return cases + [Case("lstm", norm, "bfloat16", 64, size, 100) for norm in ("batch", "layer")
+                    for size in QUICK_HIDDEN_SWEEP]
 
 
 # what --quick times only for the bf16 LSTM at T=100 (every norm), and how its skips name them
@@ -86,20 +96,22 @@ def quick_skip(implementation: str, case: Case) -> Optional[str]:
     after the grid), the eager reference about 2 s per step at T=1000, normrnn-graphs a compile
     and a capture per case, normrnn-triton-rebinding differs from normrnn-triton only in host time
     per launch, and FlashRNN compiles a CUDA kernel per configuration (cell, dtype, batch, hidden
-    size; not T). The full grid times all of them everywhere."""
+    size; not T). The last three and the first at H=512 only: the other hidden sizes are for the
+    plot against H. The full grid times all of them everywhere."""
     if implementation == COMPILED_REFERENCE:
         return ("--quick compiles the reference for one case only (LSTM, batch norm, bf16, B=64, H=512, "
                 "T=100), after every other case: a compile takes about a minute; the full grid times it everywhere")
     if implementation == "normrnn-reference" and case.steps > 100:
         return "--quick times the eager reference at T=100 only; the full grid times it at T=1000"
     if implementation in QUICK_HEADLINE_ONLY and (case.cell != "lstm" or case.steps > 100
-                                                  or case.dtype != "bfloat16"):
-        return (f"--quick times {QUICK_HEADLINE_ONLY[implementation]} for the bf16 LSTM at T=100 only; the full "
-                "grid times them everywhere")
-    if implementation == "flashrnn" and (case.cell != "lstm" or case.dtype != "bfloat16"):
-        return ("--quick times FlashRNN for the bf16 LSTM only (one compiled kernel serves T=100 and 1000): it "
-                "compiles its CUDA kernels with nvcc at the first call of each configuration; the full grid times "
-                "it everywhere")
+                                                  or case.dtype != "bfloat16" or case.hidden_size != QUICK_HIDDEN_SIZE):
+        return (f"--quick times {QUICK_HEADLINE_ONLY[implementation]} for the bf16 LSTM at H=512, T=100 only; the "
+                "full grid times them everywhere")
+    if implementation == "flashrnn" and (case.cell != "lstm" or case.dtype != "bfloat16"
+                                         or case.hidden_size != QUICK_HIDDEN_SIZE):
+        return ("--quick times FlashRNN for the bf16 LSTM at H=512 only (one compiled kernel serves T=100 and "
+                "1000): it compiles its CUDA kernels with nvcc at the first call of each configuration; the full "
+                "grid times it everywhere")
     return None
 
 

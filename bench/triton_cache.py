@@ -25,8 +25,8 @@ the same Triton release built for the same Python: the GPU machine has Triton 3.
 specialization and the kernel's source with the functions it calls. A cache entry names its files
 by absolute path, so the cache lives at the same fixed path on both machines. ``install`` unpacks
 the archive there when its manifest names this machine's Triton (release, files and ptxas) and
-Python (otherwise it says what differs and unpacks nothing); whatever does not match is compiled at its launch as before, and
-``gpu_session.sh`` logs how many kernels the session still compiled.
+Python (otherwise it says what differs and unpacks nothing); whatever does not match is compiled
+at its launch as before, and ``gpu_session.sh`` logs how many kernels the session still compiled.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 is timed.
 
 Triton compiles a kernel at its first launch, in the launching process, one kernel after another;
-``--quick`` launches about a hundred specializations (cell x norm x dtype x launch mode x train /
+``--quick`` launches about 250 specializations (cell x norm x dtype x launch mode x train /
 eval / backward, and the shapes of the correctness checks), a few seconds each. Compiled here in
 ``jobs`` processes, each running every launch mode of one layer shape on a two-step sequence, they
 land in Triton's on-disk cache, where the timing process finds them: the same shapes and dtypes

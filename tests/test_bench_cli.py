@@ -43,7 +43,12 @@ def test_a_second_run_of_the_day_does_not_overwrite_the_first(tmp_path):
 
 def test_quick_grid_is_the_documented_subset():
     quick = cases.quick_grid()
-    assert all(case.batch == 64 and case.hidden_size == 512 for case in quick)
+    assert all(case.batch == 64 for case in quick)
+    # H=512, and the bf16 BN-LSTM and LN-LSTM at T=100 over the other hidden sizes for the plot against H
+    swept = [case for case in quick if case.hidden_size != 512]
+    assert sorted((case.norm, case.hidden_size) for case in swept) == [
+        (norm, size) for norm in ("batch", "layer") for size in (128, 1024, 2048)]
+    assert {(case.cell, case.dtype, case.steps, case.proj_size) for case in swept} == {("lstm", "bfloat16", 100, 0)}
     assert {case.norm for case in quick if case.cell == "lstm"} == {None, "layer", "batch"}
     assert len(cases.full_grid()) == 3 * 3 * 2 * 4 * 4 * 2 + 3 * 2 * 4  # and the LSTMP per norm, dtype, H
     assert [(case.norm, case.proj_size) for case in quick if case.proj_size] == [(None, 128), ("layer", 128),
@@ -60,8 +65,9 @@ def test_quick_times_the_slow_implementations_where_the_docstring_says():
     assert timed["reference-compiled"] == [] and cases.QUICK_COMPILED_REFERENCE in quick  # a pass of its own
     assert {case.steps for case in timed["normrnn-reference"]} == {100}
     for name in ("normrnn-graphs", "normrnn-triton-rebinding"):
-        assert {(case.cell, case.dtype, case.steps) for case in timed[name]} == {("lstm", "bfloat16", 100)}, name
-    assert {(case.cell, case.dtype) for case in timed["flashrnn"]} == {("lstm", "bfloat16")}
+        assert {(case.cell, case.dtype, case.steps, case.hidden_size) for case in timed[name]} == {
+            ("lstm", "bfloat16", 100, 512)}, name
+    assert {(case.cell, case.dtype, case.hidden_size) for case in timed["flashrnn"]} == {("lstm", "bfloat16", 512)}
     assert {case.steps for case in timed["flashrnn"]} == {100, 1000}
     for name in ("normrnn-triton", "normrnn-persistent", "cudnn", "haste"):
         assert timed[name] == quick, name
@@ -437,13 +443,15 @@ def test_checks_record_which_kernels_ran_and_fail_loudly(monkeypatch):
 
 def test_quick_grid_times_the_speed_targets_first():
     """A run stopped by its deadline keeps what it timed first: the bf16 LSTM at T=100 with every
-    norm, then at T=1000; fp32 after the GRU and RNN; the compiled reference last."""
+    norm, then at T=1000; fp32 after the GRU and RNN; the LSTMP; the sweep over H for its plot;
+    the compiled reference last."""
     quick = cases.quick_grid()
     assert [(case.cell, case.norm, case.dtype, case.steps) for case in quick[:6]] == [
         ("lstm", norm, "bfloat16", steps) for steps in (100, 1000) for norm in (None, "layer", "batch")]
     assert [case.cell for case in quick[6:12]] == ["gru"] * 3 + ["rnn"] * 3
-    assert {case.dtype for case in quick[12:18]} == {"float32"} and len(quick) == 21
-    assert all(case.proj_size == 128 for case in quick[18:])
+    assert {case.dtype for case in quick[12:18]} == {"float32"} and len(quick) == 27
+    assert all(case.proj_size == 128 for case in quick[18:21])
+    assert all(case.hidden_size != 512 for case in quick[21:])
 
 
 def test_quick_compiles_the_reference_once_after_every_other_case(tmp_path, monkeypatch):
