@@ -150,14 +150,26 @@ def _persistent_kernels():
 def test_a_barrier_one_phase_early_is_caught(monkeypatch, cell, norm, kernels):
     """With one kernel's barriers broken, a program reads what another has not written yet (NaN,
     poisoned) or overwrites what it has not read yet: the comparison must fail, for every
-    persistent kernel under every norm it runs."""
+    persistent kernel under every norm it runs. Whether a program runs ahead is a race that the
+    threads' pauses make likely, not certain (one clean-clone CI run in many saw the RNN's
+    forward pass): up to three schedules (seeds) are tried, and one must fail; a correct barrier
+    passes every schedule (``test_three_programs`` and the others above)."""
     monkeypatch.setattr(importlib.import_module(f"normrnn.kernels.{kernels}"), "grid_barrier",
                         _barrier_one_phase_early)
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     reference, fused = make_pair(CELLS[cell], norm, torch.float32, input_size=3, hidden_size=35)
-    with concurrent_programs() as record, pytest.raises(AssertionError):
-        compare(reference, fused, torch.randn(4, 7, 3, dtype=torch.float64), None, _lengths(7, 4), torch.float32)
-    assert record["widest"] == 3
+    x = torch.randn(4, 7, 3, dtype=torch.float64)
+    caught = []
+    for seed in range(3):
+        with concurrent_programs(seed=seed) as record:
+            try:
+                compare(reference, fused, x, None, _lengths(7, 4), torch.float32)
+            except AssertionError as error:
+                caught.append(error)
+        assert record["widest"] == 3
+        if caught:
+            break
+    assert caught, f"{kernels}: the broken barrier passed three schedules"
 
 
 @triton.jit
