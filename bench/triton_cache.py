@@ -117,7 +117,7 @@ def _compile_tests(jobs: int, persistent: bool, log) -> int:
 def _compile_shape(shape) -> tuple:
     """In a worker: every launch mode of one bench shape, compiled as on the GPU."""
     os.environ.update(compile_environment())
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [path for path in (str(ROOT), str(ROOT / "tests")) if path not in sys.path]
     from compile_only_plugin import compile_as_on_the_gpu
 
     from normrnn.bench.warmup import _launch_every_mode

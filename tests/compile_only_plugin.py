@@ -9,8 +9,8 @@ tests would compare are the poison their outputs start as. The comparisons with 
 therefore replaced by running the fused layer alone, and a test that asserts on values in its own
 body fails; its launches up to that point are compiled all the same. The launch decisions follow
 those on the GPU: tensors stay on the CPU in place of CUDA ones (``gpu_compile.compile_target``),
-and with ``NORMRNN_PERSISTENT=1`` a grid of at most ``RESIDENT_PROGRAMS`` programs runs the persistent
-kernels, with the launch options they take on CUDA.
+and with ``NORMRNN_PERSISTENT=1`` a grid of at most ``gpu_compile.MULTIPROCESSOR_COUNT`` programs (an
+H100's multiprocessors) runs the persistent kernels, with the launch options they take on CUDA.
 """
 import os
 import sys
@@ -20,8 +20,6 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# the streaming multiprocessors of an H100 (and an H200): how many programs a GPU keeps resident
-RESIDENT_PROGRAMS = 132
 CAPABILITY = 90
 
 _compiling = None
@@ -31,8 +29,6 @@ def _run_fused_only(reference, fused, x, hx, lengths, dtype):
     """``fused_helpers.compare`` without the reference and the comparison: the fused layer's
     forward and backward in ``dtype``, as compare runs it."""
     import fused_helpers
-    import torch
-    hx = fused_helpers._to(fused_helpers._to(hx, dtype), torch.float64)
     fused_helpers.outputs_and_grads(fused, x.to(fused_helpers.DEVICE, dtype),
                                     fused_helpers._to(hx, dtype, fused_helpers.DEVICE), lengths)
 
@@ -40,8 +36,8 @@ def _run_fused_only(reference, fused, x, hx, lengths, dtype):
 def compile_as_on_the_gpu():
     """From here on in this process, every Triton launch compiles for ``CAPABILITY`` and launches
     nothing, and the launchers decide as on the GPU: with ``NORMRNN_PERSISTENT=1`` a grid of at most
-    ``RESIDENT_PROGRAMS`` programs runs the persistent kernels, with the launch options they take on
-    CUDA. Returns the context it entered (``gpu_compile.compile_only``)."""
+    ``gpu_compile.MULTIPROCESSOR_COUNT`` programs runs the persistent kernels, with the launch options
+    they take on CUDA. Returns the context it entered (``gpu_compile.compile_only``)."""
     global _compiling
     if _compiling is not None:
         return _compiling
@@ -49,7 +45,7 @@ def compile_as_on_the_gpu():
 
     from normrnn.kernels import buffers, sequence_launch
 
-    buffers.INTERPRETER_RESIDENT_PROGRAMS = RESIDENT_PROGRAMS
+    buffers.INTERPRETER_RESIDENT_PROGRAMS = gpu_compile.MULTIPROCESSOR_COUNT
     cuda_options = buffers.persistent_launch_options("cuda")
     sequence_launch.persistent_launch_options = lambda device_type: cuda_options
     _compiling = gpu_compile.compile_only(CAPABILITY)

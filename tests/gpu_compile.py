@@ -152,12 +152,17 @@ def _record_launch(*arguments):
     driver.active.launches.append(arguments)
 
 
+# the streaming multiprocessors of an H100 (and an H200): the programs a GPU keeps resident, as
+# the driver reports them to the launchers that decide between persistent and per-step launches
+MULTIPROCESSOR_COUNT = 132
+
+
 class _NoDeviceUtils:
     """What a compiled kernel asks of the driver when it is first launched: nothing is loaded."""
 
     def get_device_properties(self, device):
         # no limit here: the report says which kernels do not fit, instead of Triton refusing them
-        return {"max_shared_mem": 1 << 30, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        return {"max_shared_mem": 1 << 30, "multiprocessor_count": MULTIPROCESSOR_COUNT, "max_num_regs": 65536, "warpSize": 32}
 
     def load_binary(self, name, kernel, shared, device):
         return object(), object(), 0, 0, 1024  # module, function, registers, spills, threads

@@ -159,13 +159,13 @@ def test_a_barrier_one_phase_early_is_caught(monkeypatch, cell, norm, kernels):
     monkeypatch.setenv("NORMRNN_PERSISTENT", "1")
     reference, fused = make_pair(CELLS[cell], norm, torch.float32, input_size=3, hidden_size=35)
     x = torch.randn(4, 7, 3, dtype=torch.float64)
-    caught = []
+    caught = False
     for seed in range(3):
         with concurrent_programs(seed=seed) as record:
             try:
                 compare(reference, fused, x, None, _lengths(7, 4), torch.float32)
-            except AssertionError as error:
-                caught.append(error)
+            except AssertionError:
+                caught = True
         assert record["widest"] == 3
         if caught:
             break

@@ -1,0 +1,72 @@
+"""Drawn layer configurations (``tests/fuzz_layers.py``) on every backend usable here against the
+float64 reference: in CI the first drawn case of each cell and norm, so that every pair is run
+with options no hand-written test combines; the command runs as many as a time budget allows."""
+import pytest
+
+import fuzz_layers
+from fused_helpers import INTERPRETER_OFF
+
+
+def _first_case_of_each_cell_and_norm():
+    seeds = {}
+    for seed in range(1000):
+        case = fuzz_layers.draw_case(seed)
+        seeds.setdefault((case.cell, case.norm), seed)
+    return sorted(seeds.items(), key=lambda item: item[1])
+
+
+CASES = _first_case_of_each_cell_and_norm()
+
+
+def test_every_cell_and_norm_is_drawn():
+    assert {pair for pair, _ in CASES} == {(cell, norm) for cell in ("lstm", "gru", "rnn")
+                                           for norm in (None, "layer", "batch", "seqbatch")}
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+@pytest.mark.parametrize("seed", [seed for _, seed in CASES],
+                         ids=[f"{cell}-{norm}-seed{seed}" for (cell, norm), seed in CASES])
+def test_drawn_case_matches_the_reference(seed):
+    case = fuzz_layers.draw_case(seed)
+    assert fuzz_layers.check_case(case) == [], case
+
+
+def test_a_wrong_kernel_is_found(monkeypatch):
+    """The check can fail: a Triton layer whose norm epsilon differs from the reference's."""
+    if INTERPRETER_OFF:
+        pytest.skip("no CUDA device and the Triton interpreter is off")
+    make = fuzz_layers._layer
+
+    def with_wrong_epsilon(case, backend, dtype, template=None):
+        layer = make(case, backend, dtype, template)
+        if backend == "triton":
+            layer.eps = 0.1
+        return layer
+
+    monkeypatch.setattr(fuzz_layers, "_layer", with_wrong_epsilon)
+    seed = next(seed for (cell, norm), seed in CASES if norm == "layer")
+    failures = fuzz_layers.check_case(fuzz_layers.draw_case(seed), stop_at_first_phase_failing=True)
+    assert any("triton" in failure and "output" in failure for failure in failures), failures
+
+
+def test_the_seed_fixes_the_case():
+    assert fuzz_layers.draw_case(7) == fuzz_layers.draw_case(7)
+    assert fuzz_layers.draw_case(7) != fuzz_layers.draw_case(8)
+
+
+def _first_persistent_case_over_three_programs(cell, norm):
+    # of one layer: the interpreter's threads make a case several times slower than per-step launches
+    for seed in range(1000):
+        case = fuzz_layers.draw_case(seed, persistent=True)
+        if (case.cell, case.norm, case.num_layers) == (cell, norm, 1) and case.hidden_size > 32 and case.steps <= 5:
+            return case
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_drawn_case_with_the_persistent_kernels(norm):
+    """The persistent kernels of three programs, at once in threads of the interpreter, on a drawn
+    LSTM whose H needs all three: the exchange of h (and of the layer norm's partial sums) at each
+    grid barrier under options no hand-written test combines."""
+    case = _first_persistent_case_over_three_programs("lstm", norm)
+    assert fuzz_layers.check_case(case) == [], case
