@@ -18,17 +18,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).abs().max() / scale)
 
 
-def outputs_and_grads(module, x, hx=None, lengths=None, seed=0):
+def outputs_and_grads(module, x, hx=None, lengths=None, seed=0, call=None):
     """Runs forward and backward with a fixed random projection of every output, and returns
     the outputs and the gradients of x, of the initial states ``hx`` where given ("grad_hx0",
-    "grad_hx1" for an LSTM's h_0 and c_0) and of every parameter, in a flat dict."""
+    "grad_hx1" for an LSTM's h_0 and c_0) and of every parameter, in a flat dict. ``call(x, hx)``,
+    where given, runs the forward in place of ``module(x, hx, lengths=lengths)`` and returns what
+    the module returns, with a padded output."""
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     states = ()
     if hx is not None:
         states = tuple(h.detach().clone().requires_grad_(True) for h in (hx if isinstance(hx, tuple) else (hx,)))
         hx = states if isinstance(hx, tuple) else states[0]
-    out, final = module(x, hx) if lengths is None else module(x, hx, lengths=lengths)
+    if call is not None:
+        out, final = call(x, hx)
+    else:
+        out, final = module(x, hx) if lengths is None else module(x, hx, lengths=lengths)
     finals = final if isinstance(final, tuple) else (final,)
     generator = torch.Generator().manual_seed(seed)
     loss = 0

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normrnn  # noqa: E402
+from conftest import outputs_and_grads  # noqa: E402
 
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
@@ -197,48 +198,33 @@ def _cast(value, dtype):
     return value.to(dtype)
 
 
-def _run(case: Case, layer, x, hx, lengths, train: bool) -> Dict[str, torch.Tensor]:
-    """Forward (and with ``train`` backward through a fixed random projection of every output):
-    the outputs, final states, gradients and buffers in a flat dict."""
-    layer.train(train)
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(train)
-    states = ()
-    if hx is not None:
-        states = tuple(h.detach().clone().requires_grad_(train) for h in (hx if isinstance(hx, tuple) else (hx,)))
-        hx = states if isinstance(hx, tuple) else states[0]
+def _forward(case: Case, layer, x, hx, lengths):
+    """The layer on ``x`` in the case's input form; the output padded again where it was packed."""
     kwargs = {"first_step": case.first_step} if case.first_step else {}
     torch.manual_seed(case.seed)  # the same dropout masks in every layer compared
-    with torch.set_grad_enabled(train):
-        if case.input_form == "packed":
-            packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=case.batch_first,
-                                          enforce_sorted=False)
-            out, final = layer(packed, hx, **kwargs)
-            out = pad_packed_sequence(out, batch_first=case.batch_first, total_length=_steps_of(x, case))[0]
-        elif case.input_form == "lengths":
-            out, final = layer(x, hx, lengths=torch.tensor(lengths), **kwargs)
-        else:
-            out, final = layer(x, hx, **kwargs)
-    finals = final if isinstance(final, tuple) else (final,)
-    results = {"output": out.detach()}
-    for index, tensor in enumerate(finals):
-        results[f"final{index}"] = tensor.detach()
+    if case.input_form == "packed":
+        packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=case.batch_first, enforce_sorted=False)
+        out, final = layer(packed, hx, **kwargs)
+        return pad_packed_sequence(out, batch_first=case.batch_first, total_length=_steps_of(x, case))[0], final
+    if case.input_form == "lengths":
+        return layer(x, hx, lengths=torch.tensor(lengths), **kwargs)
+    return layer(x, hx, **kwargs)
+
+
+def _run(case: Case, layer, x, hx, lengths, train: bool) -> Dict[str, torch.Tensor]:
+    """In training the outputs, final states, gradients (``outputs_and_grads``, through a fixed
+    random projection of every output) and buffers in a flat dict; in evaluation, under
+    ``no_grad``, the outputs, final states and buffers."""
+    layer.train(train)
     if train:
-        generator = torch.Generator().manual_seed(case.seed)
-        loss = 0
-        for tensor in (out,) + tuple(finals):
-            # bfloat16-representable weights: the upstream gradient is exact in every dtype
-            weight = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(torch.bfloat16)
-            loss = loss + (tensor * weight.to(tensor.dtype)).sum()
-        loss.backward()
-        results["grad_input"] = x.grad.detach()
-        for index, state in enumerate(states):
-            results[f"grad_hx{index}"] = state.grad.detach() if state.grad is not None else torch.zeros_like(state)
-        for name, parameter in layer.named_parameters():
-            grad = parameter.grad
-            results["grad_" + name] = grad.detach() if grad is not None else torch.zeros_like(parameter)
-    for name, buffer in layer.named_buffers():
-        results[name] = buffer.detach().clone()
+        return outputs_and_grads(layer, x, hx, seed=case.seed,
+                                 call=lambda x, hx: _forward(case, layer, x, hx, lengths))
+    with torch.no_grad():
+        out, final = _forward(case, layer, x, hx, lengths)
+    results = {"output": out}
+    for index, tensor in enumerate(final if isinstance(final, tuple) else (final,)):
+        results[f"final{index}"] = tensor
+    results.update({name: buffer.clone() for name, buffer in layer.named_buffers()})
     return results
 
 
