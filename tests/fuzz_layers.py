@@ -139,7 +139,7 @@ def draw_case(seed: int, persistent: bool = False) -> Case:
     # between layers; the same seed draws the same mask in every dtype on a CPU, where the reference
     # runs, but the Triton layer's on a GPU would draw CUDA's
     dropout = 0.3 if num_layers == 2 and rng.random() < 0.4 and not torch.cuda.is_available() else 0.0
-    return Case(
+    case = Case(
         seed=seed, cell=cell, norm=norm, input_size=rng.randint(1, 9), hidden_size=hidden_size,
         num_layers=num_layers, dropout=dropout, bidirectional=bidirectional, bias=rng.random() < 0.8,
         batch_first=rng.random() < 0.3, proj_size=proj_size,
@@ -150,6 +150,12 @@ def draw_case(seed: int, persistent: bool = False) -> Case:
         with_state=rng.random() < 0.5, first_step=first_step,
         triton_dtype=rng.choices(["float32", "bfloat16", "float16"], weights=[8, 1, 1])[0], persistent=persistent,
     )
+    if case.nonlinearity == "relu":
+        # a pre-activation within 16-bit rounding of zero takes the other side of relu's kink in the
+        # kernel than in float64, and its whole term of the gradient with it (seed 3155: 5e-2 in
+        # bfloat16 from a pre-activation of 1.5e-4): legitimate, and no tolerance bounds it
+        case.triton_dtype = "float32"
+    return case
 
 
 def _layer(case: Case, backend: str, dtype: torch.dtype, template: Optional[torch.nn.Module] = None):
