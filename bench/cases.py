@@ -119,9 +119,11 @@ CPU_PROJ_SIZE = 128
 
 def cpu_grid(tiny: bool = False) -> List[Case]:
     """The CPU section: B=32, I=H=256, T=100 in float32 (the C++ backend's target shape), every
-    cell and norm, and the LSTM with an output projection to P=128 (``proj_size``) with every norm."""
+    cell and norm; the LSTM with an output projection to P=128 (``proj_size``) with every norm; and
+    the LSTM at the GPU targets' B=64, I=H=512 with every norm."""
     if tiny:
         return [Case("lstm", None, "float32", 2, 8, 5), Case("lstm", "batch", "float32", 2, 8, 5),
                 Case("lstm", None, "float32", 2, 8, 5, proj_size=4)]
     return ([Case(cell, norm, "float32", 32, 256, 100) for cell in CELLS for norm in NORMS]
-            + [Case("lstm", norm, "float32", 32, 256, 100, proj_size=CPU_PROJ_SIZE) for norm in NORMS])
+            + [Case("lstm", norm, "float32", 32, 256, 100, proj_size=CPU_PROJ_SIZE) for norm in NORMS]
+            + [Case("lstm", norm, "float32", 64, 512, 100) for norm in NORMS])

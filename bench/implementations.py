@@ -20,11 +20,13 @@ missing peer is never skipped silently.
     flashrnn            FlashRNN's fused CUDA LSTM / GRU / Elman when it imports, with its input
                         projection (``flashrnn_peer.py``)
 
-CPU section: normrnn-cpp (the C++ backend), normrnn-reference, torch-cpu (torch's CPU module),
-and gemm-floor: only the matrix products that every implementation of the cell must run, with
-ATen's mm and preallocated outputs (a lower bound on what is built on mm, normalizations adding
-elementwise work only; torch's CPU LSTM runs on oneDNN's RNN primitive, whose products can be
-faster, and can be below it).
+CPU section: normrnn-cpp (the C++ backend), normrnn-cpp-mm (the same with every recurrent
+product on ATen's mm, NORMRNN_CPU_MATMUL=aten: what its oneDNN products buy), normrnn-reference,
+torch-cpu (torch's CPU module), and gemm-floor: only the matrix products that every implementation
+of the cell must run, with ATen's mm and preallocated outputs (a lower bound on what is built on mm,
+normalizations adding elementwise work only; torch's CPU LSTM runs on oneDNN's RNN primitive, and
+normrnn-cpp its large recurrent products on oneDNN's linear, both faster than mm here, so both can
+be below it).
 """
 from __future__ import annotations
 
@@ -300,7 +302,7 @@ IMPLEMENTATIONS: Dict[str, Callable[[Case, torch.device], Runner]] = {
     "haste": haste,
     "flashrnn": flashrnn,
 }
-CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-reference", "torch-cpu", "gemm-floor")
+CPU_IMPLEMENTATIONS = ("normrnn-cpp", "normrnn-cpp-mm", "normrnn-reference", "torch-cpu", "gemm-floor")
 
 
 def gemm_floor(case: Case, device) -> Runner:
@@ -355,16 +357,40 @@ def gemm_floor(case: Case, device) -> Runner:
     return Runner(forward_eval, train_step)
 
 
+def _with_cpu_matmul(runner: Runner, kind: str) -> Runner:
+    """``runner`` with NORMRNN_CPU_MATMUL set to ``kind`` while each call runs (the C++ backend reads
+    it when a forward or backward begins its loop), and as it was afterwards."""
+    def setting(call: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+        if call is None:
+            return None
+
+        def run() -> None:
+            previous = os.environ.get("NORMRNN_CPU_MATMUL")
+            os.environ["NORMRNN_CPU_MATMUL"] = kind
+            try:
+                call()
+            finally:
+                if previous is None:
+                    del os.environ["NORMRNN_CPU_MATMUL"]
+                else:
+                    os.environ["NORMRNN_CPU_MATMUL"] = previous
+        return run
+
+    return Runner(setting(runner.forward_eval), setting(runner.train_step), runner.train_skip_reason)
+
+
 def cpu_runner(name: str, case: Case) -> Runner:
-    """The CPU section's implementations: the C++ backend, the reference, torch's CPU module."""
+    """The CPU section's implementations: the C++ backend (as it chooses its products, and with all
+    of them on mm), the reference, torch's CPU module, the gemm floor."""
     device = torch.device("cpu")
     if name == "torch-cpu":
         return cudnn(case, device)
     if name == "gemm-floor":
         return gemm_floor(case, device)
-    backend = {"normrnn-cpp": "cpp", "normrnn-reference": "reference"}[name]
+    backend = {"normrnn-cpp": "cpp", "normrnn-cpp-mm": "cpp", "normrnn-reference": "reference"}[name]
     if backend == "cpp":
         reason = dispatch.unavailable_reason("cpp", case.cell, case.norm, torch.zeros(1, dtype=_dtype(case)))
         if reason is not None:
             raise Skip(f"the cpp backend cannot run this case: {reason}")
-    return _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))
+    runner = _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))
+    return _with_cpu_matmul(runner, "aten") if name == "normrnn-cpp-mm" else runner

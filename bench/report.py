@@ -152,8 +152,9 @@ def markdown(results: Dict) -> str:
              "Median ms, and ratios to torch's unnormalized module of the same cell and shape (the speed bar "
              "of every norm) and to the eager reference; below 1 is faster."
              + (" The last column: the ratio to gemm-floor, the matrix products alone that every implementation "
-                "runs, with ATen's mm (a lower bound for what is built on mm; torch's CPU LSTM runs on oneDNN and "
-                "can be below it)." if floor else ""), "",
+                "runs, with ATen's mm (a lower bound for what is built on mm; torch's CPU LSTM, and normrnn-cpp's "
+                "large recurrent products, run on oneDNN and can be below it). normrnn-cpp-mm: normrnn-cpp with "
+                "every product on mm." if floor else ""), "",
              "| case | mode | implementation | median ms | vs torch | vs reference | peak MiB |"
              + (" vs gemm floor |" if floor else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]

@@ -81,6 +81,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return normrnn::gru_backward(s, g, gh);
   }, "dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh");
   m.def("rnn_forward", &rnn_forward, "vanilla RNN over the whole sequence: output, h_n, saved");
+  m.def("recurrent_product_kind", [](at::ScalarType dtype, int64_t batch, int64_t in_features, int64_t out_features,
+                                     int64_t steps) {
+    return normrnn::recurrent_product_kind(dtype, batch, in_features, out_features, steps);
+  }, "'onednn' or 'aten': how the loops multiply a (batch, in_features) step by a weight (out_features, "
+     "in_features) of this dtype over `steps` steps (csrc/recurrent_product.h)");
   m.def("release_workspace", [] { normrnn::workspace().clear(); },
         "frees the pooled internal buffers that later calls would reuse");
   m.def("workspace_bytes", [] { return normrnn::workspace().pooled_bytes(); }, "bytes held by the pool");

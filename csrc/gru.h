@@ -41,11 +41,10 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
   saved.activations = saved.per_step(3 * hidden, wx.options());
   saved.extra = saved.per_step(3 * hidden, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
-  auto w_hh_t = saved.w_hh.t();
+  RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // a = wx_t + b_ih, step by step (a (T, B, 3H) sum would double the memory of the input); under a
   // per-step normalization the norm's output is a
   auto a = at::empty({batch, 3 * hidden}, wx.options());
-  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
@@ -59,10 +58,9 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
       at::add_out(a, wx[t], bias_ih);
     }
     if (saved.hh.norm == kNone) {
-      at::addmm_out(u, bias_hh, h, w_hh_t);
+      recurrent_product.into(u, h, bias_hh);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
-                            saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
+      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, bias_hh, u, row_lengths, count, t, training,
                             momentum, eps);
     }
     auto h_next = saved.states[saved.state_slot(t + 1)], out = output[t];
@@ -134,6 +132,7 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
   auto grad_u = workspace().empty({steps, batch, gates}, options);
   auto grad_wx = saved.ih.norm == kNone ? grad_a : at::empty_like(grad_a);
   auto grad_wh = saved.hh.norm == kNone ? grad_u : at::empty_like(grad_u);
+  RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);  // dz_t W_hh
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
@@ -149,7 +148,7 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
       saved.hh.backward(du, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
     }
     // h_{t-1} reaches h_t directly (z h_{t-1}) and through W_hh
-    recurrent_input_grad(dh, dh_direct, true, grad_wh[t], saved.w_hh);
+    dh = recurrent_product(grad_wh[t], dh_direct);
   }
   std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_a), sum_over_steps_and_rows(grad_u),

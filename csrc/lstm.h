@@ -50,13 +50,11 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   if (projects) {
     saved.unprojected = saved.per_step(hidden, wx.options());
   }
-  auto w_hr_t = projects ? saved.w_hr.t() : at::Tensor();
-  auto projected = projects ? at::empty({batch, state}, wx.options()) : at::Tensor();
-  auto w_hh_t = saved.w_hh.t();
+  RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
+  RecurrentProduct projection = projects ? RecurrentProduct(saved.w_hr, batch, steps) : RecurrentProduct();
   // wx_t + b, step by step (a (T, B, 4H) sum would double the memory of the input); under a
   // per-step normalization of wx the norm's output
   auto input = at::empty({batch, 4 * hidden}, wx.options());
-  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
@@ -68,16 +66,19 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
     } else {
       at::add_out(input, wx[t], bias);
     }
+    // z_t (pre-activation): a product's own result, or the gate buffer that the norm wrote
+    at::Tensor z = gates;
     if (saved.hh.norm == kNone) {
-      at::addmm_out(gates, input, h, w_hh_t);
+      z = recurrent_product(h, input);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
-                            saved.hh_weight, input, gates, row_lengths, count, t, training,
+      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, input, gates, row_lengths, count, t, training,
                             momentum, eps);
     }
-    gates.narrow(1, 0, 2 * hidden).sigmoid_();
-    gates.narrow(1, 2 * hidden, hidden).tanh_();
-    gates.narrow(1, 3 * hidden, hidden).sigmoid_();
+    auto input_forget = gates.narrow(1, 0, 2 * hidden), cell_gate = gates.narrow(1, 2 * hidden, hidden),
+         output_gate = gates.narrow(1, 3 * hidden, hidden);
+    at::sigmoid_out(input_forget, z.narrow(1, 0, 2 * hidden));
+    at::tanh_out(cell_gate, z.narrow(1, 2 * hidden, hidden));
+    at::sigmoid_out(output_gate, z.narrow(1, 3 * hidden, hidden));
     auto c_next = saved.cells[next], h_next = saved.states[next], tanh_y = saved.extra[saved.step_slot(t)];
     auto out = output[t];
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_cell_update",
@@ -91,10 +92,11 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
                               momentum, eps);
       tanh_y.tanh_();
     }
+    at::Tensor projected;
     if (projects) {  // r_t = o tanh(y_t) (a row past its length computes it too: its output is dropped)
       auto r = saved.unprojected[saved.step_slot(t)];
       at::mul_out(r, gates.narrow(1, 3 * hidden, hidden), tanh_y);
-      at::mm_out(projected, r, w_hr_t);
+      projected = projection(r);
     }
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "lstm_emit", [&] {  // h_t = o tanh(y_t), or r_t W_hr^T
       const scalar_t *gate = gates.data_ptr<scalar_t>(), *activation = tanh_y.data_ptr<scalar_t>();
@@ -228,11 +230,14 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   auto grad_cell = cell_norm ? at::empty_like(dc) : at::Tensor();
   // with a projection: dL/dh_t of every step (T, B, P), for dW_hr, and dL/dr_t of one
   auto grad_projected = projects ? workspace().empty({steps, batch, dh.size(1)}, options) : at::Tensor();
-  auto grad_unprojected = projects ? at::empty_like(dc) : at::Tensor();
+  at::Tensor grad_unprojected;
   // dL/dz (T, B, 4H); without a normalization it is also the gradient of wx and of h W_hh^T
   auto grad_gates = workspace().empty({steps, batch, gates}, options);
   auto grad_wx = saved.ih.norm == kNone ? grad_gates : at::empty_like(grad_gates);
   auto grad_wh = saved.hh.norm == kNone ? grad_gates : workspace().empty({steps, batch, gates}, options);
+  // dh_{t-1} = dz_t W_hh (+ dh_direct), and with a projection dL/dr_t = dL/dh_t W_hr
+  RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);
+  RecurrentProduct projection = projects ? RecurrentProduct(saved.w_hr.t(), batch, steps) : RecurrentProduct();
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
@@ -242,7 +247,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
       if (projects) {
         auto grad_projected_t = grad_projected[t];
         lstm_projected_grad<scalar_t>(grad_output[t], dh, grad_projected_t, row_lengths, t);
-        at::mm_out(grad_unprojected, grad_projected_t, saved.w_hr);
+        grad_unprojected = projection(grad_projected_t);
         lstm_output_grad<scalar_t>(grad_unprojected, at::Tensor(), gate_values, tanh_y, grad_h, grad_y, row_lengths,
                                    t);
       } else {
@@ -262,7 +267,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
     if (saved.hh.norm != kNone) {
       saved.hh.backward(dz, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
     }
-    recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
+    dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
   auto grad_cell_b = cell_norm ? sum_over_steps_and_rows(grad_y_steps) : at::zeros({hidden}, options);
   std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh),

@@ -14,11 +14,10 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
   saved.begin(lengths, steps, h0, hidden, keep);
   saved.activations = saved.per_step(hidden, wx.options());
   auto output = at::empty({steps, batch, hidden}, wx.options());
-  auto w_hh_t = saved.w_hh.t();
+  RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // wx_t + b, step by step (a (T, B, H) sum would double the memory of the input); under a
   // per-step normalization of wx the norm's output
   auto input = at::empty({batch, hidden}, wx.options());
-  auto recurrent = saved.hh.norm == kNone ? at::Tensor() : at::empty({batch, hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
@@ -30,17 +29,20 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
     } else {
       at::add_out(input, wx[t], bias);
     }
+    // the pre-activation: a product's own result, or h_new where the norm wrote it
+    at::Tensor pre = h_new;
     if (saved.hh.norm == kNone) {
-      at::addmm_out(h_new, input, h, w_hh_t);
+      pre = recurrent_product(h, input);
     } else {
-      hh = saved.hh.forward(at::mm_out(recurrent, h, w_hh_t),
-                            saved.hh_weight, input, h_new, row_lengths, count, t, training,
+      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, input, h_new, row_lengths, count, t, training,
                             momentum, eps);
     }
     if (saved.activation == 0) {
-      h_new.tanh_();
+      at::tanh_out(h_new, pre);
     } else if (saved.activation == 1) {
-      h_new.relu_();
+      at::clamp_min_out(h_new, pre, 0);
+    } else if (!pre.is_same(h_new)) {
+      h_new.copy_(pre);
     }
     auto h_next = saved.states[saved.state_slot(t + 1)], out = output[t];
     AT_DISPATCH_FLOATING_TYPES(wx.scalar_type(), "rnn_emit", [&] {
@@ -92,6 +94,7 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
   auto grad_pre = workspace().empty({steps, batch, hidden}, options);
   auto grad_wx = saved.ih.norm == kNone ? grad_pre : at::empty_like(grad_pre);
   auto grad_wh = saved.hh.norm == kNone ? grad_pre : workspace().empty({steps, batch, hidden}, options);
+  RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);  // dz_t W_hh
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
@@ -106,7 +109,7 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
     if (saved.hh.norm != kNone) {
       saved.hh.backward(grad, saved.hh_weight, saved.hh_norm[t], row_lengths, t, count, grad_wh[t]);
     }
-    recurrent_input_grad(dh, dh_direct, saved.padded, grad_wh[t], saved.w_hh);
+    dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
   std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_pre), saved.ih.gain_grad(grad_pre),

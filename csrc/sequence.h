@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "norms.h"
+#include "recurrent_product.h"
 
 namespace normrnn {
 
@@ -133,17 +134,6 @@ void emit_state(const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next
       out[at + j] = next[at + j] = new_value(row, j, previous[at + j]);
     }
   });
-}
-
-// The gradient that reaches h_{t-1} of step t: dh_direct (the part that does not pass through
-// W_hh; zero, or the gradient that ended rows carry) + dwh_t W_hh, written into dh.
-inline void recurrent_input_grad(at::Tensor& dh, const at::Tensor& dh_direct, bool has_direct,
-                                 const at::Tensor& grad_wh, const at::Tensor& w_hh) {
-  if (has_direct) {
-    at::addmm_out(dh, dh_direct, grad_wh, w_hh);
-  } else {
-    at::mm_out(dh, grad_wh, w_hh);
-  }
 }
 
 }  // namespace normrnn

@@ -30,7 +30,7 @@ def _run_fused_only(reference, fused, x, hx, lengths, dtype):
     forward and backward in ``dtype``, as compare runs it."""
     import fused_helpers
     fused_helpers.outputs_and_grads(fused, x.to(fused_helpers.DEVICE, dtype),
-                                    fused_helpers._to(hx, dtype, fused_helpers.DEVICE), lengths)
+                                    fused_helpers.to_dtype(hx, dtype, fused_helpers.DEVICE), lengths)
 
 
 def compile_as_on_the_gpu():

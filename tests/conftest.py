@@ -1,6 +1,7 @@
 """Shared helpers for the tests: module factories, gradcheck wrappers, relative errors."""
 import os
 import zlib
+from typing import Dict
 
 import pytest
 import torch
@@ -16,6 +17,38 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach(), expected.detach().double()
     scale = expected.abs().max().clamp_min(1e-12)
     return float((actual.double() - expected).abs().max() / scale)
+
+
+def tensor_error(key: str, actual: torch.Tensor, expected: Dict[str, torch.Tensor],
+                 smallest_scale: float = 1e-12) -> float:
+    """The error of result ``key`` of ``outputs_and_grads`` (or a buffer) against ``expected[key]``:
+    exact for an update count (0, or inf where they differ); a running mean's max |a - e| over the
+    largest running standard deviation ``sqrt(expected[key's var])``; inf where ``actual`` is not
+    finite; else max |a - e| / max(max |e|, smallest_scale)."""
+    value = expected[key].detach()
+    actual = actual.detach().cpu()
+    if "num_batches_tracked" in key:
+        return 0.0 if torch.equal(actual, value) else float("inf")
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    if value.numel() == 0:
+        return 0.0
+    difference = float((actual.double() - value.double()).abs().max())
+    if "running_mean" in key:
+        # on the scale of the spread: a mean that is zero in exact arithmetic (batch-normalized h
+        # without bias) has no relative error
+        return difference / max(float(expected[key.replace("mean", "var")].sqrt().max()), 1e-12)
+    return difference / max(float(value.abs().max()), smallest_scale)
+
+
+def to_dtype(value, dtype: torch.dtype, device=None):
+    """``value`` (a tensor, a tuple of them such as an LSTM's (h_0, c_0), or None) in ``dtype``, on
+    ``device`` (where given) or its own."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(to_dtype(item, dtype, device) for item in value)
+    return value.to(device or value.device, dtype)
 
 
 def outputs_and_grads(module, x, hx=None, lengths=None, seed=0, call=None):

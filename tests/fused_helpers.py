@@ -5,6 +5,7 @@ output, gradient and running statistic.
 Imported before triton: on a CPU it turns the Triton interpreter on (programs of a launch run one
 after another there), on a GPU the kernels run compiled; outputs are poisoned with NaN before the
 kernels write them."""
+import copy
 import os
 from typing import Optional
 
@@ -19,7 +20,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from normrnn.kernels import buffers  # noqa: E402
-from conftest import outputs_and_grads, relative_error  # noqa: E402
+from conftest import outputs_and_grads, relative_error, tensor_error, to_dtype  # noqa: E402, F401 - the kernel tests take relative_error from here
 
 buffers.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,29 +87,23 @@ def make_pair(layer_class, norm, dtype, **config):
     return reference, fused
 
 
-def _to(hx, dtype, device=None):
-    if hx is None:
-        return None
-    if isinstance(hx, tuple):
-        return tuple(_to(h, dtype, device) for h in hx)
-    return hx.to(device or hx.device, dtype)
-
-
 def compare(reference, fused, x, hx, lengths, dtype):
     """Outputs, final states, the gradients of the input and every parameter, and the running
-    statistics of ``fused`` against ``reference``, relative error under TOLERANCE[dtype]."""
+    statistics of ``fused`` against ``reference``: each relative error under TOLERANCE[dtype], or
+    under four times the error of the reference layer itself run in ``dtype`` on the same problem,
+    whichever is larger."""
     # the reference sees the inputs as rounded to the fused layer's dtype: a bfloat16 layer's data
     # is bfloat16, and batch norm would amplify the rounding of inputs that it never receives
     x = x.to(dtype).double()
-    hx = _to(_to(hx, dtype), torch.float64)
+    hx = to_dtype(to_dtype(hx, dtype), torch.float64)
+    # the floor of the rounding: some problems (batch statistics over few rows, two projecting
+    # layers that feed each other) amplify it past the tolerance in any order of operations, and
+    # which tensor it hits hardest depends on the machine's BLAS; a wrong kernel is off by far more
+    same_dtype = copy.deepcopy(reference).to(dtype)
+    floor = outputs_and_grads(same_dtype, x.to(dtype), to_dtype(hx, dtype), lengths)
     expected = outputs_and_grads(reference, x, hx, lengths)
-    got = outputs_and_grads(fused, x.to(DEVICE, dtype), _to(hx, dtype, DEVICE), lengths)
-    for key, value in expected.items():
-        assert torch.isfinite(got[key]).all(), key
-        error = relative_error(got[key].cpu(), value)
-        if "running_mean" in key:
-            # measured on the scale of the spread (sqrt of the running variance): a mean that is
-            # zero in exact arithmetic (batch-normalized h without bias) has no relative error
-            spread = expected[key.replace("mean", "var")].sqrt().max()
-            error = float((got[key].cpu().double() - value).abs().max() / spread)
-        assert error < TOLERANCE[dtype], f"{key}: relative error {error:.2e}"
+    got = outputs_and_grads(fused, x.to(DEVICE, dtype), to_dtype(hx, dtype, DEVICE), lengths)
+    for key in expected:
+        error = tensor_error(key, got[key], expected)
+        bound = max(TOLERANCE[dtype], 4 * tensor_error(key, floor[key], expected))
+        assert error < bound, f"{key}: relative error {error:.2e}, bound {bound:.2e}"

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normrnn  # noqa: E402
-from conftest import outputs_and_grads  # noqa: E402
+from conftest import outputs_and_grads, tensor_error, to_dtype  # noqa: E402
 
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
@@ -196,14 +196,6 @@ def _inputs(case: Case, generator: torch.Generator, steps: int):
     return x, hx, lengths
 
 
-def _cast(value, dtype):
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(_cast(item, dtype) for item in value)
-    return value.to(dtype)
-
-
 def _forward(case: Case, layer, x, hx, lengths):
     """The layer on ``x`` in the case's input form; the output padded again where it was packed."""
     kwargs = {"first_step": case.first_step} if case.first_step else {}
@@ -211,7 +203,7 @@ def _forward(case: Case, layer, x, hx, lengths):
     if case.input_form == "packed":
         packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=case.batch_first, enforce_sorted=False)
         out, final = layer(packed, hx, **kwargs)
-        return pad_packed_sequence(out, batch_first=case.batch_first, total_length=_steps_of(x, case))[0], final
+        return pad_packed_sequence(out, batch_first=case.batch_first, total_length=x.shape[1] if case.batch_first else x.shape[0])[0], final
     if case.input_form == "lengths":
         return layer(x, hx, lengths=torch.tensor(lengths), **kwargs)
     return layer(x, hx, **kwargs)
@@ -232,27 +224,6 @@ def _run(case: Case, layer, x, hx, lengths, train: bool) -> Dict[str, torch.Tens
         results[f"final{index}"] = tensor
     results.update({name: buffer.clone() for name, buffer in layer.named_buffers()})
     return results
-
-
-def _steps_of(x: torch.Tensor, case: Case) -> int:
-    return x.shape[1] if case.batch_first else x.shape[0]
-
-
-def _error(key: str, got: torch.Tensor, expected: Dict[str, torch.Tensor]) -> float:
-    value = expected[key]
-    if "num_batches_tracked" in key:
-        return 0.0 if torch.equal(got.cpu(), value) else float("inf")
-    if "running_mean" in key:
-        # on the scale of the spread: a mean that is zero in exact arithmetic has no relative error
-        spread = expected[key.replace("mean", "var")].sqrt().max().clamp_min(1e-12)
-        return float((got.cpu().double() - value.double()).abs().max() / spread)
-    if not torch.isfinite(got).all():
-        return float("inf")
-    # relative to the tensor's largest entry, or to SMALLEST_SCALE where every entry is below it: a
-    # tensor that is zero in exact arithmetic (the gradients through layer norm over one feature)
-    # holds rounding noise, which no relative measure compares
-    scale = max(float(value.abs().max()) if value.numel() else 0.0, SMALLEST_SCALE)
-    return float((got.cpu().double() - value.double()).abs().max()) / scale if value.numel() else 0.0
 
 
 @contextlib.contextmanager
@@ -327,28 +298,20 @@ def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[st
         others = [_layer(case, other, dtype, candidate.cpu()) for other in _peers(dtype, backend)]
         candidate.to(device)
         for phase, (x, hx, lengths), train in phases:
-            x, hx = x.to(dtype).double(), _cast(_cast(hx, dtype), torch.float64)
+            x, hx = x.to(dtype).double(), to_dtype(to_dtype(hx, dtype), torch.float64)
             expected = _run(case, exact, x, hx, lengths, train)
-            floors = [_run(case, other, x.to(dtype), _cast(hx, dtype), lengths, train) for other in others]
+            floors = [_run(case, other, x.to(dtype), to_dtype(hx, dtype), lengths, train) for other in others]
             with _launches(case, backend):
-                got = _run(case, candidate, x.to(device, dtype), _to_device(_cast(hx, dtype), device), lengths, train)
+                got = _run(case, candidate, x.to(device, dtype), to_dtype(hx, dtype, device), lengths, train)
             for key in expected:
-                error = _error(key, got[key], expected)
-                floor = max((_error(key, other[key], expected) for other in floors), default=0.0)
+                error = tensor_error(key, got[key], expected, SMALLEST_SCALE)
+                floor = max((tensor_error(key, other[key], expected, SMALLEST_SCALE) for other in floors), default=0.0)
                 bound = max(TOLERANCE[dtype], 4 * floor)
                 if not error < bound:
                     failures.append(f"{phase}: {name} {str(dtype)[6:]} {key}: error {error:.2e}, bound {bound:.2e}")
             if failures and stop_at_first_phase_failing:
                 return failures
     return failures
-
-
-def _to_device(value, device):
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(item.to(device) for item in value)
-    return value.to(device)
 
 
 def main() -> int:

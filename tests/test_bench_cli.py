@@ -1,10 +1,12 @@
 """The bench suite's command on a CPU: the no-CUDA path exits 0 and writes the CPU section."""
 import json
+import os
 
 import pytest
 import torch
 
-from normrnn.bench import cases, cli, report
+import normrnn
+from normrnn.bench import cases, cli, implementations, report
 
 
 def test_cpu_section_writes_json_and_markdown_with_times_and_ratios(tmp_path, capsys):
@@ -26,6 +28,21 @@ def test_cpu_section_writes_json_and_markdown_with_times_and_ratios(tmp_path, ca
     projected = [row for row in timed if row["case"]["proj_size"]]  # the LSTM with proj_size
     assert {row["implementation"] for row in projected} >= {"normrnn-reference", "torch-cpu"}
     assert all("P=4" in row["label"] for row in projected)
+    if normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1)) is None:
+        assert {row["implementation"] for row in timed} >= {"normrnn-cpp", "normrnn-cpp-mm"}
+
+
+def test_cpp_on_mm_sets_the_product_choice_only_while_it_runs(monkeypatch):
+    seen = []
+    runner = implementations.Runner(lambda: seen.append(os.environ.get("NORMRNN_CPU_MATMUL")), None, "no train")
+    monkeypatch.setenv("NORMRNN_CPU_MATMUL", "onednn")
+    on_mm = implementations._with_cpu_matmul(runner, "aten")
+    on_mm.forward_eval()
+    assert seen == ["aten"] and os.environ["NORMRNN_CPU_MATMUL"] == "onednn"
+    assert on_mm.train_step is None and on_mm.train_skip_reason == "no train"
+    monkeypatch.delenv("NORMRNN_CPU_MATMUL")
+    on_mm.forward_eval()
+    assert seen == ["aten", "aten"] and "NORMRNN_CPU_MATMUL" not in os.environ
 
 
 def test_a_second_run_of_the_day_does_not_overwrite_the_first(tmp_path):
