@@ -9,7 +9,8 @@
 // 32x256 by 256x1024 121 / 96 us, 64x512 by 512x2048 818 / 613 us, 4x512 by 512x2048 213 / 62 us;
 // but for K N < 2^17 or a batch under 4 oneDNN's fixed cost loses (32x128 by 128x512: 34 / 37 us,
 // 1x512 by 512x512: 1.8x faster only because mm is slow there too, 1x1024 by 1024x256: 0.89x).
-// Reordering costs about one product, so it only pays over several steps.
+// Reordering costs 130-650 us there, what 1.3 to 10.5 steps gain at those sizes: a loop of 16 steps
+// or more repays it.
 //
 // Which way a product takes depends on shape and dtype only, never on timing, so that the same call
 // gives the same bits every time. NORMRNN_CPU_MATMUL=aten or =onednn overrides the choice.
@@ -27,7 +28,7 @@ namespace normrnn {
 // Below these oneDNN's products were slower than mm on the machine above (see the header).
 constexpr int64_t kOneDnnMinBatch = 4;
 constexpr int64_t kOneDnnMinWeightElements = int64_t(1) << 17;
-constexpr int64_t kOneDnnMinSteps = 4;
+constexpr int64_t kOneDnnMinSteps = 16;
 
 // torch's oneDNN linear ops, looked up once; null handles where this torch build lacks them.
 struct OneDnnLinear {
