@@ -357,26 +357,10 @@ def gemm_floor(case: Case, device) -> Runner:
     return Runner(forward_eval, train_step)
 
 
-def _with_cpu_matmul(runner: Runner, kind: str) -> Runner:
-    """``runner`` with NORMRNN_CPU_MATMUL set to ``kind`` while each call runs (the C++ backend reads
-    it when a forward or backward begins its loop), and as it was afterwards."""
-    def setting(call: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
-        if call is None:
-            return None
-
-        def run() -> None:
-            previous = os.environ.get("NORMRNN_CPU_MATMUL")
-            os.environ["NORMRNN_CPU_MATMUL"] = kind
-            try:
-                call()
-            finally:
-                if previous is None:
-                    del os.environ["NORMRNN_CPU_MATMUL"]
-                else:
-                    os.environ["NORMRNN_CPU_MATMUL"] = previous
-        return run
-
-    return Runner(setting(runner.forward_eval), setting(runner.train_step), runner.train_skip_reason)
+def cpp_products_on_mm():
+    """Within it, the C++ backend runs every recurrent product on ATen's mm (it reads the setting
+    when a forward or backward begins its loop)."""
+    return environment_variable("NORMRNN_CPU_MATMUL", "aten")
 
 
 def cpu_runner(name: str, case: Case) -> Runner:
@@ -393,4 +377,4 @@ def cpu_runner(name: str, case: Case) -> Runner:
         if reason is not None:
             raise Skip(f"the cpp backend cannot run this case: {reason}")
     runner = _module_runner(_normrnn_layer(case, device, backend), _inputs(case, device), _batch_of_one_reason(case))
-    return _with_cpu_matmul(runner, "aten") if name == "normrnn-cpp-mm" else runner
+    return _runner_within(cpp_products_on_mm, runner) if name == "normrnn-cpp-mm" else runner

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from normrnn.kernels import buffers  # noqa: E402
-from conftest import outputs_and_grads, relative_error, tensor_error, to_dtype  # noqa: E402, F401 - the kernel tests take relative_error from here
+# relative_error: the kernel tests take it from here
+from conftest import outputs_and_grads, relative_error, tensor_error, to_dtype  # noqa: E402, F401
 
 buffers.POISON = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

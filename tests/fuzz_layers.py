@@ -203,7 +203,8 @@ def _forward(case: Case, layer, x, hx, lengths):
     if case.input_form == "packed":
         packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=case.batch_first, enforce_sorted=False)
         out, final = layer(packed, hx, **kwargs)
-        return pad_packed_sequence(out, batch_first=case.batch_first, total_length=x.shape[1] if case.batch_first else x.shape[0])[0], final
+        steps = x.shape[1] if case.batch_first else x.shape[0]
+        return pad_packed_sequence(out, batch_first=case.batch_first, total_length=steps)[0], final
     if case.input_form == "lengths":
         return layer(x, hx, lengths=torch.tensor(lengths), **kwargs)
     return layer(x, hx, **kwargs)

@@ -36,7 +36,7 @@ def test_cpp_on_mm_sets_the_product_choice_only_while_it_runs(monkeypatch):
     seen = []
     runner = implementations.Runner(lambda: seen.append(os.environ.get("NORMRNN_CPU_MATMUL")), None, "no train")
     monkeypatch.setenv("NORMRNN_CPU_MATMUL", "onednn")
-    on_mm = implementations._with_cpu_matmul(runner, "aten")
+    on_mm = implementations._runner_within(implementations.cpp_products_on_mm, runner)
     on_mm.forward_eval()
     assert seen == ["aten"] and os.environ["NORMRNN_CPU_MATMUL"] == "onednn"
     assert on_mm.train_step is None and on_mm.train_skip_reason == "no train"
