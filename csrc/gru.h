@@ -40,7 +40,7 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
   saved.begin(lengths, steps, h0, 3 * hidden, keep);
   saved.activations = saved.per_step(3 * hidden, wx.options());
   saved.extra = saved.per_step(3 * hidden, wx.options());
-  auto output = at::empty({steps, batch, hidden}, wx.options());
+  auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // a = wx_t + b_ih, step by step (a (T, B, 3H) sum would double the memory of the input); under a
   // per-step normalization the norm's output is a
@@ -77,7 +77,7 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
     });
     saved.record(ih, hh);
   }
-  return {output, saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
+  return {workspace().lend(output), saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
 }
 
 // dL/da and dL/du (B, 3H) of one step from dL/dh_t = grad_output + dh, and dh_direct, the part of
@@ -130,8 +130,8 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
   // dL/da, dL/du (T, B, 3H); without a normalization also the gradients of wx and of h W_hh^T
   auto grad_a = workspace().empty({steps, batch, gates}, options);
   auto grad_u = workspace().empty({steps, batch, gates}, options);
-  auto grad_wx = saved.ih.norm == kNone ? grad_a : at::empty_like(grad_a);
-  auto grad_wh = saved.hh.norm == kNone ? grad_u : at::empty_like(grad_u);
+  auto grad_wx = saved.ih.norm == kNone ? grad_a : workspace().empty({steps, batch, gates}, options);
+  auto grad_wh = saved.hh.norm == kNone ? grad_u : workspace().empty({steps, batch, gates}, options);
   RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);  // dz_t W_hh
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = steps - 1; t >= 0; --t) {
@@ -150,11 +150,12 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
     // h_{t-1} reaches h_t directly (z h_{t-1}) and through W_hh
     dh = recurrent_product(grad_wh[t], dh_direct);
   }
-  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
+  std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_a), sum_over_steps_and_rows(grad_u),
                                    saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
-  for (auto* buffer : {&grad_a, &grad_u, &grad_wx, &grad_wh}) {
-    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  grads[0] = workspace().lend(grad_wx);
+  for (auto* buffer : {&grad_a, &grad_u, &grad_wh}) {
+    workspace().recycle(*buffer);  // only what is not returned (or lent)
   }
   return grads;
 }

@@ -45,7 +45,7 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   saved.cells[0].copy_(c0);
   saved.activations = saved.per_step(4 * hidden, wx.options());
   saved.extra = saved.per_step(hidden, wx.options());
-  auto output = at::empty({steps, batch, state}, wx.options());
+  auto output = workspace().empty({steps, batch, state}, wx.options());
   const bool projects = saved.projects();
   if (projects) {
     saved.unprojected = saved.per_step(hidden, wx.options());
@@ -115,7 +115,7 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   // fresh final states: a returned tensor that the Sequence also held would tie the autograd node
   // that owns the Sequence to itself, a cycle Python's collector cannot see through C++
   const int64_t last = saved.state_slot(steps);
-  return {output, saved.states[last].clone(), saved.cells[last].clone()};
+  return {workspace().lend(output), saved.states[last].clone(), saved.cells[last].clone()};
 }
 
 // From dL/dr_t, r_t = o tanh(y_t) (the output's gradient plus the carried dh; or, with a
@@ -226,14 +226,14 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   auto dh_direct = at::empty_like(dh), grad_h = at::empty_like(dc);
   const bool cell_norm = saved.cell.norm != kNone, projects = saved.projects();
   // dL/dy of every step where y is normalized (its gains' gradients are reductions over it)
-  auto grad_y_steps = cell_norm ? workspace().empty({steps, batch, hidden}, options) : at::empty_like(dc);
+  auto grad_y_steps = workspace().empty({cell_norm ? steps : 1, batch, hidden}, options);
   auto grad_cell = cell_norm ? at::empty_like(dc) : at::Tensor();
   // with a projection: dL/dh_t of every step (T, B, P), for dW_hr, and dL/dr_t of one
   auto grad_projected = projects ? workspace().empty({steps, batch, dh.size(1)}, options) : at::Tensor();
   at::Tensor grad_unprojected;
   // dL/dz (T, B, 4H); without a normalization it is also the gradient of wx and of h W_hh^T
   auto grad_gates = workspace().empty({steps, batch, gates}, options);
-  auto grad_wx = saved.ih.norm == kNone ? grad_gates : at::empty_like(grad_gates);
+  auto grad_wx = saved.ih.norm == kNone ? grad_gates : workspace().empty({steps, batch, gates}, options);
   auto grad_wh = saved.hh.norm == kNone ? grad_gates : workspace().empty({steps, batch, gates}, options);
   // dh_{t-1} = dz_t W_hh (+ dh_direct), and with a projection dL/dr_t = dL/dh_t W_hr
   RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);
@@ -242,7 +242,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto count = saved.counts[t];
     auto gate_values = saved.activations[t], tanh_y = saved.extra[t], c_prev = saved.cells[t];
-    auto dz = grad_gates[t], grad_y = cell_norm ? grad_y_steps[t] : grad_y_steps;
+    auto dz = grad_gates[t], grad_y = grad_y_steps[cell_norm ? t : 0];
     AT_DISPATCH_FLOATING_TYPES(options.dtype().toScalarType(), "lstm_output_grad", [&] {
       if (projects) {
         auto grad_projected_t = grad_projected[t];
@@ -270,15 +270,16 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
     dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
   auto grad_cell_b = cell_norm ? sum_over_steps_and_rows(grad_y_steps) : at::zeros({hidden}, options);
-  std::vector<at::Tensor> grads = {grad_wx, dh, dc, saved.recurrent_weight_grad(grad_wh),
+  std::vector<at::Tensor> grads = {at::Tensor(), dh, dc, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_gates),
                                    saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
                                    saved.cell.gain_grad(grad_y_steps), grad_cell_b,
                                    projects ? at::mm(grad_projected.reshape({-1, dh.size(1)}).t(),
                                                      saved.unprojected.reshape({-1, hidden}))
                                             : at::Tensor()};
-  for (auto* buffer : {&grad_gates, &grad_wx, &grad_wh, &grad_y_steps, &grad_projected}) {
-    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  grads[0] = workspace().lend(grad_wx);
+  for (auto* buffer : {&grad_gates, &grad_wh, &grad_y_steps, &grad_projected}) {
+    workspace().recycle(*buffer);  // only what is not returned (or lent)
   }
   return grads;
 }

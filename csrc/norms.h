@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "workspace.h"
 
@@ -71,6 +72,37 @@ inline scalar_t lane_sum(int64_t n, const Term& term) {
     total += partial[lane];
   }
   return total;
+}
+
+// sum over steps and rows of a * b, per feature, for (T, B, F) tensors: one pass that reads each
+// once, where (a * b).sum({0, 1}) writes and reads a (T, B, F) product (at B=64, H=512, T=100 a
+// 52 MB buffer, fresh memory every backward). Accumulated in double, each feature over the rows
+// in order, so the result has the same bits whatever the number of threads.
+template <typename scalar_t>
+at::Tensor column_dot(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "normrnn (cpp backend): column_dot of tensors of different shapes");
+  const at::Tensor left = a.contiguous(), right = b.contiguous();
+  const int64_t width = left.size(-1), rows = width == 0 ? 0 : left.numel() / width;
+  auto result = at::empty({width}, left.options());
+  const scalar_t *x = left.data_ptr<scalar_t>(), *y = right.data_ptr<scalar_t>();
+  scalar_t* out = result.data_ptr<scalar_t>();
+  // blocks of at least 64 columns: whole cache lines of each row
+  const int64_t grain = std::max<int64_t>(64, kParallelGrain / std::max<int64_t>(rows, 1));
+  at::parallel_for(0, width, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(end - begin, 0.0);
+    double* __restrict__ sum = total.data();
+    for (int64_t row = 0; row < rows; ++row) {
+      const scalar_t* __restrict__ x_row = x + row * width + begin;
+      const scalar_t* __restrict__ y_row = y + row * width + begin;
+      for (int64_t j = 0; j < end - begin; ++j) {
+        sum[j] += static_cast<double>(x_row[j]) * static_cast<double>(y_row[j]);
+      }
+    }
+    for (int64_t j = begin; j < end; ++j) {
+      out[j] = static_cast<scalar_t>(total[j - begin]);
+    }
+  });
+  return result;
 }
 
 // What the backward of one normalization needs besides hat.
@@ -296,7 +328,9 @@ struct StepNorm {
     if (norm == kNone) {
       return at::zeros({g.size(-1)}, g.options());
     }
-    return sum_over_steps_and_rows(g * hats);
+    at::Tensor result;
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gain_grad", [&] { result = column_dot<scalar_t>(g, hats); });
+    return result;
   }
 };
 

@@ -13,7 +13,7 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
   const int64_t steps = wx.size(0), batch = wx.size(1), hidden = h0.size(1);
   saved.begin(lengths, steps, h0, hidden, keep);
   saved.activations = saved.per_step(hidden, wx.options());
-  auto output = at::empty({steps, batch, hidden}, wx.options());
+  auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // wx_t + b, step by step (a (T, B, H) sum would double the memory of the input); under a
   // per-step normalization of wx the norm's output
@@ -52,7 +52,7 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
     });
     saved.record(ih, hh);
   }
-  return {output, saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
+  return {workspace().lend(output), saved.states[saved.state_slot(steps)].clone()};  // fresh: see lstm.h
 }
 
 // dL/dpre of one step from dL/dh_t = grad_output + dh, and dh_direct: dh on rows past their length.
@@ -92,7 +92,7 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
   auto dh = grad_h_n.clone(), dh_direct = at::empty_like(dh);
   // dL/dpre (T, B, H); without a normalization also the gradient of wx and of h W_hh^T
   auto grad_pre = workspace().empty({steps, batch, hidden}, options);
-  auto grad_wx = saved.ih.norm == kNone ? grad_pre : at::empty_like(grad_pre);
+  auto grad_wx = saved.ih.norm == kNone ? grad_pre : workspace().empty({steps, batch, hidden}, options);
   auto grad_wh = saved.hh.norm == kNone ? grad_pre : workspace().empty({steps, batch, hidden}, options);
   RecurrentProduct recurrent_product(saved.w_hh.t(), batch, steps);  // dz_t W_hh
   const int64_t* row_lengths = saved.lengths_data();
@@ -111,11 +111,12 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
     }
     dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
-  std::vector<at::Tensor> grads = {grad_wx, dh, saved.recurrent_weight_grad(grad_wh),
+  std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_pre), saved.ih.gain_grad(grad_pre),
                                    saved.hh.gain_grad(grad_pre)};
-  for (auto* buffer : {&grad_pre, &grad_wx, &grad_wh}) {
-    workspace().recycle(*buffer);  // only what is not returned: grads hold the others
+  grads[0] = workspace().lend(grad_wx);
+  for (auto* buffer : {&grad_pre, &grad_wh}) {
+    workspace().recycle(*buffer);  // only what is not returned (or lent)
   }
   return grads;
 }

@@ -179,15 +179,16 @@ def test_a_forward_no_backward_follows_computes_what_one_kept_for_it_does(cell, 
 def test_a_forward_no_backward_follows_holds_one_step_of_buffers(cell):
     """What the loops' buffers come to (the pool takes them back when the call ends): about one
     step's worth under no_grad, against every step's when a backward may follow; the returned
-    output alone is T steps."""
+    output alone is T steps (it too comes back to the pool once dropped, so it is held here)."""
     steps, batch, hidden = 200, 8, 32
     layer = CELLS[cell](hidden, hidden, norm="batch", max_steps=steps, backend="cpp")
     x = torch.randn(steps, batch, hidden)
     step_bytes = batch * hidden * x.element_size()
     normrnn.cpp_backend.release_workspace()
     with torch.no_grad():
-        layer(x)
+        output = layer(x)[0]
     without_backward = normrnn.cpp_backend.release_workspace()
+    del output
     layer(x)[0].sum().backward()
     with_backward = normrnn.cpp_backend.release_workspace()
     assert with_backward > 5 * steps * step_bytes
@@ -207,6 +208,69 @@ def test_a_backward_after_a_forward_that_kept_nothing_raises():
                                        torch.empty(0))  # no output projection
     with pytest.raises(RuntimeError, match="kept nothing"):
         extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_a_backward_frees_what_the_forward_kept_unless_the_graph_is_retained(cell):
+    """As autograd frees the tensors of save_for_backward, a backward that does not retain the graph
+    hands the forward's buffers back to the pool while the output is still referenced; a retained
+    graph keeps them and differentiates again to the same gradients, and a second backward through
+    a freed one raises torch's error."""
+    steps, batch, hidden = 20, 4, 16
+    layer = CELLS[cell](8, hidden, norm="batch", max_steps=steps, backend="cpp")
+    x = torch.randn(steps, batch, 8, requires_grad=True)
+    output, _ = layer(x)
+    normrnn.cpp_backend.release_workspace()
+    output.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    retained = normrnn.cpp_backend.release_workspace()  # the backward's own buffers
+    output.sum().backward()
+    assert torch.equal(x.grad, 2 * first)
+    freed = normrnn.cpp_backend.release_workspace()  # and the forward's
+    step_bytes = batch * hidden * x.element_size()
+    assert freed >= retained + 3 * steps * step_bytes, (freed, retained)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        output.sum().backward()
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+def test_the_pool_takes_back_the_buffers_it_handed_out(cell, norm):
+    """Training steps of one shape run on the same buffers: what the pool holds after each step is
+    the same. (A buffer handed out as a view tracked by autograd kept its base as a second owner,
+    and the pool refused it on return: every other step got fresh memory. A buffer it did not
+    hand out, taken back, made it grow by one every step.)"""
+    layer = CELLS[cell](8, 16, norm=norm, backend="cpp")
+    x = torch.randn(20, 4, 8, requires_grad=True)
+    normrnn.cpp_backend.release_workspace()
+    held = []
+    for _ in range(4):
+        layer(x)[0].sum().backward()
+        held.append(normrnn.cpp_backend.extension().workspace_bytes())
+    assert held[0] > 0 and held == [held[0]] * 4, held
+
+
+def test_an_output_and_a_gradient_come_back_to_the_pool_when_dropped():
+    """The output and the gradient of x W_ih^T are handed out on pooled memory: the pool takes each
+    back when its holder drops it, and not before."""
+    extension = normrnn.cpp_backend.extension()
+    steps, batch, hidden = 3, 2, 4
+    ones, zeros = torch.ones(4 * hidden), torch.zeros(4 * hidden)
+    running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
+                                                                             torch.ones(1, hidden)]
+    h0 = torch.zeros(batch, hidden)
+    output, _, _, saved = extension.lstm_forward(torch.randn(steps, batch, 4 * hidden), h0, h0,
+                                                 torch.randn(4 * hidden, hidden), zeros, ones, ones, torch.ones(hidden),
+                                                 torch.zeros(hidden), running, torch.empty(0, dtype=torch.int64), 0,
+                                                 0, 0, True, 0.1, 1e-5, True, torch.empty(0))
+    grad_wx, *_ = extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
+    del saved
+    held, size = extension.workspace_bytes(), output.nbytes
+    del output
+    assert extension.workspace_bytes() == held + size
+    held, size = extension.workspace_bytes(), grad_wx.nbytes
+    del grad_wx
+    assert extension.workspace_bytes() == held + size
 
 
 def test_release_workspace_frees_the_pool():
