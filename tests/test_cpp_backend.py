@@ -195,19 +195,25 @@ def test_a_forward_no_backward_follows_holds_one_step_of_buffers(cell):
     assert 0 < without_backward < 30 * step_bytes, (without_backward, with_backward)
 
 
-def test_a_backward_after_a_forward_that_kept_nothing_raises():
-    extension = normrnn.cpp_backend.extension()
-    steps, batch, hidden = 3, 2, 4
+def _extension_lstm_forward(steps, batch, hidden, keep):
+    """The extension's LSTM forward called directly (no norm, evaluation mode, no output projection):
+    output, h_n, c_n, saved, and the zero initial state it ran from."""
     ones, zeros = torch.ones(4 * hidden), torch.zeros(4 * hidden)
     running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
                                                                              torch.ones(1, hidden)]
     h0 = torch.zeros(batch, hidden)
-    *_, saved = extension.lstm_forward(torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden),
-                                       zeros, ones, ones, torch.ones(hidden), torch.zeros(hidden), running,
-                                       torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1, 1e-5, False,
-                                       torch.empty(0))  # no output projection
+    results = normrnn.cpp_backend.extension().lstm_forward(
+        torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden), zeros, ones, ones,
+        torch.ones(hidden), torch.zeros(hidden), running, torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1,
+        1e-5, keep, torch.empty(0))
+    return (*results, h0)
+
+
+def test_a_backward_after_a_forward_that_kept_nothing_raises():
+    steps, batch, hidden = 3, 2, 4
+    *_, saved, h0 = _extension_lstm_forward(steps, batch, hidden, keep=False)
     with pytest.raises(RuntimeError, match="kept nothing"):
-        extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
+        normrnn.cpp_backend.extension().lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -255,14 +261,7 @@ def test_an_output_and_a_gradient_come_back_to_the_pool_when_dropped():
     back when its holder drops it, and not before."""
     extension = normrnn.cpp_backend.extension()
     steps, batch, hidden = 3, 2, 4
-    ones, zeros = torch.ones(4 * hidden), torch.zeros(4 * hidden)
-    running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
-                                                                             torch.ones(1, hidden)]
-    h0 = torch.zeros(batch, hidden)
-    output, _, _, saved = extension.lstm_forward(torch.randn(steps, batch, 4 * hidden), h0, h0,
-                                                 torch.randn(4 * hidden, hidden), zeros, ones, ones, torch.ones(hidden),
-                                                 torch.zeros(hidden), running, torch.empty(0, dtype=torch.int64), 0,
-                                                 0, 0, True, 0.1, 1e-5, True, torch.empty(0))
+    output, _, _, saved, h0 = _extension_lstm_forward(steps, batch, hidden, keep=True)
     grad_wx, *_ = extension.lstm_backward(saved, torch.ones(steps, batch, hidden), h0, h0)
     del saved
     held, size = extension.workspace_bytes(), output.nbytes
