@@ -277,11 +277,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
                                    projects ? at::mm(grad_projected.reshape({-1, dh.size(1)}).t(),
                                                      saved.unprojected.reshape({-1, hidden}))
                                             : at::Tensor()};
-  grads[0] = workspace().lend(grad_wx);
-  for (auto* buffer : {&grad_gates, &grad_wh, &grad_y_steps, &grad_projected}) {
-    workspace().recycle(*buffer);  // only what is not returned (or lent)
-  }
-  return grads;
+  return workspace().hand_over(std::move(grads), grad_wx, {&grad_gates, &grad_wh, &grad_y_steps, &grad_projected});
 }
 
 }  // namespace normrnn

@@ -114,11 +114,7 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
   std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
                                    sum_over_steps_and_rows(grad_pre), saved.ih.gain_grad(grad_pre),
                                    saved.hh.gain_grad(grad_pre)};
-  grads[0] = workspace().lend(grad_wx);
-  for (auto* buffer : {&grad_pre, &grad_wh}) {
-    workspace().recycle(*buffer);  // only what is not returned (or lent)
-  }
-  return grads;
+  return workspace().hand_over(std::move(grads), grad_wx, {&grad_pre, &grad_wh});
 }
 
 }  // namespace normrnn

@@ -68,8 +68,7 @@ class Workspace {
   // is 52 MB: 12,800 page faults a step). The caller drops its own handle. Its storage cannot be
   // resized, as for any tensor on memory it does not own.
   at::Tensor lend(at::Tensor& buffer) {
-    auto* held = new at::Tensor(std::move(buffer));
-    buffer = at::Tensor();
+    auto* held = new at::Tensor(std::move(buffer));  // leaves `buffer` undefined
     return at::from_blob(
         held->data_ptr(), held->sizes(), held->strides(),
         [this, held](void*) {  // the pool is never destroyed (see workspace())
@@ -77,6 +76,18 @@ class Workspace {
           delete held;
         },
         held->options());
+  }
+
+  // How a backward hands over its results: `grads` with their first entry (the gradient of
+  // x W_ih^T) lent on `grad_wx`, and the loop's `scratch` buffers back to the pool, where no
+  // returned gradient shares their storage (recycle() checks).
+  std::vector<at::Tensor> hand_over(std::vector<at::Tensor> grads, at::Tensor& grad_wx,
+                                    std::initializer_list<at::Tensor*> scratch) {
+    grads[0] = lend(grad_wx);
+    for (auto* buffer : scratch) {
+      recycle(*buffer);
+    }
+    return grads;
   }
 
   // Frees every pooled buffer.

@@ -182,26 +182,24 @@ def describe_availability(probe: Tensor) -> str:
     return f"not usable: {reason}"
 
 
-def _saved_sequence(ctx):
-    """What the forward kept for this backward (its C++ ``Sequence``)."""
+def _backward_through_saved(ctx, extension_backward, *output_grads) -> tuple:
+    """``extension_backward`` of the C++ ``Sequence`` the forward kept, then that ``Sequence`` freed
+    unless the backward retains the graph, as autograd frees the tensors of ``save_for_backward``: its
+    buffers return to the pool now, for the next forward, instead of staying held by the graph until
+    the caller drops the output (a training loop holds the last loss's graph through the next
+    forward, which then found no buffer to reuse: at B=64, I=H=512, T=100 a BN-LSTM's 210 MB of
+    them). The gradients, and None for the forward's config."""
     if ctx.saved is None:
         raise RuntimeError(
             "normrnn (cpp backend): Trying to backward through the graph a second time: the values the "
             "C++ loops saved for it were freed by the first backward. Specify retain_graph=True in the first "
             "backward (or autograd.grad) to differentiate the graph again.")
-    return ctx.saved
-
-
-def _release_unless_retained(ctx) -> None:
-    """Frees the forward's ``Sequence`` at the end of a backward that does not retain the graph, as
-    autograd frees the tensors of ``save_for_backward``: its buffers return to the pool now, for the
-    next forward, instead of staying held by the graph until the caller drops the output (a
-    training loop holds the last loss's graph through the next forward, which then found no buffer
-    to reuse: at B=64, I=H=512, T=100 a BN-LSTM's 210 MB of them)."""
+    grads = extension_backward(ctx.saved, *(grad.contiguous() for grad in output_grads))
     # the question AOTAutograd asks for its own saved tensors; a torch without it keeps them
     retained = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
     if not retained:
         ctx.saved = None
+    return (*grads, None)
 
 
 class _LSTMFunction(torch.autograd.Function):
@@ -218,10 +216,7 @@ class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        grads = extension().lstm_backward(_saved_sequence(ctx), grad_output.contiguous(), grad_h_n.contiguous(),
-                                          grad_c_n.contiguous())
-        _release_unless_retained(ctx)
-        return (*grads, None)
+        return _backward_through_saved(ctx, extension().lstm_backward, grad_output, grad_h_n, grad_c_n)
 
 
 class _GRUFunction(torch.autograd.Function):
@@ -236,9 +231,7 @@ class _GRUFunction(torch.autograd.Function):
     @staticmethod
     @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n):
-        grads = extension().gru_backward(_saved_sequence(ctx), grad_output.contiguous(), grad_h_n.contiguous())
-        _release_unless_retained(ctx)
-        return (*grads, None)
+        return _backward_through_saved(ctx, extension().gru_backward, grad_output, grad_h_n)
 
 
 class _RNNFunction(torch.autograd.Function):
@@ -253,9 +246,7 @@ class _RNNFunction(torch.autograd.Function):
     @staticmethod
     @first_derivatives_only("cpp")
     def backward(ctx, grad_output, grad_h_n):
-        grads = extension().rnn_backward(_saved_sequence(ctx), grad_output.contiguous(), grad_h_n.contiguous())
-        _release_unless_retained(ctx)
-        return (*grads, None)
+        return _backward_through_saved(ctx, extension().rnn_backward, grad_output, grad_h_n)
 
 
 def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,

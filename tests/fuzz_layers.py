@@ -15,7 +15,8 @@ reference holding the same weights:
 The Triton kernels run in float32 (or, in a fifth of the cases, bfloat16 or float16),
 interpreted on a CPU; the C++ backend runs in float64. Each tensor must be within the dtype's
 tolerance (1e-4, 2e-2) or within four times the worst error of the other CPU implementations run
-in that dtype (the reference, and the C++ backend in float32), whichever is larger: batch
+in that dtype (the reference, and the C++ backend in float32) on a tensor of its kind (the same
+quantity in any layer and direction, ``tensor_kind``), whichever is larger: batch
 statistics of a few rows, an RNN of one hidden unit and layer norm of a rank-P product are
 ill-conditioned, and no order of the same floating-point operations does better than the rounding
 they amplify.
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -56,6 +58,18 @@ LAYERS = {"lstm": normrnn.LSTM, "gru": normrnn.GRU, "rnn": normrnn.RNN}
 # batch statistics over fewer rows are ill-conditioned beyond what any tolerance should absorb
 # (see test_triton_lstm.test_batch_norm_over_few_rows_is_as_accurate_as_float32_allows)
 FEWEST_ROWS_UNDER_BATCH_NORM = 5
+# layer norm over the H hidden units (an RNN's two projections, an LSTM's cell) is ill-conditioned
+# beyond any tolerance at these H, drawn as H = 3 instead. Over two features the gradient is a
+# difference of terms (var + eps) / eps times larger than it, so any relative error of the gradient
+# that reaches it comes out that much larger (seed 22853, a bfloat16 LSTM of two hidden units: 4e-1
+# to 1.3 from float64, the bfloat16 reference 1.2e-1 to 6.5e-1; in float32, or at H = 3, both within
+# the bound). Over one, v - mean(v) is 0 and every gradient through it is 0, which the LSTM's cell
+# norm computes exactly in every backend (its mean of one value is that value); but the RNN's
+# projection through x W_ih^T is torch's layer_norm in the Triton layer, whose CPU backward
+# recomputes v - mean and returns rounding noise of |v| 2^-24 / sqrt(eps) in place of those zeros
+# (seeds 21135 and 21523 passed only while the C++ peer used torch's too). test_triton_rnn bounds
+# that case in absolute terms. The LSTM's and the GRU's projections normalize 4H and 3H features.
+ILL_CONDITIONED_LAYER_NORM_WIDTHS = {"rnn": (1, 2), "lstm": (2,)}
 # the drawn problems' outputs and gradients are of order 0.1 to 10: a tensor whose entries are all
 # below this is measured against it in absolute terms
 SMALLEST_SCALE = 1e-3
@@ -102,10 +116,12 @@ class Case:
 def draw_case(seed: int, persistent: bool = False) -> Case:
     """The configuration of ``seed``: small odd sizes, every option drawn independently, then the
     draws that the layer refuses by design (a reverse direction from a first_step other than 0)
-    or that batch norm cannot condition (under five active rows at a step) made valid. With
-    ``persistent`` the Triton layer runs its persistent kernels, every program of a launch at once
-    in threads of the interpreter (``concurrent_interpreter``), and H goes up to 40: up to three
-    programs of 16 hidden units that exchange h through memory at every step's grid barrier."""
+    or that batch norm cannot condition (under five active rows at a step) made valid, and a
+    layer norm over so few hidden units that no tolerance bounds it
+    (``ILL_CONDITIONED_LAYER_NORM_WIDTHS``) widened. With ``persistent`` the Triton layer runs its
+    persistent kernels, every program of a launch at once in threads of the interpreter
+    (``concurrent_interpreter``), and H goes up to 40: up to three programs of 16 hidden units that
+    exchange h through memory at every step's grid barrier."""
     rng = random.Random(seed)
     cell = rng.choice(["lstm", "gru", "rnn"])
     norm = rng.choice([None, "layer", "batch", "seqbatch"])
@@ -132,6 +148,8 @@ def draw_case(seed: int, persistent: bool = False) -> Case:
     if not bidirectional and norm == "batch" and rng.random() < 0.4:
         first_step = rng.randint(1, max_steps + 1)
     hidden_size = rng.randint(1, 40 if persistent else 21)
+    if norm == "layer" and hidden_size in ILL_CONDITIONED_LAYER_NORM_WIDTHS.get(cell, ()):
+        hidden_size = 3
     proj_size = 0
     if cell == "lstm" and hidden_size > 1 and rng.random() < 0.3:
         proj_size = rng.randint(1, hidden_size - 1)  # torch's rule: 0 < proj_size < hidden_size
@@ -278,6 +296,19 @@ def _backends() -> List[tuple]:
     return found
 
 
+def tensor_kind(key: str) -> str:
+    """``key`` without its layer and direction (``grad_bias_ih_l1_reverse``: ``grad_bias_ih``).
+
+    The floor of a tensor's error is the peers' worst error over every tensor of its kind: the same
+    quantity in another layer or direction is as conditioned, and a single tensor's error is one
+    draw of the rounding, too noisy a floor where the tensor holds a few numbers (seed 22336, a
+    bidirectional bfloat16 RNN of one hidden unit: the bias gradient, a single number (-0.13 where
+    W_hh's is -24), came out 1.4e-1 from float64 in the forward direction where the bfloat16
+    reference's happened to be 3.4e-2, and 3.2e-2 in the reverse one where the reference's was
+    5.3e-2)."""
+    return re.sub(r"_l\d+(_reverse)?$", "", key)
+
+
 def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[str]:
     """Every mismatch of every backend against the float64 reference on ``case``, as lines
     naming the phase, backend, tensor, error and bound; empty when all agree (with
@@ -304,10 +335,13 @@ def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[st
             floors = [_run(case, other, x.to(dtype), to_dtype(hx, dtype), lengths, train) for other in others]
             with _launches(case, backend):
                 got = _run(case, candidate, x.to(device, dtype), to_dtype(hx, dtype, device), lengths, train)
+            floor_of_kind: Dict[str, float] = {}
+            for key in expected:
+                floor = max((tensor_error(key, other[key], expected, SMALLEST_SCALE) for other in floors), default=0.0)
+                floor_of_kind[tensor_kind(key)] = max(floor_of_kind.get(tensor_kind(key), 0.0), floor)
             for key in expected:
                 error = tensor_error(key, got[key], expected, SMALLEST_SCALE)
-                floor = max((tensor_error(key, other[key], expected, SMALLEST_SCALE) for other in floors), default=0.0)
-                bound = max(TOLERANCE[dtype], 4 * floor)
+                bound = max(TOLERANCE[dtype], 4 * floor_of_kind[tensor_kind(key)])
                 if not error < bound:
                     failures.append(f"{phase}: {name} {str(dtype)[6:]} {key}: error {error:.2e}, bound {bound:.2e}")
             if failures and stop_at_first_phase_failing:

@@ -54,6 +54,28 @@ def test_the_seed_fixes_the_case():
     assert fuzz_layers.draw_case(7) != fuzz_layers.draw_case(8)
 
 
+def test_drawn_cases_are_as_well_conditioned_as_the_bounds_assume():
+    """No drawn case asks for what no tolerance bounds: per-timestep batch statistics over fewer
+    than five active rows, or a layer norm over one or two hidden units where it is ill-conditioned."""
+    for persistent in (False, True):
+        for seed in range(2000):
+            case = fuzz_layers.draw_case(seed, persistent)
+            if case.norm == "batch":
+                for step in range(case.steps):
+                    active = sum(length > step for length in case.lengths)
+                    assert active >= fuzz_layers.FEWEST_ROWS_UNDER_BATCH_NORM, case
+            if case.norm == "layer":
+                assert case.hidden_size not in fuzz_layers.ILL_CONDITIONED_LAYER_NORM_WIDTHS.get(case.cell, ()), case
+
+
+def test_a_tensor_kind_spans_layers_and_directions():
+    keys = ("grad_bias_ih_l0", "grad_bias_ih_l1_reverse", "grad_bias_ih_l0_reverse")
+    kinds = {fuzz_layers.tensor_kind(key) for key in keys}
+    assert kinds == {"grad_bias_ih"}
+    assert fuzz_layers.tensor_kind("hh_running_var_l1") == "hh_running_var"
+    assert fuzz_layers.tensor_kind("grad_hx0") == "grad_hx0" and fuzz_layers.tensor_kind("output") == "output"
+
+
 def _first_persistent_case_over_three_programs(cell, norm):
     # of one layer: the interpreter's threads make a case several times slower than per-step launches
     for seed in range(1000):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import normrnn
+from conftest import outputs_and_grads
 from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error
 
 if INTERPRETER_OFF:
@@ -46,6 +47,32 @@ def test_two_layers_bidirectional_and_eval(norm):
         expected, _ = reference(x)
         got, _ = fused(x.float().to(DEVICE))
     assert relative_error(got.cpu(), expected) < 1e-4
+
+
+def test_layer_norm_over_one_hidden_unit_is_its_shift():
+    """Layer norm over one feature is 0 (v - mean(v) = 0 exactly), so the pre-activation is
+    b_ih + b_hh: h_t = tanh(b_ih + b_hh) at every step, and no gradient reaches x, h_0, W_ih, W_hh or
+    the gains. A float32 layer norm that recomputes v - mean from its saved mean returns rounding
+    noise of order |v| 2^-24 / sqrt(eps) per unit of upstream gradient in place of those zeros
+    (torch's CPU layer_norm backward does, under the projection's norm), which no relative
+    tolerance bounds; the noise is bounded here in absolute terms, far below the O(1) gradients of a
+    layer norm that did not normalize. (The fuzzer draws H >= 3 for this reason.)"""
+    reference, fused = _pair("layer", torch.float32, input_size=6, hidden_size=1)
+    x = torch.randn(5, 11, 6, dtype=torch.float64) * 3
+    h0 = torch.randn(1, 11, 1, dtype=torch.float64)
+    expected = outputs_and_grads(reference, x.float().double(), h0.float().double())
+    got = outputs_and_grads(fused, x.float().to(DEVICE), h0.float().to(DEVICE))
+    shift = torch.tanh(reference.bias_ih_l0 + reference.bias_hh_l0).detach()
+    assert (got["output"].cpu().double() - shift).abs().max() < 1e-6
+    for key in ("grad_bias_ih_l0", "grad_bias_hh_l0"):
+        assert relative_error(got[key].cpu(), expected[key]) < 1e-4, key
+    bias_gradient = float(expected["grad_bias_ih_l0"].abs().max())
+    assert bias_gradient > 1.0
+    zero_in_exact_arithmetic = ["grad_input", "grad_hx0", "grad_weight_ih_l0", "grad_weight_hh_l0",
+                                "grad_ih_norm_weight_l0", "grad_hh_norm_weight_l0"]
+    for key in zero_in_exact_arithmetic:
+        assert float(expected[key].abs().max()) == 0.0, key
+        assert float(got[key].abs().max()) < 1e-3 * bias_gradient, key
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["weights-on-chip", "weights-streamed"])
