@@ -80,6 +80,14 @@ def _packed_from_padded(output: Tensor, template: PackedSequence) -> PackedSeque
     return PackedSequence(data, batch_sizes, template.sorted_indices, template.unsorted_indices)
 
 
+# What layer norm over H features (an RNN's projections, an LSTM's cell) leaves of the layer at H = 1;
+# the GRU's norms span 3H and the LSTM's projections' 4H, which one unit leaves meaningful.
+_ONE_UNIT_LAYER_NORM = {
+    "rnn": "the pre-activation is b_ih + b_hh whatever x and h, and no gradient reaches them",
+    "lstm": "the cell's norm is its shift, h_t = o_t tanh(cell_norm_bias), and c_t no longer reaches h_t",
+}
+
+
 class _NormRNNBase(nn.Module):
     cell: str = ""
 
@@ -94,6 +102,9 @@ class _NormRNNBase(nn.Module):
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout acts between layers, so with num_layers=1 it does nothing "
                           f"(dropout={dropout})", UserWarning, stacklevel=3)
+        if norm == "layer" and hidden_size == 1 and self.cell in _ONE_UNIT_LAYER_NORM:
+            warnings.warn("norm='layer' with hidden_size=1 normalizes a single value, which is always 0: "
+                          f"{_ONE_UNIT_LAYER_NORM[self.cell]}", UserWarning, stacklevel=3)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.proj_size = proj_size

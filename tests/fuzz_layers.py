@@ -168,6 +168,14 @@ def draw_case(seed: int, persistent: bool = False) -> Case:
         with_state=rng.random() < 0.5, first_step=first_step,
         triton_dtype=rng.choices(["float32", "bfloat16", "float16"], weights=[8, 1, 1])[0], persistent=persistent,
     )
+    if case.hidden_size == 1:
+        # a layer of one unit in 16 bits: each weight's gradient is one number, a sum whose terms
+        # cancel, and two implementations' errors on it are two draws from a long tail. Over 40
+        # weight draws of seed 23257's configuration (a bidirectional two-layer bfloat16 RNN under
+        # sequence-wise batch norm) the Triton layer's median error was half the bfloat16
+        # reference's for every gradient (W_hh's: 5.5e-3 against 1.1e-2), and both reached past 1
+        # (3.4 and 4.7): no multiple of one draw bounds the other (seeds 22336, 23257)
+        case.triton_dtype = "float32"
     if case.nonlinearity == "relu":
         # a pre-activation within 16-bit rounding of zero takes the other side of relu's kink in the
         # kernel than in float64, and its whole term of the gradient with it (seed 3155: 5e-2 in
@@ -301,8 +309,8 @@ def tensor_kind(key: str) -> str:
 
     The floor of a tensor's error is the peers' worst error over every tensor of its kind: the same
     quantity in another layer or direction is as conditioned, and a single tensor's error is one
-    draw of the rounding, too noisy a floor where the tensor holds a few numbers (seed 22336, a
-    bidirectional bfloat16 RNN of one hidden unit: the bias gradient, a single number (-0.13 where
+    draw of the rounding, too noisy a floor where the tensor holds a few numbers (seed 22336, before
+    layers of one unit were drawn in float32 only, a bidirectional bfloat16 RNN of one hidden unit: the bias gradient, a single number (-0.13 where
     W_hh's is -24), came out 1.4e-1 from float64 in the forward direction where the bfloat16
     reference's happened to be 3.4e-2, and 3.2e-2 in the reverse one where the reference's was
     5.3e-2)."""

@@ -44,6 +44,19 @@ def test_projected_state_of_the_wrong_width_names_proj_size():
         layer(torch.randn(2, 5, 3), (torch.zeros(1, 5, 2), torch.zeros(1, 5, 2)))
 
 
+@pytest.mark.parametrize("cls, said", [(normrnn.RNN, "whatever x and h"), (normrnn.LSTM, "no longer reaches h_t")])
+def test_layer_norm_over_one_hidden_unit_warns_what_it_leaves(cls, said):
+    with pytest.warns(UserWarning, match=f"norm='layer' with hidden_size=1 normalizes a single value.*{said}"):
+        cls(3, 1, norm="layer", backend="reference")
+
+
+def test_layer_norm_over_one_unit_of_a_gru_or_of_two_units_does_not_warn(recwarn):
+    normrnn.GRU(3, 1, norm="layer", backend="reference")
+    normrnn.RNN(3, 2, norm="layer", backend="reference")
+    normrnn.LSTM(3, 1, norm="batch", backend="reference")
+    assert not [warning for warning in recwarn if "hidden_size=1" in str(warning.message)]
+
+
 def test_unknown_nonlinearity():
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         normrnn.RNN(3, 4, nonlinearity="sigmoid")

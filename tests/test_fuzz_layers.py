@@ -56,7 +56,8 @@ def test_the_seed_fixes_the_case():
 
 def test_drawn_cases_are_as_well_conditioned_as_the_bounds_assume():
     """No drawn case asks for what no tolerance bounds: per-timestep batch statistics over fewer
-    than five active rows, or a layer norm over one or two hidden units where it is ill-conditioned."""
+    than five active rows, a layer norm over one or two hidden units where it is ill-conditioned, or
+    16-bit gradients of one number each (a layer of one unit)."""
     for persistent in (False, True):
         for seed in range(2000):
             case = fuzz_layers.draw_case(seed, persistent)
@@ -64,6 +65,8 @@ def test_drawn_cases_are_as_well_conditioned_as_the_bounds_assume():
                 for step in range(case.steps):
                     active = sum(length > step for length in case.lengths)
                     assert active >= fuzz_layers.FEWEST_ROWS_UNDER_BATCH_NORM, case
+            if case.hidden_size == 1:
+                assert case.triton_dtype == "float32", case
             if case.norm == "layer":
                 assert case.hidden_size not in fuzz_layers.ILL_CONDITIONED_LAYER_NORM_WIDTHS.get(case.cell, ()), case
 

@@ -57,7 +57,8 @@ def test_layer_norm_over_one_hidden_unit_is_its_shift():
     (torch's CPU layer_norm backward does, under the projection's norm), which no relative
     tolerance bounds; the noise is bounded here in absolute terms, far below the O(1) gradients of a
     layer norm that did not normalize. (The fuzzer draws H >= 3 for this reason.)"""
-    reference, fused = _pair("layer", torch.float32, input_size=6, hidden_size=1)
+    with pytest.warns(UserWarning, match="hidden_size=1 normalizes a single value"):
+        reference, fused = _pair("layer", torch.float32, input_size=6, hidden_size=1)
     x = torch.randn(5, 11, 6, dtype=torch.float64) * 3
     h0 = torch.randn(1, 11, 1, dtype=torch.float64)
     expected = outputs_and_grads(reference, x.float().double(), h0.float().double())
