@@ -310,10 +310,10 @@ def tensor_kind(key: str) -> str:
     The floor of a tensor's error is the peers' worst error over every tensor of its kind: the same
     quantity in another layer or direction is as conditioned, and a single tensor's error is one
     draw of the rounding, too noisy a floor where the tensor holds a few numbers (seed 22336, before
-    layers of one unit were drawn in float32 only, a bidirectional bfloat16 RNN of one hidden unit: the bias gradient, a single number (-0.13 where
-    W_hh's is -24), came out 1.4e-1 from float64 in the forward direction where the bfloat16
-    reference's happened to be 3.4e-2, and 3.2e-2 in the reverse one where the reference's was
-    5.3e-2)."""
+    layers of one unit were drawn in float32 only: in a bidirectional bfloat16 RNN of one hidden
+    unit the bias gradient, a single number (-0.13 where W_hh's is -24), came out 1.4e-1 from
+    float64 in the forward direction where the bfloat16 reference's happened to be 3.4e-2, and
+    3.2e-2 in the reverse one where the reference's was 5.3e-2)."""
     return re.sub(r"_l\d+(_reverse)?$", "", key)
 
 
@@ -346,7 +346,8 @@ def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[st
             floor_of_kind: Dict[str, float] = {}
             for key in expected:
                 floor = max((tensor_error(key, other[key], expected, SMALLEST_SCALE) for other in floors), default=0.0)
-                floor_of_kind[tensor_kind(key)] = max(floor_of_kind.get(tensor_kind(key), 0.0), floor)
+                kind = tensor_kind(key)
+                floor_of_kind[kind] = max(floor_of_kind.get(kind, 0.0), floor)
             for key in expected:
                 error = tensor_error(key, got[key], expected, SMALLEST_SCALE)
                 bound = max(TOLERANCE[dtype], 4 * floor_of_kind[tensor_kind(key)])
