@@ -106,6 +106,7 @@ void gru_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
     }
     const scalar_t* __restrict__ r = gate + row * width, *z = r + hidden, *n = r + 2 * hidden;
     const scalar_t* __restrict__ u_n = u_data + row * width + 2 * hidden;
+    NORMRNN_VECTORIZE
     for (int64_t j = 0; j < hidden; ++j) {
       const scalar_t gh = go[at + j] + carried[at + j];
       const scalar_t gn = gh * (scalar_t(1) - z[j]) * (scalar_t(1) - n[j] * n[j]);

@@ -27,6 +27,7 @@ void lstm_cell_update(const at::Tensor& gates, const at::Tensor& c_prev, at::Ten
       std::copy(c_row, c_row + hidden, out);
       return;
     }
+    NORMRNN_VECTORIZE
     for (int64_t j = 0; j < hidden; ++j) {
       out[j] = g_row[hidden + j] * c_row[j] + g_row[j] * g_row[2 * hidden + j];
     }
@@ -147,8 +148,10 @@ void lstm_output_grad(const at::Tensor& grad_output, const at::Tensor& dh, const
       gy[at + j] = g * o[j] * (scalar_t(1) - y * y);
     };
     if (carried) {  // two loops, so that neither tests the pointer at every element
+      NORMRNN_VECTORIZE
       for (int64_t j = 0; j < hidden; ++j) store(j, go[at + j] + carried[at + j]);
     } else {
+      NORMRNN_VECTORIZE
       for (int64_t j = 0; j < hidden; ++j) store(j, go[at + j]);
     }
   });
@@ -181,6 +184,7 @@ void lstm_gate_grad(const at::Tensor& grad_h, const at::Tensor& grad_cell, const
     }
     std::fill(direct + state_at, direct + state_at + state, scalar_t(0));
     const scalar_t* __restrict__ i = gate + row * 4 * hidden, *f = i + hidden, *g = i + 2 * hidden, *o = i + 3 * hidden;
+    NORMRNN_VECTORIZE
     for (int64_t j = 0; j < hidden; ++j) {
       const scalar_t gc = gcell[at + j] + carried_c[at + j];
       dz_row[j] = gc * g[j] * i[j] * (scalar_t(1) - i[j]);
@@ -207,6 +211,7 @@ void lstm_projected_grad(const at::Tensor& grad_output, const at::Tensor& dh, at
       std::fill(out + at, out + at + state, scalar_t(0));
       return;
     }
+    NORMRNN_VECTORIZE
     for (int64_t j = 0; j < state; ++j) {
       out[at + j] = go[at + j] + carried[at + j];
     }

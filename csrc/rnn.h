@@ -74,6 +74,7 @@ void rnn_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
       return;
     }
     std::fill(direct + at, direct + at + hidden, scalar_t(0));
+    NORMRNN_VECTORIZE
     for (int64_t j = at; j < at + hidden; ++j) {
       const scalar_t gh = go[j] + carried[j];
       grad[j] = activation == 0   ? gh * (scalar_t(1) - value[j] * value[j])

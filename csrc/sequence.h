@@ -130,6 +130,7 @@ void emit_state(const at::Tensor& h_prev, at::Tensor& output, at::Tensor& h_next
       std::copy(previous + at, previous + at + hidden, next + at);
       return;
     }
+    NORMRNN_VECTORIZE
     for (int64_t j = 0; j < hidden; ++j) {
       out[at + j] = next[at + j] = new_value(row, j, previous[at + j]);
     }

@@ -85,6 +85,30 @@ def test_shapes_split_over_threads_equal_the_reference(cell, norm):
         assert relative_error(got[key], value) < 1e-10, key
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_running_statistics_split_over_threads_equal_the_reference(cell):
+    """The C++ loops update a slot's running statistics with the batch statistics of each block of
+    columns, written through pointers: over blocks on several threads they equal the reference's,
+    and autograd's version counter of every buffer it wrote moves (an in-place ATen op moves it)."""
+    config = dict(input_size=8, hidden_size=160, max_steps=2)
+    reference = CELLS[cell](norm="batch", backend="reference", **config).double()
+    fused = CELLS[cell](norm="batch", backend="cpp", **config).double()
+    for name, buffer in reference.named_buffers():
+        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    fused.load_state_dict(reference.state_dict())
+    versions = {name: buffer._version for name, buffer in fused.named_buffers()}
+    x = torch.randn(3, 900, 8, dtype=torch.float64)
+    lengths = torch.randint(1, 4, (900,))
+    lengths[:2] = 3
+    with torch.no_grad():
+        reference(x, lengths=lengths)
+        fused(x, lengths=lengths)
+    expected = dict(reference.named_buffers())
+    for name, buffer in fused.named_buffers():
+        assert relative_error(buffer, expected[name]) < 1e-12, name
+        assert buffer._version > versions[name], name
+
+
 def test_auto_picks_cpp_on_cpu_without_a_warning(recwarn):
     x = torch.zeros(1)
     assert normrnn.dispatch.resolve("auto", "gru", "batch", x) in ("cpp", "triton")
