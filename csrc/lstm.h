@@ -3,8 +3,8 @@
 //   h_t = o tanh(gamma_c N_c(c_t) + beta_c)         (with proj_size P: h_t = r_t W_hr^T, r_t that value)
 // wx arrives projected (and, for layer norm and sequence-wise batch norm, normalized) by the caller.
 // A step is one BLAS call, ATen's vectorized sigmoid/tanh in place on the gate buffer, and two
-// fused row loops; the backward step is one fused row loop and one BLAS call (normalizations, when
-// present, add ATen's kernels).
+// fused row loops; the backward step is one fused row loop and one BLAS call (each normalization,
+// when present, adds one loop of its own, csrc/norms.h).
 #pragma once
 
 #include "sequence.h"
