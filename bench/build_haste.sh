@@ -23,7 +23,9 @@ if [ $# -ne 2 ]; then
     exit 2
 fi
 source_dir=$(cd "$1" && pwd)
-python=$2
+# absolute, as the build runs in a scratch folder (a relative V/bin/python would name nothing there);
+# the venv's own bin folder kept, not the interpreter it links to, so that its packages come along
+python=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
 out_dir=$(pwd)/.whl
 [ -f "$source_dir/lib/haste.h" ] || { echo "HASTE_SOURCE: $source_dir holds no lib/haste.h" >&2; exit 2; }
 nvcc_path=$(command -v nvcc) || { echo "nvcc is not on the PATH" >&2; exit 2; }
@@ -62,7 +64,7 @@ setup(name="haste_pytorch", version="0.5.0rc0+sm90", packages=["haste_pytorch"],
       cmdclass={"build_ext": cpp_extension.BuildExtension})
 EOF
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} "$python" setup_sm90.py -q bdist_wheel >build.log 2>&1 \
-    || { grep -m 30 -E "error|Error" build.log >&2; exit 1; }
+    || { grep -m 30 -E "error|Error" build.log >&2 || tail -n 20 build.log >&2; exit 1; }
 mkdir -p "$out_dir"
 rm -f "$out_dir"/haste_pytorch-*.whl
 cp dist/haste_pytorch-*.whl "$out_dir"/
