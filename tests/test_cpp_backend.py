@@ -50,16 +50,25 @@ def test_gradcheck_rnn_relu_and_identity(nonlinearity, norm):
     _gradcheck_module(module, x, torch.tensor([4, 2, 3]), with_state=True)
 
 
+def _reference_and_cpp(cell, norm, random_statistics=False, **config):
+    """A float64 reference layer and a C++ one holding its weights and buffers; with
+    ``random_statistics`` the running statistics drawn away from their init (means of order 1,
+    variances in [0.5, 1.5]), so that normalizing with them differs from the batch's."""
+    reference = CELLS[cell](norm=norm, backend="reference", **config).double()
+    if random_statistics:
+        for name, buffer in reference.named_buffers():
+            buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    fused = CELLS[cell](norm=norm, backend="cpp", **config).double()
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_steps_with_one_active_row_use_running_statistics(cell):
     """Batch norm of a step with a single active row normalizes with the running statistics of
     its slot (no batch statistics, no update): the C++ loops agree with the reference there."""
-    config = dict(input_size=4, hidden_size=5, max_steps=8)
-    reference = CELLS[cell](norm="batch", backend="reference", **config).double()
-    for name, buffer in reference.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
-    fused = CELLS[cell](norm="batch", backend="cpp", **config).double()
-    fused.load_state_dict(reference.state_dict())
+    reference, fused = _reference_and_cpp(cell, "batch", random_statistics=True, input_size=4, hidden_size=5,
+                                          max_steps=8)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     lengths = torch.tensor([5, 1, 2])  # steps 2-4: one row
     expected = outputs_and_grads(reference, x, None, lengths)
@@ -72,10 +81,7 @@ def test_steps_with_one_active_row_use_running_statistics(cell):
 @pytest.mark.parametrize("norm", [None, "batch", "layer"])
 def test_shapes_split_over_threads_equal_the_reference(cell, norm):
     """Rows and columns large enough that the fused loops run in chunks on several threads."""
-    config = dict(input_size=8, hidden_size=160, max_steps=3)
-    reference = CELLS[cell](norm=norm, backend="reference", **config).double()
-    fused = CELLS[cell](norm=norm, backend="cpp", **config).double()
-    fused.load_state_dict(reference.state_dict())
+    reference, fused = _reference_and_cpp(cell, norm, input_size=8, hidden_size=160, max_steps=3)
     x = torch.randn(3, 900, 8, dtype=torch.float64)
     lengths = torch.randint(1, 4, (900,))
     lengths[0] = 3
@@ -90,12 +96,8 @@ def test_running_statistics_split_over_threads_equal_the_reference(cell):
     """The C++ loops update a slot's running statistics with the batch statistics of each block of
     columns, written through pointers: over blocks on several threads they equal the reference's,
     and autograd's version counter of every buffer it wrote moves (an in-place ATen op moves it)."""
-    config = dict(input_size=8, hidden_size=160, max_steps=2)
-    reference = CELLS[cell](norm="batch", backend="reference", **config).double()
-    fused = CELLS[cell](norm="batch", backend="cpp", **config).double()
-    for name, buffer in reference.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
-    fused.load_state_dict(reference.state_dict())
+    reference, fused = _reference_and_cpp(cell, "batch", random_statistics=True, input_size=8, hidden_size=160,
+                                          max_steps=2)
     versions = {name: buffer._version for name, buffer in fused.named_buffers()}
     x = torch.randn(3, 900, 8, dtype=torch.float64)
     lengths = torch.randint(1, 4, (900,))
