@@ -43,17 +43,21 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
   auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // a = wx_t + b_ih, step by step (a (T, B, 3H) sum would double the memory of the input); under a
-  // per-step normalization the norm's output is a
-  auto a = at::empty({batch, 3 * hidden}, wx.options());
+  // per-step normalization the norm's output is a; wx_t itself where it carries b_ih
+  const bool bias_in_input = saved.takes_bias_from_input(bias_ih);
+  auto a_buffer = at::empty({batch, 3 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
     const int64_t slot = saved.step_slot(t);
     auto h = saved.states[saved.state_slot(t)], gates = saved.activations[slot], u = saved.extra[slot];
     Normalized ih, hh;
+    at::Tensor a = a_buffer;
     if (saved.ih.norm != kNone) {
       ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, a, row_lengths, count, t, training, momentum,
                             eps);
+    } else if (bias_in_input) {
+      a = wx[t];
     } else {
       at::add_out(a, wx[t], bias_ih);
     }
@@ -121,7 +125,7 @@ void gru_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
   });
 }
 
-// Returns dwx, dh0, dW_hh, d b_ih, d b_hh, d gamma_ih, d gamma_hh.
+// Returns dwx, dh0, dW_hh, d b_ih (undefined where the input carried it), d b_hh, d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
   saved.check_kept("GRU");
@@ -152,7 +156,8 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
     dh = recurrent_product(grad_wh[t], dh_direct);
   }
   std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
-                                   sum_over_steps_and_rows(grad_a), sum_over_steps_and_rows(grad_u),
+                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_a),
+                                   sum_over_steps_and_rows(grad_u),
                                    saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
   return workspace().hand_over(std::move(grads), grad_wx, {&grad_a, &grad_u, &grad_wh});
 }

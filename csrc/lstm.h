@@ -54,7 +54,8 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   RecurrentProduct projection = projects ? RecurrentProduct(saved.w_hr, batch, steps) : RecurrentProduct();
   // wx_t + b, step by step (a (T, B, 4H) sum would double the memory of the input); under a
-  // per-step normalization of wx the norm's output
+  // per-step normalization of wx the norm's output; wx_t itself where it carries the bias
+  const bool bias_in_input = saved.takes_bias_from_input(bias);
   auto input = at::empty({batch, 4 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
@@ -62,17 +63,20 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
     const int64_t now = saved.state_slot(t), next = saved.state_slot(t + 1);
     auto h = saved.states[now], c = saved.cells[now], gates = saved.activations[saved.step_slot(t)];
     Normalized ih, hh, cn;
+    at::Tensor step_input = input;
     if (saved.ih.norm != kNone) {
       ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum, eps);
+    } else if (bias_in_input) {
+      step_input = wx[t];
     } else {
       at::add_out(input, wx[t], bias);
     }
     // z_t (pre-activation): a product's own result, or the gate buffer that the norm wrote
     at::Tensor z = gates;
     if (saved.hh.norm == kNone) {
-      z = recurrent_product(h, input);
+      z = recurrent_product(h, step_input);
     } else {
-      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, input, gates, row_lengths, count, t, training,
+      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, step_input, gates, row_lengths, count, t, training,
                             momentum, eps);
     }
     auto input_forget = gates.narrow(1, 0, 2 * hidden), cell_gate = gates.narrow(1, 2 * hidden, hidden),
@@ -219,7 +223,7 @@ void lstm_projected_grad(const at::Tensor& grad_output, const at::Tensor& dh, at
 }
 
 // Returns dwx, dh0, dc0, dW_hh, d bias, d gamma_ih, d gamma_hh, d gamma_c, d beta_c, and dW_hr
-// (undefined without a projection).
+// (undefined without a projection; d bias undefined where the input carried the bias).
 inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Tensor& grad_output,
                                              const at::Tensor& grad_h_n, const at::Tensor& grad_c_n) {
   saved.check_kept("LSTM");
@@ -276,7 +280,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   }
   auto grad_cell_b = cell_norm ? sum_over_steps_and_rows(grad_y_steps) : at::zeros({hidden}, options);
   std::vector<at::Tensor> grads = {at::Tensor(), dh, dc, saved.recurrent_weight_grad(grad_wh),
-                                   sum_over_steps_and_rows(grad_gates),
+                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_gates),
                                    saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
                                    saved.cell.gain_grad(grad_y_steps), grad_cell_b,
                                    projects ? at::mm(grad_projected.reshape({-1, dh.size(1)}).t(),

@@ -16,25 +16,29 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
   auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   // wx_t + b, step by step (a (T, B, H) sum would double the memory of the input); under a
-  // per-step normalization of wx the norm's output
+  // per-step normalization of wx the norm's output; wx_t itself where it carries the bias
+  const bool bias_in_input = saved.takes_bias_from_input(bias);
   auto input = at::empty({batch, hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
     auto h = saved.states[saved.state_slot(t)], h_new = saved.activations[saved.step_slot(t)];
     Normalized ih, hh;
+    at::Tensor step_input = input;
     if (saved.ih.norm != kNone) {
       ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum,
                             eps);
+    } else if (bias_in_input) {
+      step_input = wx[t];
     } else {
       at::add_out(input, wx[t], bias);
     }
     // the pre-activation: a product's own result, or h_new where the norm wrote it
     at::Tensor pre = h_new;
     if (saved.hh.norm == kNone) {
-      pre = recurrent_product(h, input);
+      pre = recurrent_product(h, step_input);
     } else {
-      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, input, h_new, row_lengths, count, t, training,
+      hh = saved.hh.forward(recurrent_product(h), saved.hh_weight, step_input, h_new, row_lengths, count, t, training,
                             momentum, eps);
     }
     if (saved.activation == 0) {
@@ -84,7 +88,7 @@ void rnn_step_grad(const at::Tensor& grad_output, const at::Tensor& dh, const at
   });
 }
 
-// Returns dwx, dh0, dW_hh, d bias, d gamma_ih, d gamma_hh.
+// Returns dwx, dh0, dW_hh, d bias (undefined where the input carried the bias), d gamma_ih, d gamma_hh.
 inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Tensor& grad_output,
                                             const at::Tensor& grad_h_n) {
   saved.check_kept("RNN");
@@ -113,7 +117,8 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
     dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
   std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
-                                   sum_over_steps_and_rows(grad_pre), saved.ih.gain_grad(grad_pre),
+                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_pre),
+                                   saved.ih.gain_grad(grad_pre),
                                    saved.hh.gain_grad(grad_pre)};
   return workspace().hand_over(std::move(grads), grad_wx, {&grad_pre, &grad_wh});
 }

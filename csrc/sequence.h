@@ -33,6 +33,9 @@ struct Sequence {
   at::Tensor unprojected;  // LSTM with proj_size: r_t = o_t tanh(y_t) (T, B, H), which W_hr projects
   int64_t activation = 0;  // RNN: 0 tanh, 1 relu, 2 identity
   bool padded = false;     // lengths given: rows end at different steps
+  // The input projection carries the bias (folded into its matmul or norm before the loop, given
+  // here as an empty bias): no per-step add, and the bias's gradient is autograd's, not the loop's
+  bool bias_in_input = false;
 
   bool projects() const { return w_hr.defined(); }
 
@@ -66,6 +69,15 @@ struct Sequence {
   // A buffer for a state carried from step to step: T + 1 slots, or 2 (the previous and the new).
   at::Tensor per_state(int64_t width, const at::TensorOptions& options) const {
     return workspace().empty({keep ? steps + 1 : 2, batch, width}, options);
+  }
+
+  // Whether `bias` is empty, the sign that the input projection carries it; only where wx is not
+  // normalized per step (a per-step norm of wx adds the bias after it).
+  bool takes_bias_from_input(const at::Tensor& bias) {
+    bias_in_input = bias.numel() == 0;
+    TORCH_CHECK(!bias_in_input || ih.norm == kNone,
+                "bias: an empty bias (carried by the input projection) needs no per-step norm of it");
+    return bias_in_input;
   }
 
   // The normalizations of step t, for its backward (nothing when none follows).

@@ -250,11 +250,16 @@ class _RNNFunction(torch.autograd.Function):
 
 
 def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,
-             momentum: float, eps: float) -> Tensor:
-    """x W_ih^T for all steps, with the normalizations that need no recurrence."""
+             momentum: float, eps: float, bias: Optional[Tensor]) -> Tensor:
+    """x W_ih^T for all steps, with the normalizations that need no recurrence; plus ``bias`` (the
+    input's bias, folded in here where it is not None: into the matmul as addmm, or as layer
+    norm's beta, for no extra pass over the projection)."""
+    if bias is not None and norm is None:
+        rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), params.weight_ih.t())
+        return rows.view(*x.shape[:-1], rows.shape[-1])
     wx = torch.matmul(x, params.weight_ih.t())
     if norm == "layer":
-        wx = torch.nn.functional.layer_norm(wx, (wx.shape[-1],), params.ih_norm_weight, None, eps)
+        wx = torch.nn.functional.layer_norm(wx, (wx.shape[-1],), params.ih_norm_weight, bias, eps)
     elif norm == "seqbatch":
         wx = sequence_batch_norm(wx, padding.mask, padding.total, params.ih_norm_weight, params.ih_running_mean,
                                  params.ih_running_var, training, momentum, eps)
@@ -297,21 +302,31 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     state = tuple(value.contiguous() for value in state)
     w_hh = params.weight_hh.contiguous()
     norms = (ih_code, hh_code)
+    # Without a per-step norm of x W_ih^T the input's bias is added to the whole projection before the
+    # loop, inside its matmul (addmm) or layer norm (beta), not step by step in the loop: one pass
+    # over (B, G) a step less, and the loop gets an empty bias (csrc/sequence.h, bias_in_input).
+    # Sequence-wise batch norm would need an extra pass for it, and keeps the loop's add.
+    fold_bias = norm in (None, "layer")
     if cell == "gru":  # b_hh stays apart: torch's GRU puts it inside r * (W_hh h + b_hh)
-        bias_ih = params.bias_ih if params.bias_ih is not None else zeros_gates
+        input_bias = params.bias_ih
         bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates
-        weights = (w_hh, bias_ih, bias_hh, ih_weight, hh_weight)
     else:
         biases = [b for b in (params.bias_ih, params.bias_hh) if b is not None]
-        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else zeros_gates)
-        weights = (w_hh, bias, ih_weight, hh_weight)
+        input_bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
+    projected_bias = input_bias if fold_bias else None
+    loop_bias = like.new_empty(0) if fold_bias else (input_bias if input_bias is not None else zeros_gates)
+    if cell == "gru":
+        weights = (w_hh, loop_bias, bias_hh, ih_weight, hh_weight)
+    else:
+        weights = (w_hh, loop_bias, ih_weight, hh_weight)
         if cell == "lstm":
             weights += (params.cell_norm_weight if in_loop else like.new_ones(hidden),
                         params.cell_norm_bias if in_loop else like.new_zeros(hidden))
             norms += ({"batch": BATCH, "layer": LAYER}.get(norm, NONE),)
             weights += (params.weight_hr.contiguous() if params.weight_hr is not None else like.new_empty(0),)
     function = {"lstm": _LSTMFunction, "gru": _GRUFunction, "rnn": _RNNFunction}[cell]
-    keep = needs_gradient(x, params.weight_ih, params.ih_norm_weight, *state, *weights)
+    keep = needs_gradient(x, params.weight_ih, params.ih_norm_weight, params.bias_ih, params.bias_hh, *state,
+                          *weights)
 
     def run(wx: Tensor, state: Tuple[Tensor, ...], running: List[Tensor], lengths: Tensor):
         config = (running, lengths, norms, bool(training), float(momentum), float(eps))
@@ -325,13 +340,13 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     # sequence-wise batch norm in training needs the statistics of the whole projection; a sequence
     # of one chunk runs whole, its output not copied
     if keep or (norm == "seqbatch" and training) or chunk >= steps:
-        wx = _project(zero_padding(x, padding), params, norm, padding, training, momentum, eps)
+        wx = _project(zero_padding(x, padding), params, norm, padding, training, momentum, eps, projected_bias)
         return run(wx, state, running, lengths)
     output = x.new_empty(steps, x.shape[1], state_size)
     for start in range(0, steps, chunk):
         stop = min(steps, start + chunk)
         piece = zero_padding(x[start:stop], padding, first_step=start)
-        wx = _project(piece, params, norm, padding, training, momentum, eps)
+        wx = _project(piece, params, norm, padding, training, momentum, eps, projected_bias)
         # the chunk's step t is step start + t: per-step statistics from slot min(start, S - 1) on
         # (the slots past the last one are the last one), and lengths counted from its first step
         chunk_running = [statistics[min(start, statistics.shape[0] - 1):] for statistics in running]

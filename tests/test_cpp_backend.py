@@ -111,6 +111,27 @@ def test_running_statistics_split_over_threads_equal_the_reference(cell):
         assert buffer._version > versions[name], name
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("trained", ["bias_ih_l0", "bias_hh_l0"])
+def test_a_bias_alone_requiring_a_gradient_gets_the_references(cell, norm, trained):
+    """Without a per-step norm of x W_ih^T the input's bias is folded into the projection before the
+    loop, and the loop gets none: a layer whose only parameter that trains is one bias (the input
+    frozen too) must still keep what its backward needs, and that bias's gradient is the reference's."""
+    reference, fused = _reference_and_cpp(cell, norm, input_size=3, hidden_size=5, max_steps=6)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 5, 4])
+    weight = torch.randn(6, 4, 5, dtype=torch.float64)
+    grads = []
+    for module in (reference, fused):
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(name == trained)
+        out, _ = module(x, lengths=lengths)
+        (out * weight).sum().backward()
+        grads.append(dict(module.named_parameters())[trained].grad)
+    assert relative_error(grads[1], grads[0]) < 1e-10
+
+
 def test_auto_picks_cpp_on_cpu_without_a_warning(recwarn):
     x = torch.zeros(1)
     assert normrnn.dispatch.resolve("auto", "gru", "batch", x) in ("cpp", "triton")
