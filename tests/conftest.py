@@ -90,6 +90,15 @@ def outputs_and_grads(module, x, hx=None, lengths=None, seed=0, call=None):
     return results
 
 
+def draw_running_statistics(module):
+    """Draws ``module``'s running statistics away from their init (means of order 1, variances in
+    [0.5, 1.5]), in place, so that normalizing with them differs from normalizing with a batch's."""
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    return module
+
+
 def assert_float32_backend_equals_the_reference(layer_class, norm, backend, **config):
     """``layer_class`` on ``backend`` in float32 against the float64 reference with the same
     weights (norm gains away from their init), 2 layers, bidirectional, padded, max_steps=4:

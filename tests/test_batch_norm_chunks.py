@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import normrnn
+from conftest import draw_running_statistics
 from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, outputs_and_grads
 
 if INTERPRETER_OFF:
@@ -79,8 +80,7 @@ def test_evaluation_tiles_the_batch_with_running_statistics(monkeypatch, cell):
     decisions = _record_chunking(monkeypatch, cell)
     reference, fused = make_pair(getattr(normrnn, cell), "batch", torch.float32, input_size=3, hidden_size=19,
                                  max_steps=2)
-    for name, buffer in reference.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    draw_running_statistics(reference)
     fused.load_state_dict(reference.state_dict())
     reference.eval()
     fused.eval()

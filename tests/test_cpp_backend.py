@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import normrnn
-from conftest import CELLS, NORMS, assert_float32_backend_equals_the_reference, outputs_and_grads, relative_error
+from conftest import (CELLS, NORMS, assert_float32_backend_equals_the_reference, draw_running_statistics,
+                      outputs_and_grads, relative_error)
 from test_reference_gradcheck import _gradcheck_module, gradcheck_two_layers_bidirectional_and_eval
 
 reason = normrnn.dispatch.unavailable_reason("cpp", "lstm", None, torch.zeros(1))
@@ -52,12 +53,11 @@ def test_gradcheck_rnn_relu_and_identity(nonlinearity, norm):
 
 def _reference_and_cpp(cell, norm, random_statistics=False, **config):
     """A float64 reference layer and a C++ one holding its weights and buffers; with
-    ``random_statistics`` the running statistics drawn away from their init (means of order 1,
-    variances in [0.5, 1.5]), so that normalizing with them differs from the batch's."""
+    ``random_statistics`` the running statistics drawn away from their init first
+    (``draw_running_statistics``)."""
     reference = CELLS[cell](norm=norm, backend="reference", **config).double()
     if random_statistics:
-        for name, buffer in reference.named_buffers():
-            buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+        draw_running_statistics(reference)
     fused = CELLS[cell](norm=norm, backend="cpp", **config).double()
     fused.load_state_dict(reference.state_dict())
     return reference, fused

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import CELLS, NORMS
+from conftest import CELLS, NORMS, draw_running_statistics
 
 
 def _gradcheck_module(module, x, lengths, with_state):
@@ -41,8 +41,7 @@ def gradcheck_two_layers_bidirectional_and_eval(module):
     # an earlier step of the same call updates (max_steps=2 shares the last slot), which gradcheck's
     # repeated calls would see change
     _gradcheck_module(module, x, torch.tensor([3, 2, 3]), with_state=False)
-    for name, buffer in module.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    draw_running_statistics(module)
     module.eval()  # running statistics, the last slot beyond max_steps
     _gradcheck_module(module, x, torch.tensor([3, 3, 2]), with_state=True)
 
@@ -73,7 +72,6 @@ def test_gradcheck_two_layers_bidirectional_padded(cell, norm):
 @pytest.mark.parametrize("norm", ["batch", "seqbatch"])
 def test_gradcheck_eval_mode(cell, norm):
     module = CELLS[cell](3, 2, norm=norm, backend="reference").double()
-    for name, buffer in module.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    draw_running_statistics(module)
     module.eval()
     _gradcheck_module(module, torch.randn(4, 2, 3, dtype=torch.float64), torch.tensor([4, 3]), with_state=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import normrnn
+from conftest import draw_running_statistics
 from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, outputs_and_grads, relative_error
 
 if INTERPRETER_OFF:
@@ -62,8 +63,7 @@ def test_two_layers_bidirectional(norm):
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_eval_mode_uses_running_statistics_and_saves_nothing(norm):
     reference, fused = _pair(norm, torch.float32, input_size=4, hidden_size=19, max_steps=3)
-    for name, buffer in reference.named_buffers():
-        buffer.uniform_(0.5, 1.5) if "var" in name else buffer.normal_()
+    draw_running_statistics(reference)
     fused.load_state_dict(reference.state_dict())
     reference.eval()
     fused.eval()
