@@ -252,8 +252,8 @@ class _RNNFunction(torch.autograd.Function):
 def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: Padding, training: bool,
              momentum: float, eps: float, bias: Optional[Tensor]) -> Tensor:
     """x W_ih^T for all steps, with the normalizations that need no recurrence; plus ``bias`` (the
-    input's bias, folded in here where it is not None: into the matmul as addmm, or as layer
-    norm's beta, for no extra pass over the projection)."""
+    input's bias, folded in here where it is not None: into the matmul as addmm, as layer norm's
+    beta, or into sequence-wise batch norm's scaling pass; never an extra pass over the projection)."""
     if bias is not None and norm is None:
         rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), params.weight_ih.t())
         return rows.view(*x.shape[:-1], rows.shape[-1])
@@ -262,7 +262,7 @@ def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: P
         wx = torch.nn.functional.layer_norm(wx, (wx.shape[-1],), params.ih_norm_weight, bias, eps)
     elif norm == "seqbatch":
         wx = sequence_batch_norm(wx, padding.mask, padding.total, params.ih_norm_weight, params.ih_running_mean,
-                                 params.ih_running_var, training, momentum, eps)
+                                 params.ih_running_var, training, momentum, eps, bias)
     return wx.contiguous()
 
 
@@ -303,10 +303,10 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     w_hh = params.weight_hh.contiguous()
     norms = (ih_code, hh_code)
     # Without a per-step norm of x W_ih^T the input's bias is added to the whole projection before the
-    # loop, inside its matmul (addmm) or layer norm (beta), not step by step in the loop: one pass
-    # over (B, G) a step less, and the loop gets an empty bias (csrc/sequence.h, bias_in_input).
-    # Sequence-wise batch norm would need an extra pass for it, and keeps the loop's add.
-    fold_bias = norm in (None, "layer")
+    # loop, inside the pass that makes it (addmm, layer norm's beta, sequence-wise batch norm's
+    # scaling), not step by step in the loop: one pass over (B, G) a step less, and the loop gets an
+    # empty bias (csrc/sequence.h, bias_in_input)
+    fold_bias = ih_code == NONE
     if cell == "gru":  # b_hh stays apart: torch's GRU puts it inside r * (W_hh h + b_hh)
         input_bias = params.bias_ih
         bias_hh = params.bias_hh if params.bias_hh is not None else zeros_gates

@@ -88,14 +88,15 @@ def _step_statistics_in_graph(value: Tensor, active: Tensor, n_active: Tensor, r
 
 def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[int, Tensor], weight: Tensor,
                         running_mean: Tensor, running_var: Tensor, training: bool, momentum: float,
-                        eps: float) -> Tensor:
+                        eps: float, bias: Optional[Tensor] = None) -> Tensor:
     """Sequence-wise batch norm (Laurent et al. 2016, Deep Speech 2) of ``values`` ``(T, B, G)``.
 
-    ``y = weight * (value - mu) / sqrt(sigma2 + eps)`` with ``mu``, ``sigma2`` taken over every
-    active (timestep, sequence) position in training, the running statistics in evaluation.
+    ``y = weight * (value - mu) / sqrt(sigma2 + eps) (+ bias)`` with ``mu``, ``sigma2`` taken over
+    every active (timestep, sequence) position in training, the running statistics in evaluation.
     ``mask`` is the ``(T, B)`` activity mask, or None when every position is active, and
     ``n_active`` the number of active positions (an int, or a tensor where only the traced
-    graph knows it).
+    graph knows it). ``bias``, where given, is added in the same pass (the C++ backend folds the
+    layer's input bias in here).
     """
     if training:
         if mask is None:
@@ -109,7 +110,11 @@ def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[
     else:
         mean = running_mean.to(values.dtype)
         var = running_var.to(values.dtype)
-    return (values - mean) * torch.rsqrt(var + eps) * weight
+    # weight / sqrt(var + eps) is one number a feature: one pass over (T, B, G) scales by it, where
+    # two multiplications would make (and, in training, save for backward) a second (T, B, G) tensor
+    scale = torch.rsqrt(var + eps) * weight
+    centered = values - mean
+    return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
 
 
 def layer_norm(value: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
