@@ -53,8 +53,12 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: Union[int
     else:
         mean = running_mean[slot].to(value.dtype)
         var = running_var[slot].to(value.dtype)
-    out = (value - mean) * torch.rsqrt(var + eps) * weight
-    return out if bias is None else out + bias
+    # weight / sqrt(var + eps) is one number a feature: a step's (B, G) values are centered, then
+    # scaled and shifted in one pass (two passes, not four), and autograd keeps one (B, G) tensor
+    # of the step, not two
+    scale = torch.rsqrt(var + eps) * weight
+    centered = value - mean
+    return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
 
 
 def masked_moments(values: Tensor, active: Tensor, count: Union[int, Tensor], dims):
