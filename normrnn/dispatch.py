@@ -50,6 +50,7 @@ class _LazyBackend:
         self._import_error: Optional[str] = None
 
     def module(self):
+        """The backend's module, imported on first call; None where it cannot be imported."""
         if self._module is None and self._import_error is None:
             try:
                 self._module = importlib.import_module(self.module_name, __package__)
@@ -62,12 +63,14 @@ class _LazyBackend:
         return self._module
 
     def unavailable_reason(self, cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
+        """Why this backend cannot run the case, or None where it can."""
         module = self.module()
         if module is None:
             return f"it could not be imported ({self._import_error})"
         return module.unsupported_reason(cell, norm, x, nonlinearity)
 
     def run(self, *args):
+        """One layer and direction on this backend (``run_direction`` of its module)."""
         return self.module().run_direction(*args)
 
 

@@ -189,6 +189,9 @@ class _NormRNNBase(nn.Module):
         self.reset_running_stats()
 
     def reset_running_stats(self) -> None:
+        """Sets every running statistic to its init, as ``nn.BatchNorm1d.reset_running_stats``
+        does: running means to 0, running variances to 1 (every timestep slot), and the update
+        counts of ``momentum=None`` to 0."""
         for name, buffer in self.named_buffers():
             if "running_mean" in name:
                 buffer.zero_()

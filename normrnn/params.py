@@ -73,6 +73,8 @@ class Padding:
 
     @staticmethod
     def from_lengths(lengths: Optional[Tensor], steps: int, batch: int, device) -> "Padding":
+        """The padding of ``batch`` sequences of ``lengths`` (B,) within ``steps`` steps: sequence b
+        is active at step t while t < lengths[b]; no padding where lengths is None or all are full."""
         if lengths is None:
             return Padding(steps, batch)
         lengths_cpu = lengths.to("cpu", torch.int64)
@@ -89,9 +91,11 @@ class Padding:
 
     @property
     def padded(self) -> bool:
+        """Whether some sequence ends before the last step."""
         return self.mask is not None
 
     def active(self, step: int) -> Optional[Tensor]:
+        """The (B,) bool mask of the sequences active at ``step``, or None where all are."""
         return None if self.mask is None else self.mask[step]
 
     def _traced(self) -> bool:
@@ -103,12 +107,14 @@ class Padding:
         return self.active_counts
 
     def count(self, step: int) -> Union[int, Tensor]:
+        """The number of sequences active at ``step`` (a tensor while torch.compile traces)."""
         if self.mask is None:
             return self.batch
         return self.mask[step].sum() if self._traced() else self._counts()[step]
 
     @property
     def total(self) -> Union[int, Tensor]:
+        """The number of active (step, sequence) positions (a tensor while torch.compile traces)."""
         if self.mask is None:
             return self.steps * self.batch
         return self.mask.sum() if self._traced() else sum(self._counts())
