@@ -253,7 +253,7 @@ def _project(x: Tensor, params: DirectionParams, norm: Optional[str], padding: P
              momentum: float, eps: float, bias: Optional[Tensor]) -> Tensor:
     """x W_ih^T for all steps, with the normalizations that need no recurrence; plus ``bias`` (the
     input's bias, folded in here where it is not None: into the matmul as addmm, as layer norm's
-    beta, or into sequence-wise batch norm's scaling pass; never an extra pass over the projection)."""
+    beta, or into sequence-wise batch norm's scaling pass)."""
     if bias is not None and norm is None:
         rows = torch.addmm(bias, x.reshape(-1, x.shape[-1]), params.weight_ih.t())
         return rows.view(*x.shape[:-1], rows.shape[-1])
@@ -303,9 +303,9 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     w_hh = params.weight_hh.contiguous()
     norms = (ih_code, hh_code)
     # Without a per-step norm of x W_ih^T the input's bias is added to the whole projection before the
-    # loop, inside the pass that makes it (addmm, layer norm's beta, sequence-wise batch norm's
-    # scaling), not step by step in the loop: one pass over (B, G) a step less, and the loop gets an
-    # empty bias (csrc/sequence.h, bias_in_input)
+    # loop, by the ops that make it (addmm, layer norm's beta, sequence-wise batch norm's scaling),
+    # not step by step in the loop: one add over (B, G) a step less, and the loop gets an empty bias
+    # (csrc/sequence.h, bias_in_input)
     fold_bias = ih_code == NONE
     if cell == "gru":  # b_hh stays apart: torch's GRU puts it inside r * (W_hh h + b_hh)
         input_bias = params.bias_ih
