@@ -42,24 +42,21 @@ inline std::vector<at::Tensor> gru_forward(Sequence& saved, const at::Tensor& wx
   saved.extra = saved.per_step(3 * hidden, wx.options());
   auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
-  // a = wx_t + b_ih, step by step (a (T, B, 3H) sum would double the memory of the input); under a
-  // per-step normalization the norm's output is a; wx_t itself where it carries b_ih
-  const bool bias_in_input = saved.takes_bias_from_input(bias_ih);
-  auto a_buffer = at::empty({batch, 3 * hidden}, wx.options());
+  // a: wx_t, which carries b_ih; under a per-step normalization of wx the norm's output (with b_ih)
+  // in this buffer
+  saved.check_input_bias(bias_ih);
+  auto normalized_input = saved.input_carries_bias() ? at::Tensor() : at::empty({batch, 3 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
     const int64_t slot = saved.step_slot(t);
     auto h = saved.states[saved.state_slot(t)], gates = saved.activations[slot], u = saved.extra[slot];
     Normalized ih, hh;
-    at::Tensor a = a_buffer;
+    at::Tensor a = wx[t];
     if (saved.ih.norm != kNone) {
-      ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, a, row_lengths, count, t, training, momentum,
-                            eps);
-    } else if (bias_in_input) {
-      a = wx[t];
-    } else {
-      at::add_out(a, wx[t], bias_ih);
+      ih = saved.ih.forward(wx[t], saved.ih_weight, bias_ih, normalized_input, row_lengths, count, t, training,
+                            momentum, eps);
+      a = normalized_input;
     }
     if (saved.hh.norm == kNone) {
       recurrent_product.into(u, h, bias_hh);
@@ -156,7 +153,7 @@ inline std::vector<at::Tensor> gru_backward(const Sequence& saved, const at::Ten
     dh = recurrent_product(grad_wh[t], dh_direct);
   }
   std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
-                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_a),
+                                   saved.input_carries_bias() ? at::Tensor() : sum_over_steps_and_rows(grad_a),
                                    sum_over_steps_and_rows(grad_u),
                                    saved.ih.gain_grad(grad_a), saved.hh.gain_grad(grad_u)};
   return workspace().hand_over(std::move(grads), grad_wx, {&grad_a, &grad_u, &grad_wh});

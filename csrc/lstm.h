@@ -53,23 +53,20 @@ inline std::vector<at::Tensor> lstm_forward(Sequence& saved, const at::Tensor& w
   }
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
   RecurrentProduct projection = projects ? RecurrentProduct(saved.w_hr, batch, steps) : RecurrentProduct();
-  // wx_t + b, step by step (a (T, B, 4H) sum would double the memory of the input); under a
-  // per-step normalization of wx the norm's output; wx_t itself where it carries the bias
-  const bool bias_in_input = saved.takes_bias_from_input(bias);
-  auto input = at::empty({batch, 4 * hidden}, wx.options());
+  // a step's input term: wx_t, which carries the bias; under a per-step normalization of wx the
+  // norm's output (with the bias) in this buffer
+  saved.check_input_bias(bias);
+  auto input = saved.input_carries_bias() ? at::Tensor() : at::empty({batch, 4 * hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
     const int64_t now = saved.state_slot(t), next = saved.state_slot(t + 1);
     auto h = saved.states[now], c = saved.cells[now], gates = saved.activations[saved.step_slot(t)];
     Normalized ih, hh, cn;
-    at::Tensor step_input = input;
+    at::Tensor step_input = wx[t];
     if (saved.ih.norm != kNone) {
       ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum, eps);
-    } else if (bias_in_input) {
-      step_input = wx[t];
-    } else {
-      at::add_out(input, wx[t], bias);
+      step_input = input;
     }
     // z_t (pre-activation): a product's own result, or the gate buffer that the norm wrote
     at::Tensor z = gates;
@@ -280,7 +277,7 @@ inline std::vector<at::Tensor> lstm_backward(const Sequence& saved, const at::Te
   }
   auto grad_cell_b = cell_norm ? sum_over_steps_and_rows(grad_y_steps) : at::zeros({hidden}, options);
   std::vector<at::Tensor> grads = {at::Tensor(), dh, dc, saved.recurrent_weight_grad(grad_wh),
-                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_gates),
+                                   saved.input_carries_bias() ? at::Tensor() : sum_over_steps_and_rows(grad_gates),
                                    saved.ih.gain_grad(grad_gates), saved.hh.gain_grad(grad_gates),
                                    saved.cell.gain_grad(grad_y_steps), grad_cell_b,
                                    projects ? at::mm(grad_projected.reshape({-1, dh.size(1)}).t(),

@@ -15,23 +15,20 @@ inline std::vector<at::Tensor> rnn_forward(Sequence& saved, const at::Tensor& wx
   saved.activations = saved.per_step(hidden, wx.options());
   auto output = workspace().empty({steps, batch, hidden}, wx.options());
   RecurrentProduct recurrent_product(saved.w_hh, batch, steps);
-  // wx_t + b, step by step (a (T, B, H) sum would double the memory of the input); under a
-  // per-step normalization of wx the norm's output; wx_t itself where it carries the bias
-  const bool bias_in_input = saved.takes_bias_from_input(bias);
-  auto input = at::empty({batch, hidden}, wx.options());
+  // a step's input term: wx_t, which carries the bias; under a per-step normalization of wx the
+  // norm's output (with the bias) in this buffer
+  saved.check_input_bias(bias);
+  auto input = saved.input_carries_bias() ? at::Tensor() : at::empty({batch, hidden}, wx.options());
   const int64_t* row_lengths = saved.lengths_data();
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t count = saved.step_count(t);
     auto h = saved.states[saved.state_slot(t)], h_new = saved.activations[saved.step_slot(t)];
     Normalized ih, hh;
-    at::Tensor step_input = input;
+    at::Tensor step_input = wx[t];
     if (saved.ih.norm != kNone) {
       ih = saved.ih.forward(wx[t], saved.ih_weight, bias, input, row_lengths, count, t, training, momentum,
                             eps);
-    } else if (bias_in_input) {
-      step_input = wx[t];
-    } else {
-      at::add_out(input, wx[t], bias);
+      step_input = input;
     }
     // the pre-activation: a product's own result, or h_new where the norm wrote it
     at::Tensor pre = h_new;
@@ -117,7 +114,7 @@ inline std::vector<at::Tensor> rnn_backward(const Sequence& saved, const at::Ten
     dh = recurrent_product(grad_wh[t], saved.padded ? dh_direct : at::Tensor());
   }
   std::vector<at::Tensor> grads = {at::Tensor(), dh, saved.recurrent_weight_grad(grad_wh),
-                                   saved.bias_in_input ? at::Tensor() : sum_over_steps_and_rows(grad_pre),
+                                   saved.input_carries_bias() ? at::Tensor() : sum_over_steps_and_rows(grad_pre),
                                    saved.ih.gain_grad(grad_pre),
                                    saved.hh.gain_grad(grad_pre)};
   return workspace().hand_over(std::move(grads), grad_wx, {&grad_pre, &grad_wh});

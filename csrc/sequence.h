@@ -33,9 +33,6 @@ struct Sequence {
   at::Tensor unprojected;  // LSTM with proj_size: r_t = o_t tanh(y_t) (T, B, H), which W_hr projects
   int64_t activation = 0;  // RNN: 0 tanh, 1 relu, 2 identity
   bool padded = false;     // lengths given: rows end at different steps
-  // The input projection carries the bias (folded into its matmul or norm before the loop, given
-  // here as an empty bias): no per-step add, and the bias's gradient is autograd's, not the loop's
-  bool bias_in_input = false;
 
   bool projects() const { return w_hr.defined(); }
 
@@ -71,13 +68,16 @@ struct Sequence {
     return workspace().empty({keep ? steps + 1 : 2, batch, width}, options);
   }
 
-  // Whether `bias` is empty, the sign that the input projection carries it; only where wx is not
-  // normalized per step (a per-step norm of wx adds the bias after it).
-  bool takes_bias_from_input(const at::Tensor& bias) {
-    bias_in_input = bias.numel() == 0;
-    TORCH_CHECK(!bias_in_input || ih.norm == kNone,
-                "bias: an empty bias (carried by the input projection) needs no per-step norm of it");
-    return bias_in_input;
+  // Without a per-step norm of wx, wx carries the input's bias (added to the whole projection before
+  // the loop, by the ops that make it): the loop adds none, returns no gradient for it, and takes an
+  // empty one. A per-step norm of wx adds the bias after it.
+  bool input_carries_bias() const { return ih.norm == kNone; }
+
+  void check_input_bias(const at::Tensor& bias) const {
+    TORCH_CHECK((bias.numel() == 0) == input_carries_bias(), "bias: expected ",
+                input_carries_bias() ? "an empty tensor (without a per-step norm of wx, wx carries the bias)"
+                                     : "the bias that the per-step norm of wx adds",
+                ", got ", bias.sizes());
   }
 
   // The normalizations of step t, for its backward (nothing when none follows).

@@ -305,7 +305,7 @@ def _run_direction(cell, norm, x, state, params: DirectionParams, padding: Paddi
     # Without a per-step norm of x W_ih^T the input's bias is added to the whole projection before the
     # loop, by the ops that make it (addmm, layer norm's beta, sequence-wise batch norm's scaling),
     # not step by step in the loop: one add over (B, G) a step less, and the loop gets an empty bias
-    # (csrc/sequence.h, bias_in_input)
+    # (csrc/sequence.h, input_carries_bias)
     fold_bias = ih_code == NONE
     if cell == "gru":  # b_hh stays apart: torch's GRU puts it inside r * (W_hh h + b_hh)
         input_bias = params.bias_ih

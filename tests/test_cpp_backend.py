@@ -242,18 +242,26 @@ def test_a_forward_no_backward_follows_holds_one_step_of_buffers(cell):
     assert 0 < without_backward < 30 * step_bytes, (without_backward, with_backward)
 
 
-def _extension_lstm_forward(steps, batch, hidden, keep):
-    """The extension's LSTM forward called directly (no norm, evaluation mode, no output projection):
+def _extension_lstm_forward(steps, batch, hidden, keep, bias=None):
+    """The extension's LSTM forward called directly (no norm, evaluation mode, no output projection;
+    the projection carries the bias, so the loop takes an empty one unless ``bias`` is given):
     output, h_n, c_n, saved, and the zero initial state it ran from."""
-    ones, zeros = torch.ones(4 * hidden), torch.zeros(4 * hidden)
+    ones = torch.ones(4 * hidden)
     running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
                                                                              torch.ones(1, hidden)]
     h0 = torch.zeros(batch, hidden)
     results = normrnn.cpp_backend.extension().lstm_forward(
-        torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden), zeros, ones, ones,
+        torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden), torch.empty(0) if bias is None else bias, ones, ones,
         torch.ones(hidden), torch.zeros(hidden), running, torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1,
         1e-5, keep, torch.empty(0))
     return (*results, h0)
+
+
+def test_a_bias_given_to_a_loop_whose_input_carries_it_raises():
+    """Without a per-step norm of x W_ih^T the projection carries the bias and the loop adds none: a
+    bias handed to the loop anyway would be left out silently, so the extension refuses it."""
+    with pytest.raises(RuntimeError, match="bias: expected an empty tensor"):
+        _extension_lstm_forward(3, 2, 4, keep=False, bias=torch.zeros(16))
 
 
 def test_a_backward_after_a_forward_that_kept_nothing_raises():
