@@ -53,11 +53,17 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: Union[int
     else:
         mean = running_mean[slot].to(value.dtype)
         var = running_var[slot].to(value.dtype)
-    # weight / sqrt(var + eps) is one number a feature: a step's (B, G) values are centered, then
-    # scaled and shifted in one pass (two passes, not four), and autograd keeps one (B, G) tensor
-    # of the step, not two
+    return _normalize_features(value, mean, var, weight, bias, eps)
+
+
+def _normalize_features(values: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        eps: float) -> Tensor:
+    """``weight * (values - mean) / sqrt(var + eps) (+ bias)`` for statistics of one number a feature
+    (the last dimension). ``weight / sqrt(var + eps)`` is then one number a feature too: the values
+    are centered, then scaled and shifted in one pass (two passes over them, where spelling the
+    formula out makes four), and autograd keeps one tensor of their size, not two."""
     scale = torch.rsqrt(var + eps) * weight
-    centered = value - mean
+    centered = values - mean
     return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
 
 
@@ -114,11 +120,7 @@ def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[
     else:
         mean = running_mean.to(values.dtype)
         var = running_var.to(values.dtype)
-    # weight / sqrt(var + eps) is one number a feature: one pass over (T, B, G) scales by it, where
-    # two multiplications would make (and, in training, save for backward) a second (T, B, G) tensor
-    scale = torch.rsqrt(var + eps) * weight
-    centered = values - mean
-    return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
+    return _normalize_features(values, mean, var, weight, bias, eps)
 
 
 def layer_norm(value: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
