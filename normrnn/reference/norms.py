@@ -53,18 +53,8 @@ def batch_norm_step(value: Tensor, active: Optional[Tensor], n_active: Union[int
     else:
         mean = running_mean[slot].to(value.dtype)
         var = running_var[slot].to(value.dtype)
-    return _normalize_features(value, mean, var, weight, bias, eps)
-
-
-def _normalize_features(values: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
-                        eps: float) -> Tensor:
-    """``weight * (values - mean) / sqrt(var + eps) (+ bias)`` for statistics of one number a feature
-    (the last dimension). ``weight / sqrt(var + eps)`` is then one number a feature too: the values
-    are centered, then scaled and shifted in one pass (two passes over them, where spelling the
-    formula out makes four), and autograd keeps one tensor of their size, not two."""
-    scale = torch.rsqrt(var + eps) * weight
-    centered = values - mean
-    return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
+    out = (value - mean) * torch.rsqrt(var + eps) * weight
+    return out if bias is None else out + bias
 
 
 def masked_moments(values: Tensor, active: Tensor, count: Union[int, Tensor], dims):
@@ -120,7 +110,11 @@ def sequence_batch_norm(values: Tensor, mask: Optional[Tensor], n_active: Union[
     else:
         mean = running_mean.to(values.dtype)
         var = running_var.to(values.dtype)
-    return _normalize_features(values, mean, var, weight, bias, eps)
+    # weight / sqrt(var + eps) is one number a feature: one pass over (T, B, G) scales by it, where
+    # two multiplications would make (and, in training, save for backward) a second (T, B, G) tensor
+    scale = torch.rsqrt(var + eps) * weight
+    centered = values - mean
+    return centered * scale if bias is None else torch.addcmul(bias, centered, scale)
 
 
 def layer_norm(value: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
