@@ -6,13 +6,15 @@ Program p owns the same hidden units as in the forward. Step t (from T-1 down to
 1. dL/dh_t of its units: for rows active at t+1, ``dwh_{t+1} W_hh[:, units]`` (dwh_{t+1} of all
    4H columns was written by every program at the previous step: the one cross-program read);
    for rows that had ended, the value carried from step t+1.
-2. With the forward's saved wh, states and statistics, everything else is local to the program's
-   columns: the gates' backward, the batch-norm backward of c_t, of wh_t and of wx_t (which
-   couple rows of the active batch only), and the cell-state gradient carried to step t-1.
+2. With the forward's saved wh (z itself without a norm), states and statistics, everything else
+   is local to the program's columns: the gates' backward, the batch-norm backward of c_t, of
+   wh_t and of wx_t (which couple rows of the active batch only), and the cell-state gradient
+   carried to step t-1.
 
-Outputs: dwx (T, B, 4H) and dwh (T, B, 4H) (the weight gradients are matmuls of these after the
-loop), dh_0 is dwh_0 W_hh, dc_0 the carried cell gradient, and per-step partial sums of the bias
-and norm-parameter gradients (summed over steps by the caller, so no float atomics are needed).
+Outputs: dwx (T, B, 4H) and dwh (T, B, 4H), one tensor without a norm (the weight gradients are
+matmuls of these after the loop), dh_0 is dwh_0 W_hh, dc_0 the carried cell gradient, and
+per-step partial sums of the bias and norm-parameter gradients (summed over steps by the caller,
+so no float atomics are needed).
 """
 from __future__ import annotations
 
@@ -30,15 +32,16 @@ from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_g
 @triton.jit
 def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bias_ptr, ih_weight_ptr, hh_weight_ptr,
                   ih_stats_ptr, hh_stats_ptr, B, H: tl.constexpr, NORM: tl.constexpr):
-    """Recomputes one gate's pre-activation z and, under batch norm, the normalized projections."""
+    """One gate's pre-activation z and, under batch norm, the normalized projections, recomputed
+    from wx and wh there; without a norm the forward saved z itself in wh's place."""
     columns = gate * H + units
     tile_mask = row_mask[:, None] & unit_mask[None, :]
     step_start = step_offset(t, B * 4 * H)
     offsets = rows[:, None] * (4 * H) + columns[None, :]
-    wx = tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
     wh = tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
-    bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
     if NORM == 2:
+        wx = tl.load(wx_ptr + step_start + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
         ih_mean, ih_rstd = load_step_statistics(ih_stats_ptr, t, columns, unit_mask, 4 * H)
         hh_mean, hh_rstd = load_step_statistics(hh_stats_ptr, t, columns, unit_mask, 4 * H)
         wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
@@ -46,20 +49,23 @@ def _gate_forward(gate, t, rows, units, row_mask, unit_mask, wx_ptr, wh_ptr, bia
         ih_weight = tl.load(ih_weight_ptr + columns, mask=unit_mask, other=0.0)
         hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
         z = wx_hat * ih_weight[None, :] + wh_hat * hh_weight[None, :] + bias[None, :]
-    else:
-        wx_hat = wx
-        wh_hat = wh
-        ih_rstd = tl.zeros_like(bias)
+    else:  # no normalized projections: z stands in for them, unread
+        z = wh
+        wx_hat = z
+        wh_hat = z
+        ih_rstd = tl.zeros_like(units).to(tl.float32)
         hh_rstd = ih_rstd
-        z = wx + wh + bias[None, :]
     return z, wx_hat, wh_hat, ih_rstd, hh_rstd
 
 
 @triton.jit
-def _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, LOW_GRAD: tl.constexpr):
-    """dwx and dwh of one gate's tile; with ``LOW_GRAD`` dwh also rounded to the weights' dtype."""
+def _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr, dwh_ptr, dwh_low_ptr, NORM: tl.constexpr,
+                     LOW_GRAD: tl.constexpr):
+    """dwx and dwh of one gate's tile; with ``LOW_GRAD`` dwh also rounded to the weights' dtype.
+    Without a norm both are dL/dz, and dwh is dwx's buffer (``lstm_backward``): stored once."""
     tl.store(dwx_ptr + offsets, grad_wx, mask=tile_mask)
-    tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
+    if NORM == 2:
+        tl.store(dwh_ptr + offsets, grad_wh, mask=tile_mask)
     if LOW_GRAD:
         tl.store(dwh_low_ptr + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -98,7 +104,7 @@ def _gate_backward(gate, t, grad_z, wx_hat, wh_hat, ih_rstd, hh_rstd, rows, unit
         grad_wx = grad_z
         grad_wh = grad_z
     _store_gradients(offsets, tile_mask, grad_wx, grad_wh, dwx_ptr + step_start, dwh_ptr + step_start,
-                     dwh_low_ptr + step_start, LOW_GRAD)
+                     dwh_low_ptr + step_start, NORM, LOW_GRAD)
 
 
 @triton.jit
@@ -379,19 +385,22 @@ def lstm_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, w_hh_ptr
 
 def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias,
                   lengths, norm: int, training: bool):
-    """Launches the backward over all steps. ``saved`` is the dict of ``lstm_forward(save=True)``.
+    """Launches the backward over all steps. ``saved`` is the dict of ``lstm_forward(save=True)``;
+    ``wx`` is read under batch norm only (without a norm ``saved["wh"]`` holds z), and may be None
+    otherwise.
 
-    Returns dwx (T, B, 4H, float32), dwh (T, B, 4H, float32), dh_0, dc_0 (B, H, float32) and the
-    per-step partial sums: ``partials`` (T, 3, 4H) = (bias, ih gain, hh gain) and
-    ``cell_partials`` (T, 2, H) = (cell gain, cell shift)."""
-    steps, batch, gates = wx.shape
+    Returns dwx (T, B, 4H, float32), dwh (T, B, 4H, float32: without a norm the same tensor as
+    dwx, both being dL/dz), dh_0, dc_0 (B, H, float32) and the per-step partial sums:
+    ``partials`` (T, 3, 4H) = (bias, ih gain, hh gain) and ``cell_partials`` (T, 2, H) =
+    (cell gain, cell shift)."""
+    steps, batch, gates = saved["wh"].shape
     hidden = gates // 4
-    device = wx.device
+    device = saved["wh"].device
     layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dc_carry = grad_c_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
-    dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    dwh = new_buffer((steps, batch, gates), torch.float32, device) if norm == NORM_BATCH else dwx
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
     partials = new_buffer((steps, layout.row_tiles, 3, gates), torch.float32, device)
@@ -400,9 +409,11 @@ def lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_wei
         partials[:, :, 1:].zero_()
         cell_partials.zero_()
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (wx, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, saved["c"],
-                 saved["ih_stats"], saved["hh_stats"], saved["cell_stats"], grad_output.contiguous(), dh_carry,
-                 dc_carry, dwx, dwh, dwh_low, partials, cell_partials, lengths_arg, batch)
+    unread = saved["wh"]  # stands in for wx where the kernels do not read it
+    arguments = (wx if norm == NORM_BATCH else unread, saved["wh"], w_hh, bias, ih_weight, hh_weight, cell_weight,
+                 cell_bias, saved["c"], saved["ih_stats"], saved["hh_stats"], saved["cell_stats"],
+                 grad_output.contiguous(), dh_carry, dc_carry, dwx, dwh, dwh_low, partials, cell_partials, lengths_arg,
+                 batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), LOW_GRAD=low_grad, CHUNKED=layout.chunked)

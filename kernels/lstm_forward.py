@@ -14,8 +14,9 @@ step (a new launch, or the grid barrier of the persistent kernel). The persisten
 program's rows of W_hh on chip for the whole sequence where they fit (``resident_weights``), and
 otherwise streams them in K tiles every step, as the per-step kernel does.
 
-Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 4H), the states
-h (T+1, B, H) and c (T+1, B, H), and the mean / rstd used at every step.
+Saved for the backward (``SAVE``): in ``wh`` (T, B, 4H) the raw recurrent projection under batch
+norm, and without a norm the pre-activation z itself (the backward then reads neither wx nor
+the bias); the states h (T+1, B, H) and c (T+1, B, H), and the mean / rstd used at every step.
 """
 from __future__ import annotations
 
@@ -62,10 +63,10 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
     the whole batch under batch norm."""
     columns = gate * H + units
     wx = _gate_tile(wx_ptr, gate, t, rows, units, row_mask, unit_mask, B, H)
-    if SAVE:
-        tl.store(wh_ptr + step_offset(t, B * 4 * H) + rows[:, None] * (4 * H) + columns[None, :], acc,
-                 mask=row_mask[:, None] & unit_mask[None, :])
+    saved = wh_ptr + step_offset(t, B * 4 * H) + rows[:, None] * (4 * H) + columns[None, :]
     if NORM == 2:
+        if SAVE:
+            tl.store(saved, acc, mask=row_mask[:, None] & unit_mask[None, :])
         ih_mean, ih_m2 = chunk_moments(wx, active_f, count)
         hh_mean, hh_m2 = chunk_moments(acc, active_f, count)
         ih_mean, ih_rstd, hh_mean, hh_rstd = pair_statistics(ih_mean, ih_m2, hh_mean, hh_m2, count, use_batch, slot, t,
@@ -77,6 +78,8 @@ def _gate_preactivation(gate, t, acc, wx_ptr, bias_ptr, ih_weight_ptr, hh_weight
     else:
         bias = tl.load(bias_ptr + columns, mask=unit_mask, other=0.0)
         z = wx + acc + bias[None, :]
+        if SAVE:  # the backward of no norm needs z alone: saved in wh's place, so wx need not be kept for it
+            tl.store(saved, z, mask=row_mask[:, None] & unit_mask[None, :])
     return z
 
 
@@ -346,8 +349,9 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     values when norm is NORM_NONE); ``running`` holds the six running-statistics tensors
     (max_steps, features) in float32, updated in place in training. Returns a dict with ``output``
     (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states, and when ``save``:
-    ``wh`` (T, B, 4H) and the per-step statistics (T, 2, features) as ``ih_stats``, ``hh_stats``,
-    ``cell_stats`` (row 0 the mean, row 1 the rstd). ``initial``: a float32 (B, 4H) product that
+    ``wh`` (T, B, 4H: h W_hh^T under batch norm, z without a norm) and the per-step statistics
+    (T, 2, features) as ``ih_stats``, ``hh_stats``, ``cell_stats`` (row 0 the mean, row 1 the
+    rstd). ``initial``: a float32 (B, 4H) product that
     step 0 adds to h0 W_hh^T (see ``recurrent_projection``), or None."""
     steps, batch, gates = wx.shape
     hidden = gates // 4

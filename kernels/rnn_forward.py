@@ -15,11 +15,12 @@ publishes per-program (mean, M2), phase 1 combines them in a fixed order and fin
 (see ``lstm_layer_norm_forward.py``). Phases are launches, or separated by a grid barrier in the
 persistent kernel.
 
-Saved for the backward (``SAVE``): u (T, B, H) and h (T+1, B, H) in float32 (h is the only
-state: rounding it to bfloat16 at every step would compound), and the statistics:
-per column (T, 2, H) for the two batch norms, per row (T, 2, B) for the layer norm. In bf16 and
-fp16 without batch norm h is also kept rounded to the weights' dtype (``operand_buffer``), which
-the recurrent product reads: half the bytes of the float32 state.
+Saved for the backward (``SAVE``): h (T+1, B, H) in float32 (h is the only state: rounding it to
+bfloat16 at every step would compound; the backward takes act'(pre_t) from h_t), under a norm u
+(T, B, H) in float32, and the statistics: per column (T, 2, H) for the two batch norms, per row
+(T, 2, B) for the layer norm. In bf16 and fp16 without batch norm h is also kept rounded to the
+weights' dtype (``operand_buffer``), which the recurrent product reads: half the bytes of the
+float32 state.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton.language as tl
 from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
 from .buffers import new_buffer
 from .layer_norm import combine_row_statistics, publish_row_statistics
-from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
+from .layout import NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
                     step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
@@ -136,9 +137,7 @@ def _rnn_finish(t, pid, first_row, programs, u, wx_ptr, bias_ptr, ih_weight_ptr,
                 store_step_statistics(hh_stats_ptr, t, rows, mean, rstd, row_mask, B)
         hh_weight = tl.load(hh_weight_ptr + units, mask=unit_mask, other=0.0)
         pre = wx + (u_saved - mean[:, None]) * rstd[:, None] * hh_weight[None, :] + bias[None, :]
-    else:
-        if SAVE:
-            tl.store(u_ptr + step_offset(t, B * H) + state_offsets, u, mask=tile_mask)
+    else:  # nothing to save: the backward takes act'(pre) from h_t
         pre = wx + u + bias[None, :]
     h_new = _activate(pre, ACTIVATION)
     h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -256,7 +255,8 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     """Launches the forward over all T steps of ``wx`` (T, B, H) (already normalized when the
     norm is "layer"). ``bias`` (H,) and the gains are float32; ``running`` holds the four running
     statistics (max_steps, H), updated in place in training (norm "batch"). Returns a dict with
-    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``u`` (T, B, H, float32) and
+    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``u`` (T, B, H, float32; empty
+    without a norm, whose backward does not read it) and
     ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm)."""
     steps, batch, hidden = wx.shape
     device = wx.device
@@ -268,15 +268,16 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     h_operand = operand_buffer(h, w_hh.dtype, norm)
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     saved_steps = steps if save else 1
-    u = new_buffer((saved_steps, batch, hidden), torch.float32, device)
+    # without a norm no step writes u (the backward takes act'(pre) from h), and none is allocated
+    u = new_buffer((saved_steps, batch, hidden), torch.float32, device) if norm != NORM_NONE else None
     stats_width = batch if norm == NORM_LAYER else hidden
     ih_stats = new_buffer((saved_steps, 2, hidden), torch.float32, device)
     hh_stats = new_buffer((saved_steps, 2, stats_width), torch.float32, device)
     partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
-    arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, h_operand, output, u, partial, ih_stats, hh_stats, *running,
-                 lengths_arg, batch, max_steps, momentum, eps)
+    arguments = (wx, w_hh, bias, ih_weight, hh_weight, h, h_operand, output, h if u is None else u, partial, ih_stats,
+                 hh_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, ACTIVATION=activation, TRAINING=training, SAVE=save,
                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(w_hh.dtype, norm),
@@ -286,5 +287,5 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
                     persistent_constants=lambda: resident_tiles(layout, 1, hidden, w_hh.dtype, norm))
     result = {"output": output, "h": h}
     if save:
-        result.update(u=u, ih_stats=ih_stats, hh_stats=hh_stats)
+        result.update(u=h.new_empty((0,)) if u is None else u, ih_stats=ih_stats, hh_stats=hh_stats)
     return result

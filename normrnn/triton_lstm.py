@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.layout import NORM_BATCH, NORM_LAYER, state_dtype
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE, state_dtype
 from .kernels.lstm_backward import lstm_backward
 from .kernels.lstm_forward import lstm_forward
 from .kernels.lstm_layer_norm_backward import layer_norm_lstm_backward
@@ -96,7 +96,8 @@ def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused LSTM backward (see ``normrnn.kernels.lstm_backward``). Returns the gradients of wx,
     h0, c0, W_hh, the summed bias, the ih / hh gains, the cell gain and shift, and (with
-    ``initial_given``; empty otherwise) of the forward's ``initial``: that of step 0's product."""
+    ``initial_given``; empty otherwise) of the forward's ``initial``: that of step 0's product.
+    ``wx``: x W_ih^T, or without a norm an empty tensor of its dtype (``wh`` holds z there)."""
     saved = {"h": h, "c": c, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats, "cell_stats": cell_stats}
     if norm == NORM_LAYER:
         result = layer_norm_lstm_backward(saved, grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, hh_weight,
@@ -107,7 +108,7 @@ def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx
     grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
     partials = result["partials"].sum(0)
     cell_partials = result["cell_partials"].sum(0)
-    grad_initial = result["dwh"][0].clone() if initial_given else new_empty(wx, (0,), torch.float32)
+    grad_initial = result["dwh"][0].clone() if initial_given else new_empty(wh, (0,), torch.float32)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), result["dc0"].to(w_hh.dtype),
             grad_w_hh.to(w_hh.dtype), partials[0].clone(), partials[1].clone(), partials[2].clone(),
             cell_partials[0].clone(), cell_partials[1].clone(), grad_initial)
@@ -116,10 +117,10 @@ def lstm_backward_op(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, wx
 @lstm_backward_op.register_fake
 def _(grad_output, grad_h_n, grad_c_n, wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, wh,
       ih_stats, hh_stats, cell_stats, lengths, initial_given, norm, training):
-    steps, batch, gates = wx.shape
+    steps, batch, gates = wh.shape
     hidden = gates // 4
     f32 = torch.float32
-    return (new_empty(wx, wx.shape), new_empty(w_hh, (batch, hidden)), new_empty(w_hh, (batch, hidden)),
+    return (new_empty(wx, wh.shape), new_empty(w_hh, (batch, hidden)), new_empty(w_hh, (batch, hidden)),
             new_empty(w_hh, w_hh.shape), *[new_empty(wx, (gates,), f32) for _ in range(3)],
             *[new_empty(wx, (hidden,), f32) for _ in range(2)],
             new_empty(wx, (batch, gates) if initial_given else (0,), f32))
@@ -129,7 +130,9 @@ def _setup_context(ctx, inputs, output):
     (wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, running, lengths, initial, norm, training,
      save, momentum, eps) = inputs
     ctx.norm, ctx.training, ctx.statistics, ctx.initial_given = norm, training, len(running), initial is not None
-    ctx.save_for_backward(wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, lengths, *output[4:])
+    # without a norm the forward saved z, so wx (T, B, 4H) is not kept alive for the backward
+    saved_input = wx if norm != NORM_NONE else new_empty(wx, (0,))
+    ctx.save_for_backward(saved_input, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, lengths, *output[4:])
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *unused_grads_of_statistics_and_saved):

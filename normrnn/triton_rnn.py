@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.layout import NORM_LAYER
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .kernels.rnn_backward import rnn_backward
 from .kernels.rnn_forward import ACTIVATIONS, rnn_forward
 from .first_derivatives import needs_gradient
@@ -52,20 +52,23 @@ def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activati
     stats_width = batch if norm == NORM_LAYER else hidden
     return (output, new_empty(h0, h0.shape), updated,
             new_empty(wx, (steps + 1, batch, hidden), torch.float32),
-            new_empty(wx, (steps, batch, hidden), torch.float32), new_empty(wx, (steps, 2, hidden), torch.float32),
+            new_empty(wx, (steps, batch, hidden) if norm != NORM_NONE else (0,), torch.float32),
+            new_empty(wx, (steps, 2, hidden), torch.float32),
             new_empty(wx, (steps, 2, stats_width), torch.float32))
 
 
 @torch.library.custom_op("normrnn::rnn_backward", mutates_args=())
 @on_the_tensors_device
-def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias: Tensor, ih_weight: Tensor,
+def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, ih_weight: Tensor,
                     hh_weight: Tensor, h: Tensor, u: Tensor, ih_stats: Tensor, hh_stats: Tensor,
                     lengths: Optional[Tensor], norm: int, activation: int, training: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused RNN backward: the gradients of wx, h0, W_hh, the summed bias and the two gains."""
+    """Fused RNN backward: the gradients of wx, h0, W_hh, the summed bias and the two gains.
+    ``wx``: x W_ih^T under batch norm, elsewhere an empty tensor of its dtype (the backward takes
+    the activation's derivative from h and needs no pre-activation)."""
     saved = {"h": h, "u": u, "ih_stats": ih_stats, "hh_stats": hh_stats}
-    result = rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, lengths, norm,
-                          activation, training)
+    result = rnn_backward(saved, grad_output, grad_h_n, wx, w_hh, ih_weight, hh_weight, lengths, norm, activation,
+                          training)
     grad_w_hh = recurrent_weight_gradient(result["du"], h)
     partials = result["partials"].sum(0)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
@@ -73,26 +76,28 @@ def rnn_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
 
 
 @rnn_backward_op.register_fake
-def _(grad_output, grad_h_n, wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, norm,
-      activation, training):
-    batch, hidden = wx.shape[1], wx.shape[2]
+def _(grad_output, grad_h_n, wx, w_hh, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, norm, activation,
+      training):
+    steps, batch, hidden = h.shape[0] - 1, h.shape[1], h.shape[2]
     f32 = torch.float32
-    return (new_empty(wx, wx.shape), new_empty(w_hh, (batch, hidden)), new_empty(w_hh, w_hh.shape),
+    return (new_empty(wx, (steps, batch, hidden)), new_empty(w_hh, (batch, hidden)), new_empty(w_hh, w_hh.shape),
             *[new_empty(wx, (hidden,), f32) for _ in range(3)])
 
 
 def _setup_context(ctx, inputs, output):
     wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activation, training, save, momentum, eps = inputs
     ctx.norm, ctx.activation, ctx.training, ctx.statistics = norm, activation, training, len(running)
-    ctx.save_for_backward(wx, w_hh, bias, ih_weight, hh_weight, lengths, *output[3:])
+    # only batch norm's backward reads x W_ih^T: elsewhere it is not kept alive for the backward
+    saved_input = wx if norm == NORM_BATCH else new_empty(wx, (0,))
+    ctx.save_for_backward(saved_input, w_hh, ih_weight, hh_weight, lengths, *output[3:])
 
 
 def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
-    wx, w_hh, bias, ih_weight, hh_weight, lengths, h, u, ih_stats, hh_stats = ctx.saved_tensors
+    wx, w_hh, ih_weight, hh_weight, lengths, h, u, ih_stats, hh_stats = ctx.saved_tensors
     require_saved(h, "RNN")
     grads = torch.ops.normrnn.rnn_backward(
         gradient_or_zeros(grad_output, h[1:], w_hh.dtype), gradient_or_zeros(grad_h_n, h[0], w_hh.dtype),
-        wx, w_hh, bias, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, ctx.norm, ctx.activation,
+        wx, w_hh, ih_weight, hh_weight, h, u, ih_stats, hh_stats, lengths, ctx.norm, ctx.activation,
         ctx.training)
     return (*grads, [None] * ctx.statistics, None, None, None, None, None, None, None)
 

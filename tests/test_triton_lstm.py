@@ -74,7 +74,26 @@ def test_eval_mode_uses_running_statistics_and_saves_nothing(norm):
     assert relative_error(got.cpu(), expected) < 1e-4
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("norm, gate_sized", [(None, 1), ("batch", 2)])
+def test_training_keeps_for_the_backward_only_the_gate_sized_tensors_its_norm_needs(norm, gate_sized):
+    """Without a norm the forward saves z = wx + wh + b and the backward reads it alone, so x W_ih^T
+    is not kept alive; per-timestep batch norm needs both raw projections for its backward."""
+    steps, batch, hidden = 5, 3, 6
+    layer = normrnn.LSTM(4, hidden, norm=norm, backend="triton").to(DEVICE)
+    shapes = []
+
+    def keep_shape(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda tensor: tensor):
+        output, _ = layer(torch.randn(steps, batch, 4, device=DEVICE))
+    assert shapes.count((steps, batch, 4 * hidden)) == gate_sized, shapes
+    output.sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in layer.parameters())
+
+
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
 def test_deterministic(norm):
     """Bit-identical results from the same inputs: no float atomics, fixed reduction orders."""
     _, fused = _pair(norm, torch.float32, input_size=4, hidden_size=18)

@@ -35,6 +35,38 @@ def test_batch_norm_in_place_of_tanh_and_bias(nonlinearity):
     compare(reference, fused, torch.randn(5, 8, 4, dtype=torch.float64), None, None, torch.float32)
 
 
+@pytest.mark.parametrize("nonlinearity", ["relu", None])
+@pytest.mark.parametrize("norm", [None, "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_and_identity_with_lengths(norm, nonlinearity, dtype):
+    """The backward takes act'(pre_t) from the saved h_t: relu's from h_t > 0, the identity's 1,
+    with rows that ended before the last step (their h_t is the carried state, not act(pre_t))."""
+    reference, fused = _pair(norm, dtype, input_size=4, hidden_size=11, nonlinearity=nonlinearity)
+    compare(reference, fused, torch.randn(6, 7, 4, dtype=torch.float64), torch.randn(1, 7, 11, dtype=torch.float64),
+            torch.tensor([6, 2, 6, 5, 1, 6, 3]), dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("norm, gate_sized", [(None, 0), ("layer", 2), ("batch", 2)])
+def test_only_batch_norm_keeps_the_input_projection_for_the_backward(norm, gate_sized, training):
+    """The backward takes the activation's derivative from h: without a norm the kernels keep
+    neither x W_ih^T nor u = h W_hh^T, under layer norm u alone (beside the raw projection that
+    the layer norm of x W_ih^T before the loop keeps for its own backward), under batch norm both."""
+    steps, batch, hidden = 5, 3, 6
+    layer = normrnn.RNN(4, hidden, norm=norm, backend="triton").to(DEVICE).train(training)
+    shapes = []
+
+    def keep_shape(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda tensor: tensor):
+        output, _ = layer(torch.randn(steps, batch, 4, device=DEVICE))
+    assert shapes.count((steps, batch, hidden)) == gate_sized, shapes
+    output.sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in layer.parameters())
+
+
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_two_layers_bidirectional_and_eval(norm):
     reference, fused = _pair(norm, torch.float32, input_size=3, hidden_size=7, num_layers=2, bidirectional=True,
