@@ -108,3 +108,19 @@ def compare(reference, fused, x, hx, lengths, dtype):
         error = tensor_error(key, got[key], expected)
         bound = max(TOLERANCE[dtype], 4 * tensor_error(key, floor[key], expected))
         assert error < bound, f"{key}: relative error {error:.2e}, bound {bound:.2e}"
+
+
+def saved_shapes_and_backward(layer, x):
+    """The shapes of the tensors that autograd keeps from ``layer``'s forward on ``x`` for the
+    backward; then runs that backward and checks that every parameter got a nonzero gradient."""
+    shapes = []
+
+    def keep_shape(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep_shape, lambda tensor: tensor):
+        output, _ = layer(x)
+    output.sum().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in layer.parameters())
+    return shapes
