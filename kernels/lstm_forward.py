@@ -351,8 +351,8 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     (T, B, H), ``h`` (T+1, B, H) and ``c`` (T+1, B, H, float32) states, and when ``save``:
     ``wh`` (T, B, 4H: h W_hh^T under batch norm, z without a norm) and the per-step statistics
     (T, 2, features) as ``ih_stats``, ``hh_stats``, ``cell_stats`` (row 0 the mean, row 1 the
-    rstd). ``initial``: a float32 (B, 4H) product that
-    step 0 adds to h0 W_hh^T (see ``recurrent_projection``), or None."""
+    rstd). ``initial``: a float32 (B, 4H) product that step 0 adds to h0 W_hh^T (see
+    ``recurrent_projection``), or None."""
     steps, batch, gates = wx.shape
     hidden = gates // 4
     device = wx.device

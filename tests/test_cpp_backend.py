@@ -250,8 +250,9 @@ def _extension_lstm_forward(steps, batch, hidden, keep, bias=None):
     running = [torch.zeros(1, 4 * hidden), torch.ones(1, 4 * hidden)] * 2 + [torch.zeros(1, hidden),
                                                                              torch.ones(1, hidden)]
     h0 = torch.zeros(batch, hidden)
+    loop_bias = torch.empty(0) if bias is None else bias
     results = normrnn.cpp_backend.extension().lstm_forward(
-        torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden), torch.empty(0) if bias is None else bias, ones, ones,
+        torch.randn(steps, batch, 4 * hidden), h0, h0, torch.randn(4 * hidden, hidden), loop_bias, ones, ones,
         torch.ones(hidden), torch.zeros(hidden), running, torch.empty(0, dtype=torch.int64), 0, 0, 0, False, 0.1,
         1e-5, keep, torch.empty(0))
     return (*results, h0)
