@@ -19,7 +19,8 @@ in that dtype (the reference, and the C++ backend in float32) on a tensor of its
 quantity in any layer and direction, ``tensor_kind``), whichever is larger: batch
 statistics of a few rows, an RNN of one hidden unit and layer norm of a rank-P product are
 ill-conditioned, and no order of the same floating-point operations does better than the rounding
-they amplify.
+they amplify. A tensor is measured relative to its largest entry, or to ``smallest_scale`` where that
+is larger: the final hidden state on the scale of the outputs, of which it is the last step.
 The C++ backend in float64 must be within 1e-9.
 
 ``tests/test_fuzz_layers.py`` runs a few seeds in CI; as a command it runs seeds until a time
@@ -317,6 +318,23 @@ def tensor_kind(key: str) -> str:
     return re.sub(r"_l\d+(_reverse)?$", "", key)
 
 
+def smallest_scale(key: str, expected: Dict[str, torch.Tensor]) -> float:
+    """The scale below which tensor ``key`` of ``expected`` is measured in absolute terms.
+
+    ``SMALLEST_SCALE``, except for the final hidden state h_n ("final0"), which is the last step of
+    a layer's output and is measured on the scale of the outputs: a single h_n can be a sum of
+    terms of the outputs' order that cancel, and its rounding error is then one ulp of those terms,
+    not of itself (persistent seed 33515: a float16 LSTM under layer norm with ``proj_size=1``,
+    h_n = r_T W_hr^T = 0.00156 where the outputs reach 0.19; Triton's float32 accumulation came in
+    1.1e-4 from float64, one float16 ulp of the terms, 7.2e-2 of h_n itself, where the float16
+    reference happened to land at 1.6e-2 of it; over 40 weight draws of that configuration
+    Triton's error on h_n was a median 0.54 times the reference's). A wrong h_n, from the wrong
+    step or row, is off by the outputs' order and still fails."""
+    if key == "final0":
+        return max(SMALLEST_SCALE, float(expected["output"].abs().max()))
+    return SMALLEST_SCALE
+
+
 def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[str]:
     """Every mismatch of every backend against the float64 reference on ``case``, as lines
     naming the phase, backend, tensor, error and bound; empty when all agree (with
@@ -345,11 +363,12 @@ def check_case(case: Case, stop_at_first_phase_failing: bool = False) -> List[st
                 got = _run(case, candidate, x.to(device, dtype), to_dtype(hx, dtype, device), lengths, train)
             floor_of_kind: Dict[str, float] = {}
             for key in expected:
-                floor = max((tensor_error(key, other[key], expected, SMALLEST_SCALE) for other in floors), default=0.0)
+                scale = smallest_scale(key, expected)
+                floor = max((tensor_error(key, other[key], expected, scale) for other in floors), default=0.0)
                 kind = tensor_kind(key)
                 floor_of_kind[kind] = max(floor_of_kind.get(kind, 0.0), floor)
             for key in expected:
-                error = tensor_error(key, got[key], expected, SMALLEST_SCALE)
+                error = tensor_error(key, got[key], expected, smallest_scale(key, expected))
                 bound = max(TOLERANCE[dtype], 4 * floor_of_kind[tensor_kind(key)])
                 if not error < bound:
                     failures.append(f"{phase}: {name} {str(dtype)[6:]} {key}: error {error:.2e}, bound {bound:.2e}")

@@ -95,3 +95,21 @@ def test_drawn_case_with_the_persistent_kernels(norm):
     grid barrier under options no hand-written test combines."""
     case = _first_persistent_case_over_three_programs("lstm", norm)
     assert fuzz_layers.check_case(case) == [], case
+
+
+def test_the_final_hidden_state_is_measured_on_the_outputs_scale():
+    """h_n that cancels to far below the outputs (persistent seed 33515) is held to the rounding
+    of the outputs' order; an h_n off by the outputs' order (a wrong step) still fails."""
+    import torch
+    from conftest import tensor_error
+
+    expected = {"output": torch.tensor([[0.19, -0.05], [0.00156, 0.02]], dtype=torch.float64),
+                "final0": torch.tensor([[0.00156]], dtype=torch.float64)}
+    scale = fuzz_layers.smallest_scale("final0", expected)
+    assert scale == 0.19
+    one_ulp_of_the_terms = tensor_error("final0", expected["final0"] + 1.1e-4, expected, scale)
+    assert one_ulp_of_the_terms < fuzz_layers.TOLERANCE[torch.float16]
+    wrong_step = tensor_error("final0", torch.tensor([[0.02]], dtype=torch.float64), expected, scale)
+    assert wrong_step > 0.05
+    assert fuzz_layers.smallest_scale("final1", expected) == fuzz_layers.SMALLEST_SCALE
+    assert fuzz_layers.smallest_scale("output", expected) == fuzz_layers.SMALLEST_SCALE
