@@ -10,8 +10,10 @@ gradient of sequences that have ended. With dL/dh_t known, step t computes
     dn = dh (1 - z),  dz = dh (h_{t-1} - n),  da_n = dn (1 - n^2),  du_n = da_n r,
     da_r = du_r = da_n u_n r (1 - r),  da_z = du_z = dz z (1 - z),
 
-then dwx_t and dwh_t through the normalizations: local under batch norm, and under layer norm a
-second phase after an exchange of per-program row sums (see ``lstm_layer_norm_backward.py``).
+with r, z, n and u_n recomputed from the saved projections under a norm, and read as the forward
+stored them without one (``gru_forward.py``); then dwx_t and dwh_t through the normalizations:
+local under batch norm, and under layer norm a second phase after an exchange of per-program row
+sums (see ``lstm_layer_norm_backward.py``).
 Per-step partial sums of the bias and gain gradients, (T, tiles, 4, 3H) = (b_ih, b_hh, ih gain,
 hh gain), are summed by the caller: no float atomics. In bf16 and fp16 without batch norm dwh_t is
 also stored rounded to the weights' dtype, which the recurrent product rounds it to anyway
@@ -26,7 +28,7 @@ import triton.language as tl
 from .batch_norm import batch_norm_backward, chunked_pair_backward
 from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
-from .layout import NORM_BATCH, NORM_LAYER, dot_precision, low_precision_gradient, step_layout
+from .layout import NORM_BATCH, NORM_LAYER, NORM_NONE, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, step_offset, tanh
 
@@ -35,7 +37,8 @@ from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_g
 def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr,
                     bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H: tl.constexpr,
                     NORM: tl.constexpr):
-    """a and u of one gate as the forward computed them, with the normalized projections."""
+    """a and u of one gate as the forward computed them, with the normalized projections (under a
+    norm: without one the forward stored the gates, ``_saved_gates``)."""
     columns = gate * H + units
     step_start = step_offset(t, B * 3 * H)
     offsets = rows[:, None] * (3 * H) + columns[None, :]
@@ -53,16 +56,24 @@ def _gate_recompute(gate, t, rows, units, tile_mask, unit_mask, row_mean, row_rs
         wx_hat = (wx - ih_mean[None, :]) * ih_rstd[None, :]
         wh_hat = (wh - hh_mean[None, :]) * hh_rstd[None, :]
         a = wx_hat * ih_weight[None, :] + bias_ih[None, :]
-    elif NORM == 1:
+    else:  # layer norm
         wx_hat = wx
         wh_hat = (wh - row_mean[:, None]) * row_rstd[:, None]
         a = wx + bias_ih[None, :]
-    else:
-        wx_hat = wx
-        wh_hat = wh
-        a = wx + bias_ih[None, :]
     u = wh_hat * hh_weight[None, :] + bias_hh[None, :]
     return a, u, wx_hat, wh_hat, ih_rstd, hh_rstd
+
+
+@triton.jit
+def _saved_gates(t, rows, units, tile_mask, state_offsets, wh_ptr, candidate_ptr, B, H: tl.constexpr):
+    """r, z, u_n and n of the program's tile at step t as the forward stored them without a norm."""
+    step_start = step_offset(t, B * 3 * H)
+    offsets = rows[:, None] * (3 * H) + units[None, :]
+    gate_r = tl.load(wh_ptr + step_start + offsets, mask=tile_mask, other=0.0)
+    gate_z = tl.load(wh_ptr + step_start + offsets + H, mask=tile_mask, other=0.0)
+    u_n = tl.load(wh_ptr + step_start + offsets + 2 * H, mask=tile_mask, other=0.0)
+    candidate = tl.load(candidate_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0)
+    return gate_r, gate_z, u_n, candidate
 
 
 @triton.jit
@@ -108,12 +119,12 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
 
 
 @triton.jit
-def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr,
-                        bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
-                        dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
-                        H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
+def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr,
+                        bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                        grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
+                        lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
+                        HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr, CHUNKED: tl.constexpr):
     """Phase 0: dL/dh_t, the gates' backward, dwx_t, dwh_t (finished here except under layer norm
     and, with ``CHUNKED``, batch norm). Its rows: grid axis 1 tiles the batch, or, where a program
     walks the batch in chunks, the chunk from ``first_row``; ``tile`` of ``tiles``: where its
@@ -139,23 +150,32 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
     grad_h = (tl.load(grad_out_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
               + grad_h_later) * active_f
 
-    if NORM == 1:
-        row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
+    if NORM == 0:
+        # the forward stored (r, z, u_n) over the projections and n apart: nothing to recompute, and
+        # no normalized projections for _gate_gradient to read
+        gate_r, gate_z, u_n, candidate = _saved_gates(t, rows, units, tile_mask, state_offsets, wh_ptr, candidate_ptr,
+                                                      B, H)
+        wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r = 0, 0, 0, 0
+        wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z = 0, 0, 0, 0
+        wx_hat_n, wh_hat_n, ih_rstd_n, hh_rstd_n = 0, 0, 0, 0
     else:
-        row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        row_rstd = row_mean
-    a_r, u_r, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r = _gate_recompute(
-        0, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
-        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
-    a_z, u_z, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z = _gate_recompute(
-        1, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
-        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
-    a_n, u_n, wx_hat_n, wh_hat_n, ih_rstd_n, hh_rstd_n = _gate_recompute(
-        2, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
-        ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
-    gate_r = tl.sigmoid(a_r + u_r)
-    gate_z = tl.sigmoid(a_z + u_z)
-    candidate = tanh(a_n + gate_r * u_n)
+        if NORM == 1:
+            row_mean, row_rstd = load_step_statistics(hh_stats_ptr, t, rows, row_mask, B)
+        else:
+            row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            row_rstd = row_mean
+        a_r, u_r, wx_hat_r, wh_hat_r, ih_rstd_r, hh_rstd_r = _gate_recompute(
+            0, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+        a_z, u_z, wx_hat_z, wh_hat_z, ih_rstd_z, hh_rstd_z = _gate_recompute(
+            1, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+        a_n, u_n, wx_hat_n, wh_hat_n, ih_rstd_n, hh_rstd_n = _gate_recompute(
+            2, t, rows, units, tile_mask, unit_mask, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+            ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, B, H, NORM)
+        gate_r = tl.sigmoid(a_r + u_r)
+        gate_z = tl.sigmoid(a_z + u_z)
+        candidate = tanh(a_n + gate_r * u_n)
     h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     # the direct path to h_{t-1}; a sequence that has ended passes its gradient through unchanged
     tl.store(dh_carry_ptr + state_offsets, tl.where(active[:, None], grad_h * gate_z, grad_h_later), mask=tile_mask)
@@ -205,19 +225,20 @@ def _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dw
 
 
 @triton.jit
-def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                          hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                          dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
+def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
+                          ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr,
+                          dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
                           TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LOW_GRAD: tl.constexpr):
     """Backward step t under batch norm in training for a batch of more than one tile: the local
     backward of each chunk of BLOCK_B rows, then the batch norms' backward over all of them."""
     tiles = tl.cdiv(B, BLOCK_B)
     for tile in range(tiles):
-        _gru_backward_local(t, steps, pid, tile * BLOCK_B, tile, tiles, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr,
-                            bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
-                            dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
-                            H, 2, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, True)
+        _gru_backward_local(t, steps, pid, tile * BLOCK_B, tile, tiles, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr,
+                            bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
+                            grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
+                            lengths_ptr, B, H, 2, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                            LOW_GRAD, True)
     tl.debug_barrier()  # the second pass reads back what other threads of this program stored
     # partials per chunk: (b_ih, b_hh, ih gain, hh gain) = (sum da, sum du, sum da wx_hat, sum du wh_hat)
     chunked_pair_backward(t, pid, wx_ptr, wh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, dwh_ptr,
@@ -227,10 +248,10 @@ def _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_i
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t", "steps"])
-def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                             hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                             dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H: tl.constexpr,
-                             NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
+                             ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
+                             dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B,
+                             H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, LOW_GRAD: tl.constexpr,
                              CHUNKED: tl.constexpr, PHASE: tl.constexpr):
@@ -238,25 +259,25 @@ def gru_backward_step_kernel(t, steps, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_
     batch norm's batch walked in chunks (``batch_norm.py``)."""
     pid = tl.program_id(0)
     if CHUNKED:
-        _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                              hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr,
-                              dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, TRAINING, HAS_LENGTHS,
-                              DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+        _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
+                              ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
+                              dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H, TRAINING,
+                              HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
     elif PHASE == 0:
-        _gru_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, wh_ptr, h_ptr, w_hh_ptr,
-                            bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr,
-                            grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
-                            lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
-                            LOW_GRAD, False)
+        _gru_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, wh_ptr, h_ptr,
+                            candidate_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                            ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr,
+                            partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION,
+                            BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, False)
     else:
-        _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr,
-                                 B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
+        _gru_backward_layer_norm(t, pid, tl.num_programs(0), wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr,
+                                 row_partial_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_P, LOW_GRAD)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
-def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
-                                   ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr, bias_ih_ptr,
+                                   bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
                                    dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
                                    lengths_ptr, B, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
                                    HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -269,16 +290,17 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_
     for step in range(steps):
         t = steps - 1 - step
         if CHUNKED:
-            _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr,
-                                  ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr,
-                                  dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr, lengths_ptr, B, H,
-                                  TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD)
+            _gru_backward_chunked(t, steps, pid, wx_ptr, wh_ptr, h_ptr, candidate_ptr, w_hh_ptr, bias_ih_ptr,
+                                  bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, grad_out_ptr,
+                                  dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr, row_partial_ptr,
+                                  lengths_ptr, B, H, TRAINING, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                                  LOW_GRAD)
         else:
             _gru_backward_local(t, steps, pid, 0, tl.program_id(1), tl.num_programs(1), wx_ptr, wh_ptr, h_ptr,
-                                w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, ih_stats_ptr,
-                                hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr, partial_ptr,
-                                row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS, DOT_PRECISION,
-                                BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, False)
+                                candidate_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                                ih_stats_ptr, hh_stats_ptr, grad_out_ptr, dh_carry_ptr, dwx_ptr, dwh_ptr, dwh_low_ptr,
+                                partial_ptr, row_partial_ptr, lengths_ptr, B, H, NORM, TRAINING, HAS_LENGTHS,
+                                DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, LOW_GRAD, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * step + 1) * grid_programs)
             _gru_backward_layer_norm(t, pid, programs, wh_ptr, hh_stats_ptr, dwh_ptr, dwh_low_ptr, row_partial_ptr, B,
@@ -290,13 +312,14 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, w_
 
 def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, norm: int,
                  training: bool):
-    """Launches the backward over all steps; ``saved`` is the dict of ``gru_forward(save=True)``.
+    """Launches the backward over all steps; ``saved`` is the dict of ``gru_forward(save=True)``,
+    whose ``wh`` gives the shapes: ``wx`` (x W_ih^T) is read under a norm only.
 
     Returns dwx and dwh (T, B, 3H, float32), dh_0 (B, H, float32) and the per-step partial sums
     ``partials`` (T, 4, 3H) = (b_ih, b_hh, ih gain, hh gain)."""
-    steps, batch, gates = wx.shape
+    steps, batch, gates = saved["wh"].shape
     hidden = gates // 3
-    device = wx.device
+    device = saved["wh"].device
     layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
@@ -306,13 +329,14 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     partials = new_buffer((steps, layout.row_tiles, 4, gates), torch.float32, device)
     if norm != NORM_BATCH:
         partials[:, :, 2].zero_()
-    if norm == 0:
+    if norm == NORM_NONE:
         partials[:, :, 3].zero_()
     row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
-    arguments = (wx, saved["wh"], saved["h"], w_hh, bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"],
-                 saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, dwh_low, partials, row_partial,
-                 lengths_arg, batch)
+    unread = saved["h"]  # stands in for wx, or for candidate, where the kernels do not read it
+    arguments = (unread if norm == NORM_NONE else wx, saved["wh"], saved["h"], saved.get("candidate", unread), w_hh,
+                 bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"], grad_output.contiguous(),
+                 dh_carry, dwx, dwh, dwh_low, partials, row_partial, lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,

@@ -17,10 +17,14 @@ Layer norm exchanges per-program (mean, M2) of the recurrent projection between 
 (see ``lstm_layer_norm_forward.py``); phases are launches, or separated by a grid barrier in the
 persistent kernel.
 
-Saved for the backward (``SAVE``): the raw recurrent projection ``wh`` (T, B, 3H) in float32, h
-(T+1, B, H) in float32 (the only state of a GRU: rounding it to bfloat16 at every step
-compounds), and the statistics: per column (T, 2, 3H) for the batch norms, per row (T, 2, B) for
-the layer norm. In bf16 and fp16 without batch norm h is also kept rounded to the weights' dtype
+Saved for the backward (``SAVE``): h (T+1, B, H) in float32 (the only state of a GRU: rounding
+it to bfloat16 at every step compounds); under a norm the raw recurrent projection ``wh``
+(T, B, 3H) in float32 and the statistics: per column (T, 2, 3H) for the batch norms, per row
+(T, 2, B) for the layer norm. Without a norm the backward needs neither projection, only the gates
+(r, z, n) and u_n = h_{t-1} W_hn^T + b_hn: the finishing phase overwrites step t of ``wh`` with
+(r, z, u_n) and stores n in ``candidate`` (T, B, H): 4H float32 a row and step, where the
+projections took 3H of them and 3H in the input's dtype, and autograd no longer keeps x W_ih^T.
+In bf16 and fp16 without batch norm h is also kept rounded to the weights' dtype
 (``operand_buffer``), which the recurrent product reads: half the bytes of the float32 state.
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ import triton.language as tl
 from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
 from .buffers import new_buffer
 from .layer_norm import combine_row_statistics, store_row_partials
-from .layout import NORM_LAYER, dot_precision, operand_buffer, resident_tiles, step_layout
+from .layout import NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
                     step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
@@ -149,12 +153,13 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
 
 @triton.jit
 def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
-                hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
-                TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr):
+                h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
+                NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr,
+                CHUNKED: tl.constexpr):
     """The normalizations, the gates and h_t of the program's units (``first_row``: see
-    ``_gru_projection``)."""
+    ``_gru_projection``); without a norm, when ``SAVE``, the gates for the backward."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
     rows += first_row
     row_mask = rows < B
@@ -192,14 +197,22 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
     state_offsets = rows[:, None] * H + units[None, :]
     h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
+    if (NORM == 0) and SAVE:
+        # over this tile's raw projection, which only this program read, just above
+        step_start = step_offset(t, B * 3 * H)
+        offsets = rows[:, None] * (3 * H) + units[None, :]
+        tl.store(wh_ptr + step_start + offsets, gate_r, mask=tile_mask)
+        tl.store(wh_ptr + step_start + offsets + H, gate_z, mask=tile_mask)
+        tl.store(wh_ptr + step_start + offsets + 2 * H, u_n, mask=tile_mask)
+        tl.store(candidate_ptr + step_offset(t, B * H) + state_offsets, candidate, mask=tile_mask)
     store_hidden_state(h_ptr, h_operand_ptr, out_ptr, t, B, H, state_offsets, tile_mask, active, h_new, h_prev,
                        OPERAND_COPY)
 
 
 @triton.jit
 def _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                         h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                         ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                         h_ptr, h_operand_ptr, out_ptr, candidate_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                         ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
                          H: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, w_r, w_z, w_n,
@@ -216,17 +229,17 @@ def _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_h
                            TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
     tl.debug_barrier()  # and so are the statistics
     for first_row in range(0, B, BLOCK_B):
-        _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                    hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
-                    ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 2,
-                    TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
+        _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                    h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
+                    ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 2, TRAINING, SAVE,
+                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
 @triton.jit(do_not_specialize=["t"])
 def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr, h_ptr,
-                            h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                            ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
+                            h_operand_ptr, out_ptr, candidate_ptr, wh_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                            ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps,
                             H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                             HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -236,8 +249,8 @@ def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_we
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     if CHUNKED:
-        _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                             hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
+        _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                             h_ptr, h_operand_ptr, out_ptr, candidate_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
                              hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps,
                              momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                              BLOCK_P, OPERAND_COPY, 0, 0, 0, False)
@@ -249,21 +262,21 @@ def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_we
             if NORM != 1:
                 tl.debug_barrier()  # this program's wh stores are read back by its other threads
             _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                        h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                        ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
-                        TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
+                        h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
+                        NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
 @triton.jit(do_not_specialize=["steps"])
 def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                                  hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
-                                  hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
-                                  max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr,
-                                  SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr,
-                                  RESIDENT: tl.constexpr):
+                                  hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, wh_ptr, partial_ptr,
+                                  ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                                  lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr, NORM: tl.constexpr,
+                                  TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                                  DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr,
+                                  CHUNKED: tl.constexpr, RESIDENT: tl.constexpr):
     """All timesteps in one launch: one grid barrier a step (two under layer norm). With
     ``RESIDENT`` (``resident_weights``) the program's rows of W_hh are loaded once, before the loop,
     and stay on chip."""
@@ -274,10 +287,11 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
     for t in range(steps):
         if CHUNKED:
             _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
-                                 hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, wh_ptr, partial_ptr, ih_stats_ptr,
-                                 hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
-                                 max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B,
-                                 BLOCK_H, BLOCK_K, BLOCK_P, OPERAND_COPY, w_r, w_z, w_n, RESIDENT)
+                                 hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, wh_ptr, partial_ptr,
+                                 ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr,
+                                 lengths_ptr, B, max_steps, momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS,
+                                 DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, BLOCK_P, OPERAND_COPY, w_r, w_z, w_n,
+                                 RESIDENT)
         else:
             _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
                             BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
@@ -286,9 +300,9 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
             else:
                 tl.debug_barrier()
             _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                        h_ptr, h_operand_ptr, out_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                        ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, NORM,
-                        TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
+                        h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
+                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
+                        NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
@@ -300,8 +314,10 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     """Launches the forward over all T steps of ``wx`` (T, B, 3H) (already normalized when the
     norm is "layer"). Biases and gains are float32 (3H,); ``running`` holds the four running
     statistics (max_steps, 3H), updated in place in training (norm "batch"). Returns a dict with
-    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``wh`` (T, B, 3H, float32),
-    ``ih_stats``, ``hh_stats`` (per column (T, 2, 3H), or per row (T, 2, B) under layer norm)."""
+    ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``wh`` (T, B, 3H, float32: the
+    raw h_{t-1} W_hh^T, or without a norm (r, z, u_n)), ``ih_stats``, ``hh_stats`` (per column
+    (T, 2, 3H), or per row (T, 2, B) under layer norm) and, without a norm, ``candidate`` n
+    (T, B, H, float32)."""
     steps, batch, gates = wx.shape
     hidden = gates // 3
     device = wx.device
@@ -313,13 +329,17 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     output = new_buffer((steps, batch, hidden), w_hh.dtype, device)
     saved_steps = steps if save else 1
     wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
+    # n for the backward, which without a norm reads the gates and not the projections
+    candidate = new_buffer((steps, batch, hidden), torch.float32, device) if save and norm == NORM_NONE else None
     ih_stats = new_buffer((saved_steps, 2, gates), torch.float32, device)
     hh_stats = new_buffer((saved_steps, 2, batch if norm == NORM_LAYER else gates), torch.float32, device)
     partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
-    arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, h_operand, output, wh, partial, ih_stats,
-                 hh_stats, *running, lengths_arg, batch, max_steps, momentum, eps)
+    unwritten = h  # stands in for candidate where the kernels do not store it
+    arguments = (wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, h_operand, output,
+                 unwritten if candidate is None else candidate, wh, partial, ih_stats, hh_stats, *running, lengths_arg,
+                 batch, max_steps, momentum, eps)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, SAVE=save, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p,
@@ -330,4 +350,6 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     result = {"output": output, "h": h}
     if save:
         result.update(wh=wh, ih_stats=ih_stats, hh_stats=hh_stats)
+        if candidate is not None:
+            result["candidate"] = candidate
     return result

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
-from .kernels.layout import NORM_LAYER
+from .kernels.layout import NORM_LAYER, NORM_NONE
 from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
 from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, new_empty,
@@ -30,17 +30,19 @@ from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, new_empt
 def gru_forward_op(wx: Tensor, h0: Tensor, w_hh: Tensor, bias_ih: Tensor, bias_hh: Tensor, ih_weight: Tensor,
                    hh_weight: Tensor, running: List[Tensor], lengths: Optional[Tensor], norm: int, training: bool,
                    save: bool, momentum: float, eps: float
-                   ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Tensor]:
+                   ) -> Tuple[Tensor, Tensor, List[Tensor], Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused GRU forward. Returns output, h_n, the updated running statistics (a functional op:
-    the caller copies them into its buffers) and, when ``save``, h, wh, ih_stats, hh_stats."""
+    the caller copies them into its buffers) and, when ``save``, h, wh, ih_stats, hh_stats and
+    candidate (n, without a norm; empty under one): see ``normrnn.kernels.gru_forward``."""
     updated = [statistic.clone() for statistic in running]
     result = gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, updated, lengths, norm, training, save,
                          momentum, eps)
     h = result["h"]
     h_n = h[-1].to(h0.dtype, copy=True)
     if not save:
-        return (result["output"], h_n, updated, *nothing_saved(wx, 4))
-    return result["output"], h_n, updated, h, result["wh"], result["ih_stats"], result["hh_stats"]
+        return (result["output"], h_n, updated, *nothing_saved(wx, 5))
+    candidate = result.get("candidate", new_empty(wx, (0,), torch.float32))
+    return result["output"], h_n, updated, h, result["wh"], result["ih_stats"], result["hh_stats"], candidate
 
 
 @gru_forward_op.register_fake
@@ -50,21 +52,26 @@ def _(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, no
     output = new_empty(wx, (steps, batch, hidden), w_hh.dtype)
     updated = [new_empty(statistic, statistic.shape) for statistic in running]
     if not save:
-        return (output, new_empty(h0, h0.shape), updated, *nothing_saved(wx, 4))
+        return (output, new_empty(h0, h0.shape), updated, *nothing_saved(wx, 5))
     return (output, new_empty(h0, h0.shape), updated,
             new_empty(wx, (steps + 1, batch, hidden), torch.float32),
             new_empty(wx, (steps, batch, gates), torch.float32), new_empty(wx, (steps, 2, gates), torch.float32),
-            new_empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32))
+            new_empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32),
+            new_empty(wx, (steps, batch, hidden) if norm == NORM_NONE else (0,), torch.float32))
 
 
 @torch.library.custom_op("normrnn::gru_backward", mutates_args=())
 @on_the_tensors_device
 def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Tensor, bias_ih: Tensor,
                     bias_hh: Tensor, ih_weight: Tensor, hh_weight: Tensor, h: Tensor, wh: Tensor, ih_stats: Tensor,
-                    hh_stats: Tensor, lengths: Optional[Tensor], norm: int, training: bool
+                    hh_stats: Tensor, candidate: Tensor, lengths: Optional[Tensor], norm: int, training: bool
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused GRU backward: the gradients of wx, h0, W_hh, the two biases and the two gains."""
+    """Fused GRU backward: the gradients of wx, h0, W_hh, the two biases and the two gains.
+    ``wx``: x W_ih^T, or without a norm an empty tensor of its dtype (``wh`` and ``candidate``
+    hold the gates there)."""
     saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats}
+    if norm == NORM_NONE:
+        saved["candidate"] = candidate
     result = gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths,
                           norm, training)
     grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
@@ -74,11 +81,11 @@ def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
 
 
 @gru_backward_op.register_fake
-def _(grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, lengths,
-      norm, training):
-    batch, gates = wx.shape[1], wx.shape[2]
+def _(grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, candidate,
+      lengths, norm, training):
+    batch, gates = wh.shape[1], wh.shape[2]
     f32 = torch.float32
-    return (new_empty(wx, wx.shape), new_empty(w_hh, (batch, gates // 3)), new_empty(w_hh, w_hh.shape),
+    return (new_empty(wx, wh.shape), new_empty(w_hh, (batch, gates // 3)), new_empty(w_hh, w_hh.shape),
             *[new_empty(wx, (gates,), f32) for _ in range(4)])
 
 
@@ -86,15 +93,18 @@ def _setup_context(ctx, inputs, output):
     (wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, norm, training, save, momentum,
      eps) = inputs
     ctx.norm, ctx.training, ctx.statistics = norm, training, len(running)
-    ctx.save_for_backward(wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, *output[3:])
+    # without a norm the forward saved the gates, so wx (T, B, 3H) is not kept alive for the backward
+    saved_input = wx if norm != NORM_NONE else new_empty(wx, (0,))
+    ctx.save_for_backward(saved_input, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, *output[3:])
 
 
 def _backward(ctx, grad_output, grad_h_n, *unused_grads_of_statistics_and_saved):
-    wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, h, wh, ih_stats, hh_stats = ctx.saved_tensors
+    wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, h, wh, ih_stats, hh_stats, candidate = ctx.saved_tensors
     require_saved(h, "GRU")
     grads = torch.ops.normrnn.gru_backward(
         gradient_or_zeros(grad_output, h[1:], w_hh.dtype), gradient_or_zeros(grad_h_n, h[0], w_hh.dtype),
-        wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, lengths, ctx.norm, ctx.training)
+        wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, h, wh, ih_stats, hh_stats, candidate, lengths, ctx.norm,
+        ctx.training)
     return (*grads, [None] * ctx.statistics, None, None, None, None, None, None)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normrnn
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error
+from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, saved_shapes_and_backward
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
@@ -25,7 +25,19 @@ def test_single_layer_with_state_and_lengths(norm, dtype):
              dtype)
 
 
-@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("norm, gate_sized, hidden_sized", [(None, 1, 1), ("layer", 3, 0), ("batch", 2, 0)])
+def test_without_a_norm_the_backward_keeps_the_gates_not_the_projections(norm, gate_sized, hidden_sized):
+    """The (T, B, 3H) and (T, B, H) tensors autograd keeps for the backward: without a norm the
+    forward's (r, z, u_n) and n, not x W_ih^T; under batch norm both raw projections; under layer
+    norm both, and the raw x W_ih^T that its layer norm before the loop keeps for its own backward."""
+    steps, batch, hidden = 5, 3, 6
+    layer = normrnn.GRU(4, hidden, norm=norm, backend="triton").to(DEVICE)
+    shapes = saved_shapes_and_backward(layer, torch.randn(steps, batch, 4, device=DEVICE))
+    assert shapes.count((steps, batch, 3 * hidden)) == gate_sized, shapes
+    assert shapes.count((steps, batch, hidden)) == hidden_sized, shapes
+
+
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
 def test_without_bias(norm):
     reference, fused = _pair(norm, torch.float32, input_size=4, hidden_size=17, bias=False)
     compare(reference, fused, torch.randn(5, 8, 4, dtype=torch.float64), None, None, torch.float32)
