@@ -15,7 +15,9 @@ norm in training for the whole batch (one phase a step; a batch of more than one
 walked in chunks: ``batch_norm.py``), otherwise for a tile of up to 64 rows (grid axis 1).
 Layer norm exchanges per-program (mean, M2) of the recurrent projection between two phases
 (see ``lstm_layer_norm_forward.py``); phases are launches, or separated by a grid barrier in the
-persistent kernel.
+persistent kernel, and the second reads the projection back from memory, as do the passes over a
+batch walked in chunks. Otherwise the gates take it from registers, and it is stored only for the
+backward of batch norm.
 
 Saved for the backward (``SAVE``): h (T+1, B, H) in float32 (the only state of a GRU: rounding
 it to bfloat16 at every step compounds); under a norm the raw recurrent projection ``wh``
@@ -60,9 +62,12 @@ def _load_gru_weights(pid, w_hh_ptr, B, H: tl.constexpr, BLOCK_B: tl.constexpr, 
 @triton.jit
 def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H: tl.constexpr,
                     NORM: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_r, w_z, w_n, RESIDENT: tl.constexpr):
-    """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, stored (the finishing phase and the
-    backward read them) with, under layer norm, their per-row mean and M2. With ``RESIDENT`` from
+                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, w_r, w_z, w_n, RESIDENT: tl.constexpr,
+                    CHUNKED: tl.constexpr):
+    """The program's 3 x BLOCK_H columns of h_{t-1} W_hh^T, returned, and stored where they are read
+    again: by the finishing phase under layer norm and, with ``CHUNKED``, batch norm (a barrier
+    apart); by the backward under batch norm when ``SAVE``. Under layer norm also their per-row mean
+    and M2. With ``RESIDENT`` from
     the weight tiles ``w_*`` the persistent kernel loaded once (all of K in one tile), otherwise
     with W_hh streamed from memory in K tiles. h_{t-1} was written by other programs: it is read
     past L1, which is not coherent across SMs. ``first_row``: where a program walks the batch in
@@ -92,13 +97,14 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
             acc_r += recurrent_product(h_tile, w_r_tile, DOT_PRECISION)
             acc_z += recurrent_product(h_tile, w_z_tile, DOT_PRECISION)
             acc_n += recurrent_product(h_tile, w_n_tile, DOT_PRECISION)
-    step = t if SAVE else 0
-    tile_mask = row_mask[:, None] & unit_mask[None, :]
-    step_start = step_offset(step, B * 3 * H)
-    offsets = rows[:, None] * (3 * H) + units[None, :]
-    tl.store(wh_ptr + step_start + offsets, acc_r, mask=tile_mask)
-    tl.store(wh_ptr + step_start + offsets + H, acc_z, mask=tile_mask)
-    tl.store(wh_ptr + step_start + offsets + 2 * H, acc_n, mask=tile_mask)
+    if (NORM == 1) or CHUNKED or ((NORM == 2) and SAVE):
+        step = t if SAVE else 0
+        tile_mask = row_mask[:, None] & unit_mask[None, :]
+        step_start = step_offset(step, B * 3 * H)
+        offsets = rows[:, None] * (3 * H) + units[None, :]
+        tl.store(wh_ptr + step_start + offsets, acc_r, mask=tile_mask)
+        tl.store(wh_ptr + step_start + offsets + H, acc_z, mask=tile_mask)
+        tl.store(wh_ptr + step_start + offsets + 2 * H, acc_n, mask=tile_mask)
     if NORM == 1:
         valid_f = unit_mask.to(tl.float32)[None, :]
         owned = (tl.minimum(H - pid * BLOCK_H, BLOCK_H) * 3).to(tl.float32)
@@ -109,22 +115,27 @@ def _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_
         d_n = (acc_n - mean[:, None]) * valid_f
         m2 = tl.sum(d_r * d_r, axis=1) + tl.sum(d_z * d_z, axis=1) + tl.sum(d_n * d_n, axis=1)
         store_row_partials(partial_ptr, pid, rows, row_mask, B, mean, m2)
+    return acc_r, acc_z, acc_n
 
 
 @triton.jit
 def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count, use_batch, slot,
-                     row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
+                     row_mean, row_rstd, acc, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
                      ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, B, momentum, eps,
                      H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
                      CHUNKED: tl.constexpr):
-    """a and u of one gate for the program's columns gate * H + units. Under batch norm with
-    ``CHUNKED`` the statistics are those ``stored_pair_statistics`` stored at ``step``; otherwise the
-    rows are the whole batch, and the statistics are computed here."""
+    """a and u of one gate for the program's columns gate * H + units, from its recurrent projection
+    ``acc`` as ``_gru_projection`` returned it, or under layer norm and with ``CHUNKED`` as it stored
+    it. Under batch norm with ``CHUNKED`` the statistics are those ``stored_pair_statistics`` stored
+    at ``step``; otherwise the rows are the whole batch, and the statistics are computed here."""
     columns = gate * H + units
     wx = tl.load(wx_ptr + step_offset(t, B * 3 * H) + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
                  other=0.0).to(tl.float32)
-    wh = tl.load(wh_ptr + step_offset(step, B * 3 * H) + rows[:, None] * (3 * H) + columns[None, :], mask=tile_mask,
-                 other=0.0)
+    if (NORM == 1) or CHUNKED:
+        wh = tl.load(wh_ptr + step_offset(step, B * 3 * H) + rows[:, None] * (3 * H) + columns[None, :],
+                     mask=tile_mask, other=0.0)
+    else:
+        wh = acc
     bias_ih = tl.load(bias_ih_ptr + columns, mask=unit_mask, other=0.0)
     bias_hh = tl.load(bias_hh_ptr + columns, mask=unit_mask, other=0.0)
     hh_weight = tl.load(hh_weight_ptr + columns, mask=unit_mask, other=0.0)
@@ -152,14 +163,15 @@ def _gru_gate_inputs(gate, t, step, pid, rows, units, row_mask, unit_mask, tile_
 
 
 @triton.jit
-def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H: tl.constexpr,
-                NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, OPERAND_COPY: tl.constexpr,
-                CHUNKED: tl.constexpr):
+def _gru_finish(t, pid, first_row, programs, acc_r, acc_z, acc_n, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr,
+                hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum,
+                eps, H: tl.constexpr, NORM: tl.constexpr, TRAINING: tl.constexpr, SAVE: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                OPERAND_COPY: tl.constexpr, CHUNKED: tl.constexpr):
     """The normalizations, the gates and h_t of the program's units (``first_row``: see
-    ``_gru_projection``); without a norm, when ``SAVE``, the gates for the backward."""
+    ``_gru_projection``; ``acc_*``: what it returned, where the finish does not read the projection
+    back from memory); without a norm, when ``SAVE``, the gates for the backward."""
     rows, units, row_mask, unit_mask = program_tile(pid, B, H, BLOCK_B, BLOCK_H)
     rows += first_row
     row_mask = rows < B
@@ -180,15 +192,15 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
         row_mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
         row_rstd = row_mean
     a_r, u_r = _gru_gate_inputs(0, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
-                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                use_batch, slot, row_mean, row_rstd, acc_r, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
                                 hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     a_z, u_z = _gru_gate_inputs(1, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
-                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                use_batch, slot, row_mean, row_rstd, acc_z, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
                                 hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     a_n, u_n = _gru_gate_inputs(2, t, step, pid, rows, units, row_mask, unit_mask, tile_mask, active_f, count,
-                                use_batch, slot, row_mean, row_rstd, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                                use_batch, slot, row_mean, row_rstd, acc_n, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
                                 ih_weight_ptr, hh_weight_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr,
                                 hh_mean_ptr, hh_var_ptr, B, momentum, eps, H, NORM, TRAINING, SAVE, CHUNKED)
     gate_r = tl.sigmoid(a_r + u_r)
@@ -198,7 +210,7 @@ def _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_h
     h_prev = tl.load(h_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
     h_new = (1.0 - gate_z) * candidate + gate_z * h_prev
     if (NORM == 0) and SAVE:
-        # over this tile's raw projection, which only this program read, just above
+        # in the projection's buffer, which without a norm holds nothing else
         step_start = step_offset(t, B * 3 * H)
         offsets = rows[:, None] * (3 * H) + units[None, :]
         tl.store(wh_ptr + step_start + offsets, gate_r, mask=tile_mask)
@@ -222,17 +234,17 @@ def _gru_forward_chunked(t, pid, programs, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_h
     chunk, stored; the statistics of the whole batch; the gates and h_t of each chunk."""
     for first_row in range(0, B, BLOCK_B):
         _gru_projection(t, pid, first_row, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, 2, SAVE, DOT_PRECISION,
-                        BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
+                        BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT, True)
     tl.debug_barrier()  # this program's wh stores are read back by its other threads
     stored_pair_statistics(t, t if SAVE else 0, pid, wx_ptr, wh_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
                            ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 3,
                            TRAINING, HAS_LENGTHS, BLOCK_B, BLOCK_H)
     tl.debug_barrier()  # and so are the statistics
     for first_row in range(0, B, BLOCK_B):
-        _gru_finish(t, pid, first_row, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                    h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr, ih_mean_ptr,
-                    ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H, 2, TRAINING, SAVE,
-                    HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
+        _gru_finish(t, pid, first_row, programs, 0, 0, 0, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr,
+                    hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr,
+                    hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum,
+                    eps, H, 2, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, True)
 
 
 # t unspecialized: one compiled kernel serves every step (Triton compiles t == 1 and t % 16 == 0 apart)
@@ -255,16 +267,16 @@ def gru_forward_step_kernel(t, wx_ptr, w_hh_ptr, bias_ih_ptr, bias_hh_ptr, ih_we
                              momentum, eps, H, TRAINING, SAVE, HAS_LENGTHS, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                              BLOCK_P, OPERAND_COPY, 0, 0, 0, False)
     else:
+        acc_r, acc_z, acc_n = 0, 0, 0  # phase 1 of layer norm reads the projection back from memory
         if PHASE == 0:
-            _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
-                            BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, False)
+            acc_r, acc_z, acc_n = _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM,
+                                                  SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, 0, 0, 0, False, False)
         if (PHASE == 1) or (NORM != 1):
-            if NORM != 1:
-                tl.debug_barrier()  # this program's wh stores are read back by its other threads
-            _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                        h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
-                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
-                        NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
+            _gru_finish(t, pid, 0, programs, acc_r, acc_z, acc_n, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                        ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr,
+                        ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
+                        max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P,
+                        OPERAND_COPY, False)
 
 
 # steps unspecialized: one compiled kernel serves every sequence length
@@ -293,16 +305,17 @@ def gru_forward_persistent_kernel(steps, barrier_ptr, wx_ptr, w_hh_ptr, bias_ih_
                                  DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, BLOCK_P, OPERAND_COPY, w_r, w_z, w_n,
                                  RESIDENT)
         else:
-            _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM, SAVE, DOT_PRECISION,
-                            BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n, RESIDENT)
+            acc_r, acc_z, acc_n = _gru_projection(t, pid, 0, w_hh_ptr, h_operand_ptr, wh_ptr, partial_ptr, B, H, NORM,
+                                                  SAVE, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, w_r, w_z, w_n,
+                                                  RESIDENT, False)
             if NORM == 1:
                 grid_barrier(barrier_ptr, (2 * t + 1) * grid_programs)
-            else:
-                tl.debug_barrier()
-            _gru_finish(t, pid, 0, programs, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr, ih_weight_ptr, hh_weight_ptr,
-                        h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr, ih_stats_ptr, hh_stats_ptr,
-                        ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B, max_steps, momentum, eps, H,
-                        NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P, OPERAND_COPY, False)
+                acc_r, acc_z, acc_n = 0, 0, 0  # past the exchange the finish reads the stored projection
+            _gru_finish(t, pid, 0, programs, acc_r, acc_z, acc_n, wx_ptr, wh_ptr, bias_ih_ptr, bias_hh_ptr,
+                        ih_weight_ptr, hh_weight_ptr, h_ptr, h_operand_ptr, out_ptr, candidate_ptr, partial_ptr,
+                        ih_stats_ptr, hh_stats_ptr, ih_mean_ptr, ih_var_ptr, hh_mean_ptr, hh_var_ptr, lengths_ptr, B,
+                        max_steps, momentum, eps, H, NORM, TRAINING, SAVE, HAS_LENGTHS, BLOCK_B, BLOCK_H, BLOCK_P,
+                        OPERAND_COPY, False)
         if NORM == 1:
             grid_barrier(barrier_ptr, (2 * t + 2) * grid_programs)
         else:
