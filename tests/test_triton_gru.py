@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import normrnn
-from fused_helpers import DEVICE, INTERPRETER_OFF, compare, make_pair, relative_error, saved_shapes_and_backward
+from fused_helpers import (DEVICE, INTERPRETER_OFF, assert_deterministic, compare, make_pair, relative_error,
+                           saved_shapes_and_backward)
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
@@ -88,3 +89,10 @@ def test_torch_compile_fullgraph():
     assert relative_error(got.detach().cpu(), expected) < 1e-4
     got.sum().backward()
     assert fused.weight_hh_l0.grad is not None and torch.isfinite(fused.weight_hh_l0.grad).all()
+
+
+@pytest.mark.parametrize("norm", [None, "batch", "layer"])
+def test_deterministic(norm):
+    """Bit-identical results from the same inputs, over two programs and padded rows."""
+    _, fused = _pair(norm, torch.float32, input_size=4, hidden_size=18)
+    assert_deterministic(fused, torch.randn(4, 6, 4), torch.tensor([4, 2, 4, 3, 4, 4]))

@@ -7,8 +7,8 @@ import torch
 
 import normrnn
 from conftest import draw_running_statistics
-from fused_helpers import (DEVICE, INTERPRETER_OFF, compare, make_pair, outputs_and_grads, relative_error,
-                           saved_shapes_and_backward)
+from fused_helpers import (DEVICE, INTERPRETER_OFF, assert_deterministic, compare, make_pair, outputs_and_grads,
+                           relative_error, saved_shapes_and_backward)
 
 if INTERPRETER_OFF:
     pytest.skip("no CUDA device and the Triton interpreter is off", allow_module_level=True)
@@ -89,13 +89,7 @@ def test_training_keeps_for_the_backward_only_the_gate_sized_tensors_its_norm_ne
 def test_deterministic(norm):
     """Bit-identical results from the same inputs: no float atomics, fixed reduction orders."""
     _, fused = _pair(norm, torch.float32, input_size=4, hidden_size=18)
-    x = torch.randn(4, 3, 4)
-    fused.reset_running_stats()
-    again = outputs_and_grads(fused, x.to(DEVICE), None, None)
-    fused.reset_running_stats()
-    third = outputs_and_grads(fused, x.to(DEVICE), None, None)
-    for key in again:
-        assert torch.equal(again[key], third[key]), key
+    assert_deterministic(fused, torch.randn(4, 3, 4))
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["weights-on-chip", "weights-streamed"])
