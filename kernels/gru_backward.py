@@ -313,7 +313,8 @@ def gru_backward_persistent_kernel(steps, barrier_ptr, wx_ptr, wh_ptr, h_ptr, ca
 def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths, norm: int,
                  training: bool):
     """Launches the backward over all steps; ``saved`` is the dict of ``gru_forward(save=True)``,
-    whose ``wh`` gives the shapes: ``wx`` (x W_ih^T) is read under a norm only.
+    whose ``wh`` gives the shapes: ``wx`` (x W_ih^T) is read under a norm only, ``saved["candidate"]``
+    without one only.
 
     Returns dwx and dwh (T, B, 3H, float32), dh_0 (B, H, float32) and the per-step partial sums
     ``partials`` (T, 4, 3H) = (b_ih, b_hh, ih gain, hh gain)."""
@@ -334,9 +335,10 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     row_partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else dh_carry
     unread = saved["h"]  # stands in for wx, or for candidate, where the kernels do not read it
-    arguments = (unread if norm == NORM_NONE else wx, saved["wh"], saved["h"], saved.get("candidate", unread), w_hh,
-                 bias_ih, bias_hh, ih_weight, hh_weight, saved["ih_stats"], saved["hh_stats"], grad_output.contiguous(),
-                 dh_carry, dwx, dwh, dwh_low, partials, row_partial, lengths_arg, batch)
+    arguments = (unread if norm == NORM_NONE else wx, saved["wh"], saved["h"],
+                 saved["candidate"] if norm == NORM_NONE else unread, w_hh, bias_ih, bias_hh, ih_weight, hh_weight,
+                 saved["ih_stats"], saved["hh_stats"], grad_output.contiguous(), dh_carry, dwx, dwh, dwh_low, partials,
+                 row_partial, lengths_arg, batch)
     constants = dict(**layout.tile_constants(),
                      H=hidden, NORM=norm, TRAINING=training, HAS_LENGTHS=lengths is not None,
                      DOT_PRECISION=dot_precision(w_hh.dtype, norm), BLOCK_P=layout.block_p, LOW_GRAD=low_grad,

@@ -69,9 +69,7 @@ def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
     """Fused GRU backward: the gradients of wx, h0, W_hh, the two biases and the two gains.
     ``wx``: x W_ih^T, or without a norm an empty tensor of its dtype (``wh`` and ``candidate``
     hold the gates there)."""
-    saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats}
-    if norm == NORM_NONE:
-        saved["candidate"] = candidate
+    saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats, "candidate": candidate}
     result = gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths,
                           norm, training)
     grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
