@@ -3,7 +3,9 @@
 
 Program p owns the same hidden units (and batch tile) as in the forward. h_{t-1} reaches h_t
 through W_hh and directly (z * h_{t-1}), so dL/dh_{t-1} has two parts: ``dwh_t W_hh[:, units]``
-(dwh_t of all 3H columns was written by every program: the one cross-program read) and
+(dwh_t of all 3H columns was written by every program: the one cross-program read; without a norm
+its r and z columns are read from dwx_t, which equals it there, and only its candidate column
+r * da_n has a buffer of its own) and
 ``z_t * dL/dh_t``, local to the program, carried in a buffer between steps together with the
 gradient of sequences that have ended. With dL/dh_t known, step t computes
 
@@ -30,7 +32,8 @@ from .buffers import new_buffer
 from .layer_norm import store_row_partials, sum_row_partials
 from .layout import NORM_BATCH, NORM_LAYER, NORM_NONE, dot_precision, low_precision_gradient, step_layout
 from .sequence_launch import launch_sequence
-from .tiles import grid_barrier, load_step_statistics, program_tile, recurrent_gradient, row_activity, step_offset, tanh
+from .tiles import (add_gate_gradient_product, grid_barrier, load_step_statistics, program_tile, recurrent_gradient,
+                    row_activity, step_offset, tanh)
 
 
 @triton.jit
@@ -111,7 +114,12 @@ def _gate_gradient(gate, t, grad_a, grad_u, wx_hat, wh_hat, ih_rstd, hh_rstd, ro
         grad_wx = grad_a
         grad_wh = grad_u
     tl.store(dwx_ptr + step_start + offsets, grad_wx, mask=tile_mask)
-    tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
+    if NORM != 0:
+        tl.store(dwh_ptr + step_start + offsets, grad_wh, mask=tile_mask)
+    elif gate == 2:
+        # without a norm dwh's r and z columns are dwx's: only the candidate's, r * da_n, is stored
+        # apart, in a (T, B, H) buffer
+        tl.store(dwh_ptr + step_offset(t, B * H) + rows[:, None] * H + units[None, :], grad_wh, mask=tile_mask)
     if LOW_GRAD:
         if (NORM == 0) or ((NORM == 2) and not CHUNKED):  # elsewhere the finishing pass rounds dwh
             tl.store(dwh_low_ptr + step_start + offsets, grad_wh.to(dwh_low_ptr.dtype.element_ty), mask=tile_mask)
@@ -141,10 +149,19 @@ def _gru_backward_local(t, steps, pid, first_row, tile, tiles, wx_ptr, wh_ptr, h
 
     recurrent = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if t + 1 < steps:
-        # dwh_low is what the product reads: the rounded copy with LOW_GRAD (low_precision_gradient in
-        # lstm_backward.py), dwh itself without
-        recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 3,
-                                       DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        if (NORM == 0) and not LOW_GRAD:
+            # dwh's r and z columns are dwx's, its candidate column the (T, B, H) dwh (_gate_gradient)
+            dwx_next = dwx_ptr + step_offset(t + 1, B * 3 * H)
+            for gate in range(2):
+                recurrent = add_gate_gradient_product(recurrent, dwx_next, 3 * H, gate * H, w_hh_ptr, gate, rows, units,
+                                                      row_mask, unit_mask, H, DOT_PRECISION, BLOCK_K)
+            recurrent = add_gate_gradient_product(recurrent, dwh_ptr + step_offset(t + 1, B * H), H, 0, w_hh_ptr, 2,
+                                                  rows, units, row_mask, unit_mask, H, DOT_PRECISION, BLOCK_K)
+        else:
+            # dwh_low is what the product reads: the rounded copy with LOW_GRAD (low_precision_gradient
+            # in lstm_backward.py), dwh itself without
+            recurrent = recurrent_gradient(dwh_low_ptr, w_hh_ptr, t + 1, rows, units, row_mask, unit_mask, B, H, 3,
+                                           DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     carried = tl.load(dh_carry_ptr + state_offsets, mask=tile_mask, other=0.0)
     grad_h_later = tl.where(active_next[:, None], recurrent, 0.0) + carried
     grad_h = (tl.load(grad_out_ptr + step_offset(t, B * H) + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -316,15 +333,18 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
     whose ``wh`` gives the shapes: ``wx`` (x W_ih^T) is read under a norm only, ``saved["candidate"]``
     without one only.
 
-    Returns dwx and dwh (T, B, 3H, float32), dh_0 (B, H, float32) and the per-step partial sums
-    ``partials`` (T, 4, 3H) = (b_ih, b_hh, ih gain, hh gain)."""
+    Returns dwx (T, B, 3H, float32), the gradient of x W_ih^T; ``dwh_pieces``, float32 tensors
+    whose concatenation along the last dimension is dwh (T, B, 3H), the gradient of h W_hh^T (dwh
+    itself under a norm; without one dwx's r and z columns and the (T, B, H) candidate column
+    r * da_n: the rest of dwh equals dwx, so it is not stored twice); dh_0 (B, H, float32) and the
+    per-step partial sums ``partials`` (T, 4, 3H) = (b_ih, b_hh, ih gain, hh gain)."""
     steps, batch, gates = saved["wh"].shape
     hidden = gates // 3
     device = saved["wh"].device
     layout = step_layout(batch, hidden, norm, training)
     dh_carry = grad_h_n.to(torch.float32).contiguous().clone()
     dwx = new_buffer((steps, batch, gates), torch.float32, device)
-    dwh = new_buffer((steps, batch, gates), torch.float32, device)
+    dwh = new_buffer((steps, batch, hidden if norm == NORM_NONE else gates), torch.float32, device)
     low_grad = low_precision_gradient(w_hh.dtype, norm)
     dwh_low = new_buffer((steps, batch, gates), w_hh.dtype, device) if low_grad else dwh
     partials = new_buffer((steps, layout.row_tiles, 4, gates), torch.float32, device)
@@ -345,6 +365,12 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
                      CHUNKED=layout.chunked)
     launch_sequence(gru_backward_step_kernel, gru_backward_persistent_kernel, layout, steps, arguments, constants,
                     device, backward=True, phases=2 if norm == NORM_LAYER else 1)
+    dwh_pieces = [dwx[..., :2 * hidden], dwh] if norm == NORM_NONE else [dwh]
     # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
-    grad_h0 = torch.matmul(dwh[0], w_hh.float()) + dh_carry
-    return {"dwx": dwx, "dwh": dwh, "dh0": grad_h0, "partials": partials.sum(1)}
+    grad_h0 = dh_carry
+    first_row = 0
+    for piece in dwh_pieces:
+        rows = piece.shape[-1]
+        grad_h0 = grad_h0 + torch.matmul(piece[0], w_hh[first_row:first_row + rows].float())
+        first_row += rows
+    return {"dwx": dwx, "dwh_pieces": dwh_pieces, "dh0": grad_h0, "partials": partials.sum(1)}

@@ -117,17 +117,31 @@ def recurrent_gradient(grad_ptr, w_hh_ptr, t, rows, units, row_mask, unit_mask, 
     result = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     grad_step = grad_ptr + step_offset(t, B * GATES * H)
     for gate in range(GATES):
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < H
-            grad_tile = tl.load(grad_step + rows[:, None] * (GATES * H) + gate * H + ks[None, :],
-                                mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
-            w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
-                             mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-            if DOT_PRECISION != "native":
-                result += tl.dot(grad_tile.to(tl.float32), w_tile.to(tl.float32), input_precision=DOT_PRECISION)
-            else:
-                result += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
+        result = add_gate_gradient_product(result, grad_step, GATES * H, gate * H, w_hh_ptr, gate, rows, units,
+                                           row_mask, unit_mask, H, DOT_PRECISION, BLOCK_K)
+    return result
+
+
+@triton.jit
+def add_gate_gradient_product(result, grad_step_ptr, row_stride, first_column, w_hh_ptr, gate, rows, units, row_mask,
+                              unit_mask, H: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """result + g W_hh[gate * H:(gate + 1) * H, units], for the gradient g of one gate: the H columns
+    from ``first_column`` of the program's rows of a step's buffer (at ``grad_step_ptr``, rows
+    ``row_stride`` elements apart). A cell whose dwh lies in more than one buffer gathers its
+    product gate by gate.
+
+    g was written by every program: it is read past L1, which is not coherent across SMs."""
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        grad_tile = tl.load(grad_step_ptr + rows[:, None] * row_stride + first_column + ks[None, :],
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        w_tile = tl.load(w_hh_ptr + (gate * H + ks[:, None]) * H + units[None, :],
+                         mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
+        if DOT_PRECISION != "native":
+            result += tl.dot(grad_tile.to(tl.float32), w_tile.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            result += tl.dot(grad_tile.to(w_tile.dtype), w_tile)
     return result
 
 

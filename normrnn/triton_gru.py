@@ -72,7 +72,7 @@ def gru_backward_op(grad_output: Tensor, grad_h_n: Tensor, wx: Tensor, w_hh: Ten
     saved = {"h": h, "wh": wh, "ih_stats": ih_stats, "hh_stats": hh_stats, "candidate": candidate}
     result = gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, lengths,
                           norm, training)
-    grad_w_hh = recurrent_weight_gradient(result["dwh"], h)
+    grad_w_hh = torch.cat([recurrent_weight_gradient(piece, h) for piece in result["dwh_pieces"]])
     partials = result["partials"].sum(0)
     return (result["dwx"].to(wx.dtype), result["dh0"].to(w_hh.dtype), grad_w_hh.to(w_hh.dtype), partials[0].clone(),
             partials[1].clone(), partials[2].clone(), partials[3].clone())

@@ -38,6 +38,29 @@ def test_without_a_norm_the_backward_keeps_the_gates_not_the_projections(norm, g
     assert shapes.count((steps, batch, hidden)) == hidden_sized, shapes
 
 
+@pytest.mark.parametrize("norm, dtype, gate_sized, hidden_sized", [
+    (None, torch.float32, 1, 1), (None, torch.bfloat16, 1, 1), ("layer", torch.float32, 2, 0),
+    ("batch", torch.float32, 2, 0)])
+def test_without_a_norm_the_backward_stores_the_shared_gradient_columns_once(monkeypatch, norm, dtype, gate_sized,
+                                                                           hidden_sized):
+    """The float32 (T, B, 3H) and (T, B, H) buffers the backward fills: without a norm dwh's r and z
+    columns are dwx's, so dwh keeps only its candidate column r * da_n; under a norm dwx and dwh
+    differ in every column. (bf16's rounded copy of dwh for the recurrent product is not float32.)"""
+    import normrnn.kernels.gru_backward as gru_backward
+    steps, batch, hidden = 5, 3, 6
+    allocated = []
+
+    def recording(shape, dtype, device):
+        allocated.append((tuple(shape), dtype))
+        return original(shape, dtype, device)
+    original = gru_backward.new_buffer
+    monkeypatch.setattr(gru_backward, "new_buffer", recording)
+    layer = normrnn.GRU(4, hidden, norm=norm, backend="triton").to(DEVICE, dtype)
+    saved_shapes_and_backward(layer, torch.randn(steps, batch, 4, device=DEVICE, dtype=dtype))
+    assert allocated.count(((steps, batch, 3 * hidden), torch.float32)) == gate_sized, allocated
+    assert allocated.count(((steps, batch, hidden), torch.float32)) == hidden_sized, allocated
+
+
 @pytest.mark.parametrize("norm", [None, "batch", "layer"])
 def test_without_bias(norm):
     reference, fused = _pair(norm, torch.float32, input_size=4, hidden_size=17, bias=False)
