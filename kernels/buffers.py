@@ -33,6 +33,14 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def stand_in(shape, device) -> torch.Tensor:
+    """A float32 buffer of statistics that the norm does not have, passed where a kernel takes
+    one and returned where an op returns it: zeros, never indexed by the kernels. Not left
+    uninitialized, so that an op returns the same values from the same inputs
+    (``torch.library.opcheck`` compares them)."""
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
 def launch_options(block_b: int, block_h: int) -> dict:
     """Triton launch options of every kernel whose programs own ``block_b`` rows x ``block_h`` units.
 

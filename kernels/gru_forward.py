@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 
 from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
-from .buffers import new_buffer
+from .buffers import new_buffer, stand_in
 from .layer_norm import combine_row_statistics, store_row_partials
-from .layout import NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
+from .layout import NORM_BATCH, NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
                     step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
@@ -344,8 +344,12 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     wh = new_buffer((saved_steps, batch, gates), torch.float32, device)
     # n for the backward, which without a norm reads the gates and not the projections
     candidate = new_buffer((steps, batch, hidden), torch.float32, device) if save and norm == NORM_NONE else None
-    ih_stats = new_buffer((saved_steps, 2, gates), torch.float32, device)
-    hh_stats = new_buffer((saved_steps, 2, batch if norm == NORM_LAYER else gates), torch.float32, device)
+    # per column under batch norm, per row of h W_hh^T under layer norm (x W_ih^T's was normalized
+    # before the loop); one zeroed step stands in for what the norm lacks
+    ih_stats = (new_buffer((saved_steps, 2, gates), torch.float32, device) if norm == NORM_BATCH
+                else stand_in((1, 2, gates), device))
+    hh_stats = (new_buffer((saved_steps, 2, batch if norm == NORM_LAYER else gates), torch.float32, device)
+                if norm != NORM_NONE else stand_in((1, 2, gates), device))
     partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]

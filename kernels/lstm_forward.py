@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .batch_norm import (batch_statistics, chunk_moments, chunk_rows, merge_moments, merge_pair_moments,
                          pair_statistics, statistics_from_moments)
-from .buffers import new_buffer
+from .buffers import new_buffer, stand_in
 from .layout import NORM_BATCH, dot_precision, resident_tiles, state_dtype, step_layout
 from .lstm_projection import load_recurrent_weights, recurrent_projection
 from .sequence_launch import launch_sequence
@@ -365,9 +365,10 @@ def lstm_forward(wx, h0, c0, w_hh, bias, ih_weight, hh_weight, cell_weight, cell
     # with chunks the kernel stores wh in any case: its second pass over the batch reads it back
     wh = new_buffer((steps, batch, gates), torch.float32, device) if save or layout.chunked else output
     stats_steps = steps if (save and norm == NORM_BATCH) else 1
-    ih_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
-    hh_stats = new_buffer((stats_steps, 2, gates), torch.float32, device)
-    cell_stats = new_buffer((stats_steps, 2, hidden), torch.float32, device)
+    # batch norm's statistics; without it (norm None, or sequence-wise before the loop) zeroed stand-ins
+    ih_stats, hh_stats, cell_stats = (
+        new_buffer((stats_steps, 2, features), torch.float32, device) if norm == NORM_BATCH
+        else stand_in((1, 2, features), device) for features in (gates, gates, hidden))
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]
     arguments = (wx, w_hh, bias, ih_weight, hh_weight, cell_weight, cell_bias, h, c, output, wh, ih_stats, hh_stats,

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from .batch_norm import chunk_moments, pair_statistics, stored_pair_statistics
-from .buffers import new_buffer
+from .buffers import new_buffer, stand_in
 from .layer_norm import combine_row_statistics, publish_row_statistics
-from .layout import NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
+from .layout import NORM_BATCH, NORM_LAYER, NORM_NONE, dot_precision, operand_buffer, resident_tiles, step_layout
 from .sequence_launch import launch_sequence
 from .tiles import (grid_barrier, load_step_statistics, program_tile, recurrent_product, row_active, state_columns,
                     step_offset, store_hidden_state, store_step_statistics, tanh, weight_rows)
@@ -271,8 +271,12 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     # without a norm no step writes u (the backward takes act'(pre) from h), and none is allocated
     u = new_buffer((saved_steps, batch, hidden), torch.float32, device) if norm != NORM_NONE else None
     stats_width = batch if norm == NORM_LAYER else hidden
-    ih_stats = new_buffer((saved_steps, 2, hidden), torch.float32, device)
-    hh_stats = new_buffer((saved_steps, 2, stats_width), torch.float32, device)
+    # per unit under batch norm, per row of h W_hh^T under layer norm (x W_ih^T's was normalized
+    # before the loop); one zeroed step stands in for what the norm lacks
+    ih_stats = (new_buffer((saved_steps, 2, hidden), torch.float32, device) if norm == NORM_BATCH
+                else stand_in((1, 2, hidden), device))
+    hh_stats = (new_buffer((saved_steps, 2, stats_width), torch.float32, device) if norm != NORM_NONE
+                else stand_in((1, 2, hidden), device))
     partial = new_buffer((layout.unit_programs, 2, batch), torch.float32, device)
     lengths_arg = lengths if lengths is not None else h0
     max_steps = running[0].shape[0]

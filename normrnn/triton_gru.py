@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kernels.gru_backward import gru_backward
 from .kernels.gru_forward import gru_forward
-from .kernels.layout import NORM_LAYER, NORM_NONE
+from .kernels.layout import NORM_BATCH, NORM_LAYER, NORM_NONE
 from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
 from .triton_ops import (NORM_CODES, gradient_or_zeros, kernel_lengths, new_empty,
@@ -55,8 +55,10 @@ def _(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, lengths, no
         return (output, new_empty(h0, h0.shape), updated, *nothing_saved(wx, 5))
     return (output, new_empty(h0, h0.shape), updated,
             new_empty(wx, (steps + 1, batch, hidden), torch.float32),
-            new_empty(wx, (steps, batch, gates), torch.float32), new_empty(wx, (steps, 2, gates), torch.float32),
-            new_empty(wx, (steps, 2, batch if norm == NORM_LAYER else gates), torch.float32),
+            new_empty(wx, (steps, batch, gates), torch.float32),
+            new_empty(wx, (steps if norm == NORM_BATCH else 1, 2, gates), torch.float32),
+            new_empty(wx, (1, 2, gates) if norm == NORM_NONE else (steps, 2, batch if norm == NORM_LAYER else gates),
+                      torch.float32),
             new_empty(wx, (steps, batch, hidden) if norm == NORM_NONE else (0,), torch.float32))
 
 

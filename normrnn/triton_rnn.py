@@ -53,8 +53,8 @@ def _(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm, activati
     return (output, new_empty(h0, h0.shape), updated,
             new_empty(wx, (steps + 1, batch, hidden), torch.float32),
             new_empty(wx, (steps, batch, hidden) if norm != NORM_NONE else (0,), torch.float32),
-            new_empty(wx, (steps, 2, hidden), torch.float32),
-            new_empty(wx, (steps, 2, stats_width), torch.float32))
+            new_empty(wx, (steps if norm == NORM_BATCH else 1, 2, hidden), torch.float32),
+            new_empty(wx, (1, 2, hidden) if norm == NORM_NONE else (steps, 2, stats_width), torch.float32))
 
 
 @torch.library.custom_op("normrnn::rnn_backward", mutates_args=())
