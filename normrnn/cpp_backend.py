@@ -157,8 +157,16 @@ NOT_TRACEABLE = ("normrnn's C++ CPU backend cannot be traced by torch.compile: w
                  "backend='reference' (compiled with the model) or backend='triton' on CUDA tensors")
 
 
+# torch.export has no eager code between graphs to fall back on: the whole forward must trace
+NOT_EXPORTABLE = ("normrnn's C++ CPU backend cannot be exported by torch.export (its loops keep what they save "
+                  "in a C++ object, not in tensors that a graph could hold): export with backend='reference', or "
+                  "backend='triton' on CUDA tensors")
+
+
 def unsupported_reason(cell: str, norm: Optional[str], x: Tensor, nonlinearity) -> Optional[str]:
     """Why the C++ backend cannot run this case, or None."""
+    if torch.compiler.is_exporting():
+        return NOT_EXPORTABLE
     return untraced(NOT_TRACEABLE, _unsupported_reason, cell, norm, x, nonlinearity)
 
 

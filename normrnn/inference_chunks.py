@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
@@ -82,10 +83,26 @@ def run_in_chunks(run: RunDirection, norm: Optional[str], x: Tensor, state: Tupl
     """``run(x, state, params, padding)`` (one layer and direction) over the whole sequence, or,
     where no backward can follow and the projection would not fit in INFERENCE_CHUNK_BYTES, chunk
     by chunk (``chunk_bounds``) with the state carried: the same output and final state."""
-    steps, batch = x.shape[0], x.shape[1]
-    bounds = chunk_bounds(steps, batch, params.weight_hh.shape[0])
-    if len(bounds) == 1 or differentiable(x, state, params) or (norm == "seqbatch" and training):
+    steps, batch, gates = x.shape[0], x.shape[1], params.weight_hh.shape[0]
+    if differentiable(x, state, params) or (norm == "seqbatch" and training):
         return run(x, state, params, padding)
+    projection_bytes = steps * batch * gates * 4
+    if statically_known_true(projection_bytes <= INFERENCE_CHUNK_BYTES):
+        return run(x, state, params, padding)
+    if torch.compiler.is_exporting() and not statically_known_true(projection_bytes > INFERENCE_CHUNK_BYTES):
+        # a program exported for any length or batch can neither guard on the size nor loop over a
+        # number of chunks it does not know: the whole sequence, as in training
+        if not torch.compiler.is_dynamo_compiling():  # Dynamo (strict export) cannot trace a warning
+            from .dispatch import warn_once
+            warn_once("normrnn: a program exported with a dynamic sequence length or batch runs each layer's "
+                      "whole sequence at once in inference (no chunks of steps): its input projection must fit "
+                      "in memory")
+        return run(x, state, params, padding)
+    # under torch.compile with dynamic shapes a guard on the size, not on the length: one graph
+    # serves every length and batch that fits, and one specialized to its length runs chunks
+    if projection_bytes <= INFERENCE_CHUNK_BYTES:
+        return run(x, state, params, padding)
+    bounds = chunk_bounds(steps, batch, gates)
     output = None
     for start, stop in bounds:
         piece, final = run(x[start:stop], state, params_from_step(params, norm, start),

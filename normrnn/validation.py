@@ -96,9 +96,11 @@ def check_lengths(lengths: Union[Tensor, Sequence[int], None], batch: int, steps
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must have shape ({batch},), one length per sequence, got {tuple(lengths.shape)}")
     if torch.compiler.is_compiling():
-        # a traced graph does not know the values: it checks them when it runs
+        # a traced graph does not know the values: it checks them when it runs. Its message is a
+        # constant of the graph, so it does not name T's value: that would specialize a graph
+        # traced for any length (dynamic shapes) to this one
         torch._assert_async(((lengths >= 1) & (lengths <= steps)).all(),
-                            f"lengths must lie in [1, {steps}] (the number of timesteps)")
+                            "lengths must lie in [1, T], T the input's number of timesteps")
         return lengths
     if bool((lengths < 1).any()) or bool((lengths > steps).any()):
         raise ValueError(f"lengths must lie in [1, {steps}] (the number of timesteps), got "

@@ -47,9 +47,9 @@ def test_compiled_graph_checks_the_lengths_when_it_runs():
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 4, 3, device=DEVICE)
     compiled(x, lengths=torch.tensor([5, 2, 4, 3]))
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 5\]"):
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T\]"):
         compiled(x, lengths=torch.tensor([5, 0, 4, 3]))
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 5\]"):
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T\]"):
         compiled(x, lengths=torch.tensor([5, 6, 4, 3]))
 
 
@@ -68,3 +68,52 @@ def test_reference_batch_norm_with_lengths_traces_whole(cell):
     layer = CELLS[cell](3, 5, norm="batch", backend="reference", max_steps=3).double()
     x, lengths = torch.randn(5, 3, 3, dtype=torch.float64), torch.tensor([5, 2, 3])  # steps 3, 4: one row
     _compiled_equals_eager(layer, x, lengths, tolerance=1e-12)
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_one_graph_serves_every_length_and_batch_with_dynamic_shapes(norm):
+    """``torch.compile(dynamic=True)``: the fused layer's graph guards on neither the length nor the
+    batch, so other shapes run it without a recompile, in training and in inference (where the
+    decision to run in chunks is taken without a guard: the whole sequence, see inference_chunks)."""
+    from torch._dynamo.utils import counters
+    layer = normrnn.LSTM(3, 6, norm=norm, backend="triton", device=DEVICE)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for train in (True, False):
+        layer.train(train)
+        with torch.set_grad_enabled(train):
+            for steps, batch in [(5, 4), (8, 3), (3, 6)]:
+                x = torch.randn(steps, batch, 3, device=DEVICE)
+                lengths = torch.randint(1, steps + 1, (batch,))
+                torch.manual_seed(0)
+                got, _ = compiled(x, lengths=lengths)
+                expected, _ = layer(x, lengths=lengths)
+                assert relative_error(got, expected) < 1e-6
+    # one graph for training and one for evaluation (the mode is a constant of the graph)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.skipif(INTERPRETER_OFF, reason="no CUDA device and the Triton interpreter is off")
+def test_with_dynamic_shapes_inference_still_runs_in_chunks_where_the_projection_does_not_fit(monkeypatch):
+    """The graph guards on the projection's size: a sequence that fits runs whole in the dynamic
+    graph, one that does not runs in chunks (in a graph for its length), both as eagerly."""
+    from normrnn import inference_chunks
+    # chunks of 3 steps of the (T, 8, 3 x 8) float32 projection
+    monkeypatch.setattr(inference_chunks, "INFERENCE_CHUNK_BYTES", 3 * 8 * 24 * 4)
+    chunk_starts = []
+    params_from_step = inference_chunks.params_from_step
+    monkeypatch.setattr(inference_chunks, "params_from_step",
+                        lambda params, norm, start: chunk_starts.append(start) or params_from_step(params, norm, start))
+    layer = normrnn.GRU(4, 8, norm="batch", backend="triton", max_steps=4, device=DEVICE).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad():
+        for steps, expected_starts in [(2, []), (3, []), (7, [0, 3, 6])]:
+            chunk_starts.clear()
+            x = torch.randn(steps, 8, 4, device=DEVICE)
+            got, _ = compiled(x)
+            assert chunk_starts == expected_starts, steps
+            expected, _ = layer(x)
+            assert relative_error(got, expected) < 1e-6
