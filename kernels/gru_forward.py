@@ -329,7 +329,8 @@ def gru_forward(wx, h0, w_hh, bias_ih, bias_hh, ih_weight, hh_weight, running, l
     statistics (max_steps, 3H), updated in place in training (norm "batch"). Returns a dict with
     ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``wh`` (T, B, 3H, float32: the
     raw h_{t-1} W_hh^T, or without a norm (r, z, u_n)), ``ih_stats``, ``hh_stats`` (per column
-    (T, 2, 3H), or per row (T, 2, B) under layer norm) and, without a norm, ``candidate`` n
+    (T, 2, 3H), or per row (T, 2, B) under layer norm; a zeroed (1, 2, 3H) stand-in for a statistic
+    the norm does not have) and, without a norm, ``candidate`` n
     (T, B, H, float32)."""
     steps, batch, gates = wx.shape
     hidden = gates // 3

@@ -257,7 +257,8 @@ def rnn_forward(wx, h0, w_hh, bias, ih_weight, hh_weight, running, lengths, norm
     statistics (max_steps, H), updated in place in training (norm "batch"). Returns a dict with
     ``output`` (T, B, H) and ``h`` (T+1, B, H), and when ``save`` ``u`` (T, B, H, float32; empty
     without a norm, whose backward does not read it) and
-    ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm)."""
+    ``ih_stats``, ``hh_stats`` (per column (T, 2, H), or per row (T, 2, B) under layer norm; a
+    zeroed (1, 2, H) stand-in for a statistic the norm does not have)."""
     steps, batch, hidden = wx.shape
     device = wx.device
     layout = step_layout(batch, hidden, norm, training)
