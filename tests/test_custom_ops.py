@@ -39,15 +39,21 @@ class _OpCalls(TorchDispatchMode):
 
 
 def _op_calls(cell, norm, mode, proj_size=0):
-    """The normrnn ops one step of ``mode`` makes: a forward over padded sequences, and in
-    training the backward."""
+    """The normrnn ops one step of ``mode`` makes: a forward, and in training the backward. In
+    training the sequences are padded and the initial state given; in evaluation neither, so
+    that the ops' optional arguments are seen both ways."""
     config = {"proj_size": proj_size} if proj_size else {}
     layer = getattr(normrnn, cell)(4, 8, norm=norm, backend="triton", **config).to(DEVICE)
     layer.train(mode != "eval")
     x = torch.randn(5, 3, 4, device=DEVICE, requires_grad=mode == "train")
+    lengths, hx = None, None
+    if mode != "eval":
+        lengths = torch.tensor([5, 2, 4])
+        h0 = torch.randn(1, 3, proj_size or 8, device=DEVICE)
+        hx = (h0, torch.randn(1, 3, 8, device=DEVICE)) if cell == "LSTM" else h0
     recorder = _OpCalls()
     with recorder, torch.set_grad_enabled(mode == "train"):
-        output, _ = layer(x, lengths=torch.tensor([5, 2, 4]))
+        output, _ = layer(x, hx, lengths=lengths)
         if mode == "train":
             output.sum().backward()
     assert recorder.calls, "the layer called no normrnn op"
