@@ -367,10 +367,5 @@ def gru_backward(saved, grad_output, grad_h_n, wx, w_hh, bias_ih, bias_hh, ih_we
                     device, backward=True, phases=2 if norm == NORM_LAYER else 1)
     dwh_pieces = [dwx[..., :2 * hidden], dwh] if norm == NORM_NONE else [dwh]
     # every sequence is active at step 0: dL/dh_0 = dwh_0 W_hh + the direct path z_0 * dL/dh_0
-    grad_h0 = dh_carry
-    first_row = 0
-    for piece in dwh_pieces:
-        rows = piece.shape[-1]
-        grad_h0 = grad_h0 + torch.matmul(piece[0], w_hh[first_row:first_row + rows].float())
-        first_row += rows
+    grad_h0 = torch.matmul(torch.cat([piece[0] for piece in dwh_pieces], -1), w_hh.float()) + dh_carry
     return {"dwx": dwx, "dwh_pieces": dwh_pieces, "dh0": grad_h0, "partials": partials.sum(1)}

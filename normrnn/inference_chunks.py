@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .dispatch import warn_once
 from .first_derivatives import needs_gradient
 from .params import DirectionParams, Padding
 
@@ -93,7 +94,6 @@ def run_in_chunks(run: RunDirection, norm: Optional[str], x: Tensor, state: Tupl
         # a program exported for any length or batch can neither guard on the size nor loop over a
         # number of chunks it does not know: the whole sequence, as in training
         if not torch.compiler.is_dynamo_compiling():  # Dynamo (strict export) cannot trace a warning
-            from .dispatch import warn_once
             warn_once("normrnn: a program exported with a dynamic sequence length or batch runs each layer's "
                       "whole sequence at once in inference (no chunks of steps): its input projection must fit "
                       "in memory")

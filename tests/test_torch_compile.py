@@ -75,7 +75,7 @@ def test_reference_batch_norm_with_lengths_traces_whole(cell):
 def test_one_graph_serves_every_length_and_batch_with_dynamic_shapes(norm):
     """``torch.compile(dynamic=True)``: the fused layer's graph guards on neither the length nor the
     batch, so other shapes run it without a recompile, in training and in inference (where the
-    decision to run in chunks is taken without a guard: the whole sequence, see inference_chunks)."""
+    decision to run in chunks guards on the projection's size, which these shapes all fit)."""
     from torch._dynamo.utils import counters
     layer = normrnn.LSTM(3, 6, norm=norm, backend="triton", device=DEVICE)
     torch._dynamo.reset()
